@@ -1,0 +1,217 @@
+"""The student config (`config.json`) schema, parsed strictly.
+
+A config is family + architecture hyper-parameters + preprocessing:
+
+    {"format_version": 1, "family": "resnet",
+     "arch": {"block": "basic", "layers": [3, 3, 3], "widths": [16, 32, 64], "stem": "small",
+              "num_classes": 10},
+     "preprocessing": {"input_size": [32, 32], "channels": 3, "layout": "NCHW",
+                       "value_range": [0.0, 1.0], "mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26]}}
+
+Each family's arch fields are the dataclass in `kdd_jax/models/<family>.py`. Unknown keys are
+refused, not ignored (a variant checkpoint must never be silently mis-built), and every error
+names the field at fault.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+FORMAT_VERSION = 1
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the source and the field."""
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp, where: str) -> Any:
+    """Check `value` (parsed JSON) against annotation `tp`; lists become tuples."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in args:
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: {value!r} is none of {' | '.join(_type_name(a) for a in args)}")
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{where}: expected null, got {value!r}")
+        return None
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return parse_dataclass(tp, value, where)
+    raise TypeError(f"unsupported annotation {tp!r} at {where}")  # programming error, not input
+
+
+def parse_dataclass(cls, data: Any, where: str):
+    """Build dataclass `cls` from a JSON object, refusing unknown and missing fields."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected an object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    problems = []
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        problems.append(f"{where}: unknown field(s) {unknown}; allowed: {sorted(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            try:
+                kwargs[name] = _coerce(data[name], hints[name], f"{where}.{name}")
+            except ConfigError as e:
+                problems.append(str(e))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            problems.append(f"{where}.{name}: required field missing")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def to_json_dict(obj) -> dict:
+    """Dataclass -> plain JSON-ready dict (tuples become lists)."""
+
+    def plain(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(obj)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """How raw images become the model's input: x_model = (x_raw - mean) / std.
+
+    `value_range` is the range of raw pixels (e.g. [0, 1] after ToTensor, or [0, 255]).
+    `layout` documents the PyTorch model's input layout; kdd_jax models take NHWC.
+    """
+
+    input_size: tuple[int, int]
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    value_range: tuple[float, float] = (0.0, 1.0)
+    layout: Literal["NCHW"] = "NCHW"
+
+    def __post_init__(self):
+        if min(self.input_size) < 1 or self.channels < 1:
+            raise ConfigError("input_size and channels must be positive")
+        for name in ("mean", "std"):
+            if len(getattr(self, name)) != self.channels:
+                raise ConfigError(f"{name} has {len(getattr(self, name))} values for {self.channels} channels")
+        if any(s <= 0 for s in self.std):
+            raise ConfigError("std values must be > 0")
+        if not self.value_range[0] < self.value_range[1]:
+            raise ConfigError(f"value_range {list(self.value_range)} is empty")
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentConfig:
+    family: str
+    arch: Any  # the family's Arch dataclass
+    preprocessing: Preprocessing
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict:
+        return {
+            "format_version": self.format_version,
+            "family": self.family,
+            "arch": to_json_dict(self.arch),
+            "preprocessing": to_json_dict(self.preprocessing),
+        }
+
+
+def parse_config(data: Any, source: str = "config") -> StudentConfig:
+    """Validate a config dict (already JSON-decoded). `source` names it in errors."""
+    from kdd_jax.models import FAMILIES  # late: models import this module
+
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
+    allowed = {"format_version", "family", "arch", "preprocessing"}
+    problems = []
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        problems.append(f"{source}: unknown top-level field(s) {unknown}; allowed: {sorted(allowed)}")
+    version = data.get("format_version", FORMAT_VERSION)
+    if version != FORMAT_VERSION:
+        problems.append(f"{source}.format_version: {version!r} is not supported (expected {FORMAT_VERSION})")
+    family = data.get("family")
+    if family not in FAMILIES:
+        problems.append(f"{source}.family: {family!r} is not a known family; known: {sorted(FAMILIES)}")
+    for key in ("arch", "preprocessing"):
+        if key not in data:
+            problems.append(f"{source}.{key}: required field missing")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    arch = parse_dataclass(FAMILIES[family].arch_cls, data["arch"], f"{source}.arch")
+    pre = parse_dataclass(Preprocessing, data["preprocessing"], f"{source}.preprocessing")
+    if pre.channels != arch.in_channels:
+        raise ConfigError(
+            f"{source}: preprocessing.channels={pre.channels} but arch.in_channels={arch.in_channels}"
+        )
+    return StudentConfig(family=family, arch=arch, preprocessing=pre, format_version=version)
+
+
+# JSON configs are small; anything larger is hostile or a mistake.
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def load_config(path: str | Path) -> StudentConfig:
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: config is {size} bytes, more than the {MAX_CONFIG_BYTES} allowed")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    return parse_config(data, str(path))

@@ -1,0 +1,250 @@
+"""Every file format the library touches: safetensors in, orbax checkpoints out, atomic JSON.
+
+The safetensors reader validates the whole header before touching tensor data (files come from
+strangers): header size bounded by the file, known dtypes only, byte ranges inside the data
+region, consistent with shape x dtype, and non-overlapping. Tensors are then zero-copy views of a
+read-only memory map, so memory stays bounded by what the caller actually uses. Unlike
+`safetensors.numpy`, it reads bfloat16 (as `ml_dtypes.bfloat16`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import mmap
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+SAFETENSORS_DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+# The reference implementation's own cap; a larger header is hostile or broken.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+class CheckpointError(ValueError):
+    """A weights file that cannot be used; the message names the file and the key at fault."""
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Return ({name: array view}, metadata) after validating the whole file layout."""
+    path = Path(path)
+    try:
+        fh = open(path, "rb")
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot open ({e.strerror})") from None
+    with fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size < 8:
+            raise CheckpointError(f"{path}: {size} bytes is too short for a safetensors file (truncated?)")
+        (n,) = struct.unpack("<Q", fh.read(8))
+        if n > min(size - 8, MAX_HEADER_BYTES):
+            raise CheckpointError(
+                f"{path}: header declares {n} bytes but the file has {size - 8} after the length field "
+                f"(limit {MAX_HEADER_BYTES}): truncated or not a safetensors file"
+            )
+        raw = fh.read(n)
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise CheckpointError(f"{path}: header is not valid JSON ({type(e).__name__}: {e})") from None
+        data_start, data_len = 8 + n, size - 8 - n
+        entries, metadata = _validate_header(path, header, data_len)
+        if not entries:
+            return {}, metadata
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    tensors = {}
+    for name, (dtype, shape, begin, end) in entries.items():
+        count = (end - begin) // dtype.itemsize
+        tensors[name] = np.frombuffer(mm, dtype=dtype, count=count, offset=data_start + begin).reshape(shape)
+    return tensors, metadata
+
+
+def _validate_header(path: Path, header: Any, data_len: int):
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header must be a JSON object, got {type(header).__name__}")
+    problems: list[str] = []
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        problems.append("__metadata__ must map strings to strings")
+        metadata = {}
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        where = f"tensor {name!r}"
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            problems.append(f"{where}: entry must have exactly dtype, shape, data_offsets")
+            continue
+        dtype = SAFETENSORS_DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
+        if dtype is None:
+            problems.append(f"{where}: unsupported dtype {info['dtype']!r}")
+            continue
+        shape, offsets = info["shape"], info["data_offsets"]
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            problems.append(f"{where}: shape {shape!r} is not a list of non-negative integers")
+            continue
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+            problems.append(f"{where}: data_offsets {offsets!r} is not a pair of integers")
+            continue
+        begin, end = offsets
+        if not 0 <= begin <= end <= data_len:
+            problems.append(f"{where}: bytes [{begin}, {end}) fall outside the {data_len}-byte data region")
+            continue
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            problems.append(
+                f"{where}: shape {shape} x {info['dtype']} needs {math.prod(shape) * dtype.itemsize} bytes, "
+                f"offsets give {end - begin}"
+            )
+            continue
+        entries[name] = (dtype, tuple(shape), begin, end)
+    spans = sorted((b, e, name) for name, (_, _, b, e) in entries.items() if e > b)
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            problems.append(f"tensors {n0!r} and {n1!r} overlap (bytes {b1}..{e0})")
+    if problems:
+        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+        raise CheckpointError(f"{path}: invalid safetensors header:\n  " + "\n  ".join(shown))
+    return entries, metadata
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None):
+    """Write float/int numpy arrays as safetensors, atomically."""
+    from safetensors.numpy import save
+
+    blob = save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata)
+    atomic_write_bytes(path, blob)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temp file in the same directory, fsync, then rename over the target."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+class StagingDir:
+    """A directory built under a temporary name and published by one rename.
+
+    Readers see either nothing or the complete directory; a crash leaves only a `.tmp-*`
+    sibling, which the next publish into the same parent removes.
+    """
+
+    def __init__(self, target: str | Path, *, overwrite: bool = False):
+        self.target = Path(target).absolute()
+        self.overwrite = overwrite
+        self.path: Path | None = None
+
+    def __enter__(self) -> Path:
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        if self.target.exists() and not self.overwrite:
+            raise FileExistsError(f"{self.target} already exists (pass overwrite to replace it)")
+        self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
+        return self.path
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
+        if self.target.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.old-", dir=self.target.parent))
+            os.replace(self.target, trash / "old")
+            os.replace(self.path, self.target)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(self.path, self.target)
+
+
+# ---- orbax: the only place the library calls it -------------------------------------------------
+
+def save_state(directory: str | Path, state: Any) -> None:
+    """Save a pytree of arrays (an nnx state as a pure dict) with orbax, synchronously."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(Path(directory).absolute(), state)
+        ckptr.wait_until_finished()
+
+
+def restore_state(directory: str | Path, abstract_state: Any) -> Any:
+    """Restore a pytree saved by `save_state` into the structure/shapes of `abstract_state`."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(Path(directory).absolute(), abstract_state)
+
+
+# ---- converted students: the artefact `kdd convert` writes and every later stage reads -------------
+
+CONVERTED_LAYOUT = {"state": "state", "config": "config.json", "report": "conversion_report.json"}
+
+
+def save_converted(target: str | Path, model, config, report: dict, *, overwrite: bool = False) -> Path:
+    """Publish a converted student directory atomically: orbax state + config.json + report."""
+    from flax import nnx
+
+    state = nnx.to_pure_dict(nnx.state(model))
+    with StagingDir(target, overwrite=overwrite) as tmp:
+        save_state(tmp / CONVERTED_LAYOUT["state"], state)
+        atomic_write_json(tmp / CONVERTED_LAYOUT["config"], config.to_dict())
+        atomic_write_json(tmp / CONVERTED_LAYOUT["report"], report)
+    return Path(target)
+
+
+def load_converted(directory: str | Path):
+    """(model, config, report) from a directory written by `save_converted`."""
+    from flax import nnx
+
+    from kdd_jax.config import load_config
+    from kdd_jax.models import abstract_model
+
+    directory = Path(directory)
+    for part in CONVERTED_LAYOUT.values():
+        if not (directory / part).exists():
+            raise CheckpointError(f"{directory}: not a converted student (missing {part}); run `kdd convert` first")
+    config = load_config(directory / CONVERTED_LAYOUT["config"])
+    graphdef, abstract = nnx.split(abstract_model(config))
+    target = nnx.to_pure_dict(abstract)
+    restored = restore_state(directory / CONVERTED_LAYOUT["state"], target)
+    nnx.replace_by_pure_dict(abstract, restored)
+    report = json.loads((directory / CONVERTED_LAYOUT["report"]).read_text())
+    return nnx.merge(graphdef, abstract), config, report

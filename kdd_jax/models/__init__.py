@@ -1,0 +1,65 @@
+"""Model families (Flax NNX) with PyTorch/torchvision semantics and naming.
+
+Every model maps an NHWC float32 batch, already normalised as the config's preprocessing says,
+to logits. `build_model` makes a randomly initialised model; the converters fill it from a
+PyTorch checkpoint. BatchNorm statistics for synthesis: `forward_with_bn_stats`, `bn_running_stats`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from flax import nnx
+
+from kdd_jax.models.batchnorm import BatchNorm2d, BNStats, bn_running_stats, forward_with_bn_stats
+from kdd_jax.models.densenet import DenseNet, DenseNetArch
+from kdd_jax.models.mobilenetv2 import MobileNetV2, MobileNetV2Arch
+from kdd_jax.models.resnet import ResNet, ResNetArch
+from kdd_jax.models.vgg import VGG, VGGArch
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    name: str
+    arch_cls: type
+    module_cls: type
+
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family("resnet", ResNetArch, ResNet),
+        Family("vgg", VGGArch, VGG),
+        Family("mobilenetv2", MobileNetV2Arch, MobileNetV2),
+        Family("densenet", DenseNetArch, DenseNet),
+    )
+}
+
+
+def build_model(config, *, seed: int = 0) -> nnx.Module:
+    """A randomly initialised model for a `StudentConfig`."""
+    family = FAMILIES[config.family]
+    return family.module_cls(config.arch, input_size=config.preprocessing.input_size, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(config) -> nnx.Module:
+    """The model's structure with ShapeDtypeStruct leaves: no memory, no random init."""
+    family = FAMILIES[config.family]
+    return nnx.eval_shape(
+        lambda: family.module_cls(config.arch, input_size=config.preprocessing.input_size, rngs=nnx.Rngs(0))
+    )
+
+
+__all__ = [
+    "FAMILIES",
+    "BNStats",
+    "BatchNorm2d",
+    "DenseNet",
+    "MobileNetV2",
+    "ResNet",
+    "VGG",
+    "abstract_model",
+    "bn_running_stats",
+    "build_model",
+    "forward_with_bn_stats",
+]

@@ -1,0 +1,17 @@
+"""Versions of everything that can change a result, for reports (determinism: record, then compare)."""
+
+from __future__ import annotations
+
+import platform
+import sys
+from importlib import metadata
+
+
+def versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for dist in ("kdd-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "scipy", "safetensors"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
