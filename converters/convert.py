@@ -6,6 +6,7 @@ import dataclasses
 import datetime
 from pathlib import Path
 
+import jax
 from flax import nnx
 
 from converters.inference import InferenceError, infer_config
@@ -67,17 +68,13 @@ def convert_student(
         "inferred": inferred,
         "family": cfg.family,
         "config": cfg.to_dict(),
-        "parameters": int(sum(v.size for v in tensors.values() if not _is_counter(v))),
+        "parameters": int(sum(v.size for v in jax.tree.leaves(nnx.state(model, nnx.Param)))),
         "keymap_version": KEYMAP_VERSION,
         "keymap": [[e.source, ".".join(map(str, e.target)), e.transform] for e in entries],
         "dtype": facts,
         "versions": versions(),
     }
     return ConversionResult(model, cfg, report, tensors)
-
-
-def _is_counter(a) -> bool:
-    return a.ndim == 0 and a.dtype.kind == "i"
 
 
 def _resolve_config(src: StudentSource, tensors, override) -> tuple[StudentConfig, str, list[str]]:

@@ -143,11 +143,18 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write to a temp file in the same directory, fsync, then rename over the target."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide outputs from the user's group
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -179,6 +186,7 @@ class StagingDir:
         if self.target.exists() and not self.overwrite:
             raise FileExistsError(f"{self.target} already exists (pass overwrite to replace it)")
         self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
+        os.chmod(self.path, 0o777 & ~_umask())
         return self.path
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -1,0 +1,107 @@
+"""Verify a conversion against the PyTorch reference built from the same weights.
+
+Both models see the same probe inputs (raw pixels drawn uniformly in the config's value range,
+then normalised as its preprocessing says). We compare logits AND the gradient of a scalar loss
+with respect to the input, because probe synthesis back-propagates through the student.
+Matmul precision is pinned to "highest" (GPUs default to TF32, TPUs to bf16).
+
+Tolerance policy (never relaxed to make a check pass): whole-model logits must satisfy
+|jax - torch| <= atol + rtol * |torch| with rtol = atol = 1e-4; input gradients must satisfy
+max|dg| <= grad_rtol * max|g_torch| with grad_rtol = 1e-4.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+LOGIT_RTOL = 1e-4
+LOGIT_ATOL = 1e-4
+GRAD_RTOL = 1e-4
+
+
+class VerificationUnavailable(RuntimeError):
+    """PyTorch is not importable, so there is no reference to compare against."""
+
+
+def probe_inputs(config, n: int, seed: int) -> np.ndarray:
+    """n normalised NCHW probes: uniform raw pixels in value_range, then (x - mean) / std."""
+    pre = config.preprocessing
+    rng = np.random.default_rng(seed)
+    lo, hi = pre.value_range
+    raw = rng.uniform(lo, hi, size=(n, pre.channels, *pre.input_size)).astype(np.float32)
+    mean = np.asarray(pre.mean, np.float32)[None, :, None, None]
+    std = np.asarray(pre.std, np.float32)[None, :, None, None]
+    return (raw - mean) / std
+
+
+def verify_conversion(result, *, n_probes: int = 8, seed: int = 0) -> dict:
+    """Compare the converted Flax model with the PyTorch reference; returns the report section."""
+    try:
+        import torch
+
+        from converters.torch_reference import build_torch_model
+    except ImportError as e:
+        raise VerificationUnavailable(f"PyTorch is not importable ({e}); install kdd-jax[torch] to verify") from None
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    cfg_dict = result.config.to_dict()
+    tmodel = build_torch_model(cfg_dict)
+    tmodel.load_state_dict({k: _to_torch(torch, v) for k, v in result.tensors.items()}, strict=True)
+    tmodel.eval()
+
+    x = probe_inputs(result.config, n_probes, seed)
+    n_classes = int(tmodel(torch.from_numpy(x[:1])).shape[-1])
+    w = np.random.default_rng(seed + 1).normal(size=(n_probes, n_classes)).astype(np.float32)
+
+    # Scalar loss touching every logit through log-softmax, as a KL/CE synthesis loss would.
+    xt = torch.from_numpy(x).requires_grad_(True)
+    t_logits = tmodel(xt)
+    (torch.log_softmax(t_logits, -1) * torch.from_numpy(w)).sum().backward()
+    ref_logits, ref_grad = t_logits.detach().numpy(), xt.grad.numpy()
+
+    graphdef, st = nnx.split(result.model)
+
+    def loss(xn):
+        logits = nnx.merge(graphdef, st)(xn)
+        return (jax.nn.log_softmax(logits, -1) * w).sum(), logits
+
+    with jax.default_matmul_precision("highest"):
+        (_, j_logits), j_grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(jnp.asarray(x.transpose(0, 2, 3, 1)))
+    j_logits = np.asarray(j_logits)
+    j_grad = np.asarray(j_grad).transpose(0, 3, 1, 2)
+
+    d_logit = np.abs(j_logits - ref_logits)
+    d_grad = np.abs(j_grad - ref_grad)
+    grad_scale = float(np.abs(ref_grad).max())
+    p_ref = _softmax(ref_logits)
+    kl = float(np.mean(np.sum(p_ref * (np.log(p_ref + 1e-30) - np.log(_softmax(j_logits) + 1e-30)), -1)))
+    logits_ok = bool(np.all(d_logit <= LOGIT_ATOL + LOGIT_RTOL * np.abs(ref_logits)))
+    grads_ok = bool(d_grad.max() <= GRAD_RTOL * grad_scale)
+    return {
+        "ok": logits_ok and grads_ok,
+        "probes": n_probes,
+        "seed": seed,
+        "matmul_precision": "highest",
+        "max_abs_logit_diff": float(d_logit.max()),
+        "max_rel_logit_diff": float((d_logit / np.maximum(np.abs(ref_logits), 1e-12)).max()),
+        "kl_torch_to_jax": kl,
+        "top1_agreement": float(np.mean(j_logits.argmax(-1) == ref_logits.argmax(-1))),
+        "max_abs_input_grad_diff": float(d_grad.max()),
+        "input_grad_rel_diff": float(d_grad.max() / max(grad_scale, 1e-30)),
+        "input_grad_cosine": float(np.sum(j_grad * ref_grad) / (np.linalg.norm(j_grad) * np.linalg.norm(ref_grad) + 1e-30)),
+        "tolerances": {"logit_rtol": LOGIT_RTOL, "logit_atol": LOGIT_ATOL, "grad_rtol": GRAD_RTOL},
+    }
+
+
+def _to_torch(torch, a: np.ndarray):
+    # The reference runs in float32 on the same upcast weights the Flax model holds (f16/bf16 -> f32
+    # is exact), so a difference measures the implementation, not the source precision.
+    is_float = a.dtype.kind == "f" or a.dtype.name == "bfloat16"
+    return torch.from_numpy(np.array(a, dtype=np.float32 if is_float else a.dtype))
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)

@@ -1,0 +1,133 @@
+"""`kdd` command line. Human text and progress go to stderr; `--json` puts a machine-readable
+result on stdout. Exit codes: 0 ok, 1 error (any item failed), 2 usage."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+
+
+def _eprint(*args) -> None:
+    print(*args, file=sys.stderr, flush=True)
+
+
+def _torch_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
+
+
+def cmd_convert(args) -> int:
+    from converters import ConversionError
+    from converters.bulk import convert_many, write_summary
+
+    verify = _torch_available() if args.verify is None else args.verify
+    if args.verify and not _torch_available():
+        _eprint("kdd convert: --verify needs PyTorch (pip install 'kdd-jax[torch]')")
+        return EXIT_ERROR
+    if not verify and not args.quiet:
+        _eprint("note: verification against PyTorch is off" + ("" if _torch_available() else " (PyTorch not installed)"))
+    started = time.perf_counter()
+
+    def on_start(i, n, src):
+        if args.quiet:
+            return
+        elapsed = time.perf_counter() - started
+        eta = f", ETA {elapsed / i * (n - i):.0f}s" if i else ""
+        _eprint(f"[{i + 1}/{n}] {src.name} <- {src.weights}{eta}")
+
+    outcomes = []
+    try:
+        for o in convert_many(
+            args.sources,
+            args.out,
+            config=args.config,
+            verify=verify,
+            allow_pickle=args.allow_pickle,
+            overwrite=args.overwrite,
+            on_start=on_start,
+        ):
+            outcomes.append(o)
+            if not args.quiet:
+                _eprint("    " + _describe(o))
+    except ConversionError as e:
+        _eprint(f"kdd convert: {e}")
+        return EXIT_ERROR
+    write_summary(f"{args.out}/conversion_summary.json", outcomes)
+    n_ok = sum(o.status == "ok" for o in outcomes)
+    if not args.quiet:
+        _eprint(_table(outcomes))
+        _eprint(f"{n_ok} converted, {len(outcomes) - n_ok} failed -> {args.out}")
+    if args.json:
+        print(json.dumps({"command": "convert", "out": str(args.out), "converted": n_ok,
+                          "failed": len(outcomes) - n_ok,
+                          "students": [dataclasses.asdict(o) for o in outcomes]}, indent=2))
+    return EXIT_OK if n_ok == len(outcomes) else EXIT_ERROR
+
+
+def _describe(o) -> str:
+    if o.status != "ok":
+        return f"FAILED: {o.error}"
+    v = o.verification
+    check = "not verified" if v is None else (
+        f"verified: max logit diff {v['max_abs_logit_diff']:.1e}, input-grad rel diff {v['input_grad_rel_diff']:.1e}"
+    )
+    inferred = f"; config inferred ({len(o.inferred)} assumptions, see report)" if o.inferred else ""
+    return f"ok: {o.family}, {o.parameters:,} params, {o.seconds:.1f}s, {check}{inferred}"
+
+
+def _table(outcomes) -> str:
+    rows = [("student", "status", "family", "detail")]
+    for o in outcomes:
+        detail = o.output if o.status == "ok" else (o.error or "").splitlines()[0]
+        rows.append((o.name, o.status, o.family or "-", detail[:100]))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}" for r in rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from kdd_jax import __version__
+
+    parser = argparse.ArgumentParser(prog="kdd", description="Knowledge distillation detection for open-weights models.")
+    parser.add_argument("--version", action="version", version=f"kdd-jax {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "convert",
+        help="convert PyTorch safetensors students into Flax checkpoints",
+        description="Convert students (model.safetensors + config.json directories, .safetensors files, "
+        "or directories of many students) into orbax checkpoints with a conversion report each.",
+    )
+    p.add_argument("sources", nargs="+", metavar="SRC", help="file, student directory, or directory of students")
+    p.add_argument("--out", required=True, help="output directory; each student goes to OUT/<name>")
+    p.add_argument("--config", help="config.json to use for every SRC (overrides their own)")
+    v = p.add_mutually_exclusive_group()
+    v.add_argument("--verify", dest="verify", action="store_true", default=None,
+                   help="compare with the PyTorch reference (default: on when torch is importable)")
+    v.add_argument("--no-verify", dest="verify", action="store_false")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="also read pickle checkpoints (.bin/.pt/.pth) with torch.load(weights_only=True)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    p.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # exits with 2 on usage errors
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        _eprint("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
