@@ -22,11 +22,11 @@ KEYMAP_VERSION = 1
 DROPPABLE_SUFFIXES = (".num_batches_tracked",)
 FLOAT_SOURCE_DTYPES = {"float32", "float16", "bfloat16", "float64"}
 
-# transform name -> (source array -> target array, target shape -> expected source shape)
+# transform name -> (source -> target array, target shape -> source shape, target -> source array)
 TRANSFORMS = {
-    "identity": (lambda a: a, lambda s: s),
-    "oihw_to_hwio": (lambda a: a.transpose(2, 3, 1, 0), lambda s: (s[3], s[2], s[0], s[1])),
-    "transpose": (lambda a: a.T, lambda s: (s[1], s[0])),
+    "identity": (lambda a: a, lambda s: s, lambda a: a),
+    "oihw_to_hwio": (lambda a: a.transpose(2, 3, 1, 0), lambda s: (s[3], s[2], s[0], s[1]), lambda a: a.transpose(3, 2, 0, 1)),
+    "transpose": (lambda a: a.T, lambda s: (s[1], s[0]), lambda a: a.T),
 }
 # layer type -> [(torch param name, flax variable name, transform)]
 LAYER_RULES = {
@@ -72,7 +72,7 @@ def build_keymap(abstract_model: nnx.Module) -> list[Entry]:
             entries.append(Entry(f"{prefix}.{src_name}", (*path, var_name), transform, tuple(var.shape)))
     covered = {e.target for e in entries}
     state = nnx.state(abstract_model)
-    uncovered = [p for p, _ in state.flat_state() if tuple(p) not in covered]
+    uncovered = [p for p, _ in nnx.to_flat_state(state) if tuple(p) not in covered]
     if uncovered:  # a layer type without a rule: a bug in this package, not in the input
         raise RuntimeError(f"key map does not cover {uncovered[:5]}")
     return entries
@@ -125,6 +125,17 @@ def apply_keymap(tensors: dict[str, np.ndarray], entries: list[Entry], source: s
         raise ConversionError(f"{source}: cannot convert ({len(problems)} problem(s)):\n  " + "\n  ".join(problems))
     facts = {"source_dtypes": dict(source_dtypes), "target_dtype": "float32", "dropped_keys": dropped}
     return pure, facts
+
+
+def export_torch_state(model: nnx.Module) -> dict[str, np.ndarray]:
+    """The inverse map: a Flax model's weights as a PyTorch state dict (names and layouts), float32.
+
+    `num_batches_tracked` is not stored by kdd_jax and is not emitted (torch restores it as 0)."""
+    state = dict(nnx.to_flat_state(nnx.state(model)))
+    return {
+        e.source: np.ascontiguousarray(TRANSFORMS[e.transform][2](np.asarray(state[e.target][...])))
+        for e in build_keymap(model)
+    }
 
 
 def _listing(keys: list[str], limit: int = 12) -> str:

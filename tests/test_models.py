@@ -1,0 +1,126 @@
+"""Model families: BN-statistics capture is exact, functional and transformable."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from converters import convert_student
+from converters.torch_reference import build_torch_model, randomize_
+from converters.verify import probe_inputs
+from kdd_jax.config import ConfigError, parse_config
+from kdd_jax.models import bn_running_stats, build_model, forward_with_bn_stats
+from tests.conftest import full_config
+
+
+def bns_loss(stats, running):
+    return sum(jnp.sum((s.mean - running[k].mean) ** 2) + jnp.sum((s.var - running[k].var) ** 2) for k, s in stats.items())
+
+
+def torch_bns_loss_and_grad(tmodel, x):
+    """DeepInversion-style L_BNS in PyTorch via forward hooks (biased batch variance)."""
+    terms = []
+
+    def hook(mod, inp, _):
+        a = inp[0]
+        mu = a.mean(dim=(0, 2, 3))
+        var = a.var(dim=(0, 2, 3), unbiased=False)
+        terms.append(((mu - mod.running_mean) ** 2).sum() + ((var - mod.running_var) ** 2).sum())
+
+    handles = [m.register_forward_hook(hook) for m in tmodel.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    xt = torch.from_numpy(x).requires_grad_(True)
+    tmodel(xt)
+    loss = sum(terms)
+    loss.backward()
+    for h in handles:
+        h.remove()
+    return float(loss.detach()), xt.grad.numpy(), len(terms)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "vgg_bn_torchvision", "mobilenetv2_cifar", "densenet_imagenet_stem"])
+def test_bn_statistics_loss_matches_torch_hooks(name, make_student):
+    d = make_student(name, seed=4)
+    result = convert_student(d)
+    tmodel = randomize_(build_torch_model(full_config(name)), 4)
+    x = probe_inputs(result.config, 6, seed=0)
+    t_loss, t_grad, n_bn = torch_bns_loss_and_grad(tmodel, x)
+
+    graphdef, state = nnx.split(result.model)
+
+    @jax.jit
+    def loss_fn(xn):
+        model = nnx.merge(graphdef, state)
+        _, stats = forward_with_bn_stats(model, xn)
+        return bns_loss(stats, bn_running_stats(model))
+
+    j_loss, j_grad = jax.value_and_grad(loss_fn)(jnp.asarray(x.transpose(0, 2, 3, 1)))
+    assert len(bn_running_stats(result.model)) == n_bn
+    np.testing.assert_allclose(float(j_loss), t_loss, rtol=1e-4)
+    j_grad = np.asarray(j_grad).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(j_grad, t_grad, rtol=1e-4, atol=1e-4 * np.abs(t_grad).max())
+
+
+def test_bn_stats_keys_are_torch_layer_names_in_order():
+    model = build_model(parse_config(full_config("resnet20")))
+    running = bn_running_stats(model)
+    _, stats = forward_with_bn_stats(model, jnp.zeros((2, 32, 32, 3)))
+    assert list(running)[:3] == ["bn1", "layer1.0.bn1", "layer1.0.bn2"]
+    assert set(stats) == set(running)
+    assert "layer2.0.downsample.1" in running
+
+
+def test_forward_with_bn_stats_leaves_model_untouched_and_matches_plain_forward():
+    model = build_model(parse_config(full_config("densenet_bc_small")), seed=1)
+    before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
+    x = jax.random.normal(jax.random.key(0), (3, 32, 32, 3))
+    logits, stats = forward_with_bn_stats(model, x)
+    after = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
+    jax.tree.map(np.testing.assert_array_equal, before, after)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(model(x)), rtol=1e-6, atol=1e-6)
+    first = stats["features.denseblock1.denselayer1.norm1"]  # input of the first BN is conv0's output
+    conv_out = np.asarray(model.features.conv0(x))
+    np.testing.assert_allclose(np.asarray(first.mean), conv_out.mean((0, 1, 2)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(first.var), conv_out.var((0, 1, 2)), rtol=1e-4, atol=1e-6)
+
+
+def test_bn_stats_vmap_over_independent_batches():
+    """Restarts are vmapped over batches with shared weights: per-batch stats must equal separate calls."""
+    model = build_model(parse_config(full_config("resnet20")))
+    graphdef, state = nnx.split(model)
+    xs = jax.random.normal(jax.random.key(1), (3, 4, 32, 32, 3))
+
+    def f(x):
+        return forward_with_bn_stats(nnx.merge(graphdef, state), x)[1]["layer3.2.bn2"].mean
+
+    batched = jax.jit(jax.vmap(f))(xs)
+    for i in range(3):
+        np.testing.assert_allclose(np.asarray(batched[i]), np.asarray(f(xs[i])), rtol=1e-5, atol=1e-6)
+
+
+def test_vgg_without_avgpool_rejects_too_small_input():
+    cfg = full_config("vgg_plain_nested")
+    cfg["preprocessing"]["input_size"] = [2, 2]
+    with pytest.raises(ConfigError, match="too small"):
+        build_model(parse_config(cfg))
+
+
+@pytest.mark.parametrize(
+    "patch, field",
+    [
+        ({"arch": {"block": "basic", "layers": [1], "widths": [8, 16], "num_classes": 2}}, "same length"),
+        ({"arch": {"block": "triple", "layers": [1], "widths": [8], "num_classes": 2}}, "arch.block"),
+        ({"arch": {"block": "basic", "layers": [1], "widths": [8], "num_classes": 2, "depth": 3}}, "unknown field"),
+        ({"preprocessing": {"input_size": [32, 32], "channels": 3, "mean": [0.5], "std": [0.5] * 3}}, "mean has 1"),
+        ({"family": "vit"}, "not a known family"),
+        ({"format_version": 7}, "format_version"),
+    ],
+)
+def test_config_errors_name_the_field(patch, field):
+    cfg = full_config("resnet20")
+    cfg.update(patch)
+    with pytest.raises(ConfigError, match=field):
+        parse_config(cfg, "student/config.json")

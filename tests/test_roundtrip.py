@@ -1,0 +1,92 @@
+"""Round trips: Flax -> safetensors -> Flax, and converted checkpoints through orbax."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from safetensors.torch import load_file
+
+from converters import convert_student
+from converters.keymap import export_torch_state
+from kdd_jax.io import load_converted, save_converted, write_safetensors
+from tests.conftest import full_config
+
+
+def _leaves(model):
+    return jax.tree.leaves(jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model))))
+
+
+@pytest.mark.parametrize("name", ["resnext_bottleneck", "vgg_plain_nested", "mobilenetv2_wide", "densenet_imagenet_stem"])
+def test_flax_to_safetensors_to_flax_is_exact(name, make_student, tmp_path):
+    src = make_student(name, seed=5)
+    first = convert_student(src)
+    exported = export_torch_state(first.model)
+    original = load_file(str(src / "model.safetensors"))
+    # the export IS the original torch state dict, bit for bit (minus the BN step counters)
+    assert set(exported) == {k for k in original if not k.endswith("num_batches_tracked")}
+    for k, v in exported.items():
+        np.testing.assert_array_equal(v, original[k].numpy(), err_msg=k)
+    out = tmp_path / "again"
+    out.mkdir()
+    write_safetensors(out / "model.safetensors", exported)
+    (out / "config.json").write_text(json.dumps(full_config(name)))
+    second = convert_student(out)
+    for a, b in zip(_leaves(first.model), _leaves(second.model)):
+        np.testing.assert_array_equal(a, b)
+    # and PyTorch accepts the export as a state dict
+    from converters.torch_reference import build_torch_model
+
+    build_torch_model(full_config(name)).load_state_dict({k: torch.from_numpy(v.copy()) for k, v in exported.items()}, strict=True)
+
+
+def test_orbax_save_and_load_converted(make_student, tmp_path):
+    result = convert_student(make_student("resnet20", seed=6))
+    target = save_converted(tmp_path / "out" / "resnet20", result.model, result.config, result.report)
+    model, config, report = load_converted(target)
+    assert config == result.config
+    assert report["source"]["sha256"] == result.report["source"]["sha256"]
+    for a, b in zip(_leaves(result.model), _leaves(model)):
+        np.testing.assert_array_equal(a, b)
+    x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(result.model(x)))
+    # nothing but the published directory is left in the parent
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["resnet20"]
+
+
+def test_save_converted_refuses_to_clobber_and_replaces_with_overwrite(make_student, tmp_path):
+    a = convert_student(make_student("resnet20", seed=1, dirname="a"))
+    b = convert_student(make_student("resnet20", seed=2, dirname="b"))
+    target = tmp_path / "out" / "student"
+    save_converted(target, a.model, a.config, a.report)
+    with pytest.raises(FileExistsError):
+        save_converted(target, b.model, b.config, b.report)
+    assert load_converted(target)[2]["source"]["sha256"] == a.report["source"]["sha256"]
+    save_converted(target, b.model, b.config, b.report, overwrite=True)
+    assert load_converted(target)[2]["source"]["sha256"] == b.report["source"]["sha256"]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["student"]
+
+
+def test_interrupted_save_leaves_nothing(make_student, tmp_path, monkeypatch):
+    """A crash while writing must not leave a half-written checkpoint under the target name."""
+    import kdd_jax.io as kio
+
+    result = convert_student(make_student("resnet20", seed=1))
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt("simulated crash mid-write")
+
+    monkeypatch.setattr(kio, "atomic_write_json", boom)
+    with pytest.raises(KeyboardInterrupt):
+        save_converted(tmp_path / "out" / "s", result.model, result.config, result.report)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_load_converted_names_missing_part(tmp_path):
+    (tmp_path / "x").mkdir()
+    with pytest.raises(ValueError, match="missing state"):
+        load_converted(tmp_path / "x")
