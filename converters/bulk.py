@@ -73,7 +73,7 @@ def _convert_one(src, target, config, verify, allow_pickle, overwrite) -> Outcom
                 v = outcome.verification
                 raise ValueError(
                     f"{src.weights}: verification against PyTorch failed (max logit diff "
-                    f"{v['max_abs_logit_diff']:.3g}, input-grad rel diff {v['input_grad_rel_diff']:.3g}); not written"
+                    f"{v['max_abs_logit_diff']:.3g}, input-grad relative L2 error {v['input_grad_rel_l2']:.3g}); not written"
                 )
         else:
             result.report["verification"] = {"skipped": True}

@@ -75,7 +75,7 @@ def _describe(o) -> str:
         return f"FAILED: {o.error}"
     v = o.verification
     check = "not verified" if v is None else (
-        f"verified: max logit diff {v['max_abs_logit_diff']:.1e}, input-grad rel diff {v['input_grad_rel_diff']:.1e}"
+        f"verified: max logit diff {v['max_abs_logit_diff']:.1e}, input-grad rel. L2 error {v['input_grad_rel_l2']:.1e}"
     )
     inferred = f"; config inferred ({len(o.inferred)} assumptions, see report)" if o.inferred else ""
     return f"ok: {o.family}, {o.parameters:,} params, {o.seconds:.1f}s, {check}{inferred}"

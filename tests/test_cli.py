@@ -1,0 +1,78 @@
+"""`kdd convert` end to end: bulk mode, JSON on stdout, reports, exit codes, the console script."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from kdd_jax.cli import main
+from kdd_jax.io import load_converted
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bulk_convert_json_and_reports(make_student, tmp_path, capsys):
+    make_student("resnet20", seed=1, dirname="zoo/a")
+    make_student("densenet_bc_small", seed=2, dirname="zoo/nested/b", with_config=False)
+    out = tmp_path / "out"
+    code = main(["convert", str(tmp_path / "zoo"), "--out", str(out), "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    result = json.loads(captured.out)  # stdout holds only the JSON document
+    assert (result["converted"], result["failed"]) == (2, 0)
+    by_name = {s["name"]: s for s in result["students"]}
+    assert by_name["a"]["verification"]["ok"] and by_name["b"]["verification"]["ok"]
+    assert by_name["b"]["inferred"], "an inferred config must be reported as such"
+    assert "[1/2]" in captured.err and "2 converted, 0 failed" in captured.err
+    model, config, report = load_converted(out / "b")
+    assert config.family == "densenet" and report["source"]["config"] == "inferred"
+    assert len(report["source"]["sha256"]) == 64 and report["keymap_version"] == 1
+    assert report["verification"]["tolerances"]["logit_rtol"] == 1e-4
+    assert np.isfinite(np.asarray(model(np.zeros((1, 32, 32, 3), np.float32)))).all()
+    summary = json.loads((out / "conversion_summary.json").read_text())
+    assert [s["status"] for s in summary["students"]] == ["ok", "ok"]
+
+
+def test_config_override_applies_to_every_source(make_student, tmp_path, capsys):
+    from tests.conftest import full_config
+
+    d = make_student("vgg_odd_avgpool", seed=0, with_config=False)
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps(full_config("vgg_odd_avgpool")))
+    assert main(["convert", str(d), "--out", str(tmp_path / "o"), "--config", str(cfg), "--no-verify", "-q"]) == 0
+    assert capsys.readouterr().err == ""  # --quiet
+    _, config, report = load_converted(tmp_path / "o" / d.name)
+    assert config.arch.avgpool == (3, 3) and report["inferred"] == [] and report["verification"] == {"skipped": True}
+
+
+def test_usage_errors_exit_2(capsys):
+    for argv in (["convert", "x"], ["frobnicate"], []):
+        try:
+            main(argv)
+        except SystemExit as e:
+            assert e.code == 2
+        else:
+            raise AssertionError(f"{argv} did not exit")
+
+
+def test_console_script_and_module_entry_point(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    for cmd in (["kdd", "--version"], [sys.executable, "-m", "kdd_jax", "--version"]):
+        exe = Path(sys.executable).parent / cmd[0] if cmd[0] == "kdd" else None
+        if exe is not None:
+            cmd = [str(exe), *cmd[1:]]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+        assert out.returncode == 0 and out.stdout.startswith("kdd-jax "), out.stderr
+
+
+def test_bundled_examples_convert(tmp_path):
+    """The README's main command works on the bundled students (fast path: no verification)."""
+    code = main(["convert", str(ROOT / "examples" / "students"), "--out", str(tmp_path), "--no-verify", "-q"])
+    assert code == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [
+        "densenet-bc-noconfig", "mobilenetv2-cifar", "resnet20-cifar", "vgg8-fashion-bf16"]
