@@ -51,7 +51,13 @@ def convert_many(
     for i, src in enumerate(students):
         if on_start is not None:
             on_start(i, len(students), src)
-        yield _convert_one(src, out_dir / src.name, config, verify, allow_pickle, overwrite)
+        target = out_dir / src.name
+        # Second guard (names are sanitised in discover): never write anywhere but directly under out_dir.
+        if target.resolve().parent != out_dir.resolve():
+            yield Outcome(name=src.name, source=str(src.weights), status="failed",
+                          error=f"{src.weights}: output name {src.name!r} would escape {out_dir}")
+            continue
+        yield _convert_one(src, target, config, verify, allow_pickle, overwrite)
 
 
 def _convert_one(src, target, config, verify, allow_pickle, overwrite) -> Outcome:

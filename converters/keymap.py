@@ -140,4 +140,5 @@ def export_torch_state(model: nnx.Module) -> dict[str, np.ndarray]:
 
 def _listing(keys: list[str], limit: int = 12) -> str:
     more = f", ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
+    # names come from strangers: escape control and bidi characters before they reach a terminal
+    return ", ".join(k if k.isprintable() else repr(k) for k in keys[:limit]) + more

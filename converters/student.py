@@ -88,6 +88,8 @@ def _unique_names(students: list[StudentSource]) -> list[StudentSource]:
     seen: dict[str, int] = {}
     out = []
     for s in students:
+        if s.name in ("", ".", ".."):  # `kdd convert .`, `x/..`, `..safetensors`: never --out itself or its parent
+            s = dataclasses.replace(s, name=s.weights.resolve().parent.name or "student")
         n = seen.get(s.name, 0)
         seen[s.name] = n + 1
         out.append(s if n == 0 else dataclasses.replace(s, name=f"{s.name}-{n + 1}"))

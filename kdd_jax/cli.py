@@ -8,6 +8,7 @@ import dataclasses
 import json
 import sys
 import time
+from pathlib import Path
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
@@ -26,6 +27,9 @@ def cmd_convert(args) -> int:
     from converters import ConversionError
     from converters.bulk import convert_many, write_summary
 
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        _eprint(f"kdd convert: --out {args.out} exists and is not a directory")
+        return EXIT_USAGE
     verify = _torch_available() if args.verify is None else args.verify
     if args.verify and not _torch_available():
         _eprint("kdd convert: --verify needs PyTorch (pip install 'kdd-jax[torch]')")
@@ -57,7 +61,10 @@ def cmd_convert(args) -> int:
                 _eprint("    " + _describe(o))
     except ConversionError as e:
         _eprint(f"kdd convert: {e}")
+        if args.json:
+            print(json.dumps({"command": "convert", "error": str(e), "converted": 0, "students": []}, indent=2))
         return EXIT_ERROR
+    Path(args.out).mkdir(parents=True, exist_ok=True)  # every student may have failed before creating it
     write_summary(f"{args.out}/conversion_summary.json", outcomes)
     n_ok = sum(o.status == "ok" for o in outcomes)
     if not args.quiet:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -74,7 +75,13 @@ def _coerce(value: Any, tp, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: {value!r} is not a finite number")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
@@ -179,10 +186,10 @@ def parse_config(data: Any, source: str = "config") -> StudentConfig:
     if unknown:
         problems.append(f"{source}: unknown top-level field(s) {unknown}; allowed: {sorted(allowed)}")
     version = data.get("format_version", FORMAT_VERSION)
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:
         problems.append(f"{source}.format_version: {version!r} is not supported (expected {FORMAT_VERSION})")
     family = data.get("family")
-    if family not in FAMILIES:
+    if not isinstance(family, str) or family not in FAMILIES:
         problems.append(f"{source}.family: {family!r} is not a known family; known: {sorted(FAMILIES)}")
     for key in ("arch", "preprocessing"):
         if key not in data:
@@ -212,6 +219,8 @@ def load_config(path: str | Path) -> StudentConfig:
         raise ConfigError(f"{path}: config is {size} bytes, more than the {MAX_CONFIG_BYTES} allowed")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
+    except (ValueError, RecursionError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     return parse_config(data, str(path))

@@ -37,6 +37,8 @@ SAFETENSORS_DTYPES: dict[str, np.dtype] = {
 }
 # The reference implementation's own cap; a larger header is hostile or broken.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_DIMS = 64  # numpy>=2's NPY_MAXDIMS
+MAX_NBYTES = np.iinfo(np.intp).max
 
 
 class CheckpointError(ValueError):
@@ -63,7 +65,7 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str,
         raw = fh.read(n)
         try:
             header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        except (ValueError, RecursionError) as e:  # bad UTF-8, bad JSON, >4300-digit int literal, deep nesting
             raise CheckpointError(f"{path}: header is not valid JSON ({type(e).__name__}: {e})") from None
         data_start, data_len = 8 + n, size - 8 - n
         entries, metadata = _validate_header(path, header, data_len)
@@ -102,6 +104,9 @@ def _validate_header(path: Path, header: Any, data_len: int):
         shape, offsets = info["shape"], info["data_offsets"]
         if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
             problems.append(f"{where}: shape {shape!r} is not a list of non-negative integers")
+            continue
+        if len(shape) > MAX_DIMS or math.prod(d for d in shape if d) * dtype.itemsize > MAX_NBYTES:
+            problems.append(f"{where}: shape {shape!r} is beyond what an array can hold")
             continue
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
             problems.append(f"{where}: data_offsets {offsets!r} is not a pair of integers")

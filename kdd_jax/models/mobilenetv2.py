@@ -46,6 +46,8 @@ class MobileNetV2Arch:
         for i, (t, c, n, s) in enumerate(self.inverted_residual_setting):
             if t < 1 or c < 1 or n < 1 or s not in (1, 2):
                 raise ConfigError(f"inverted_residual_setting[{i}] = {[t, c, n, s]}: need t,c,n >= 1 and s in (1, 2)")
+        if self.last_channel is not None and self.last_channel < 1:
+            raise ConfigError(f"last_channel must be >= 1, got {self.last_channel}")
         if self.num_classes < 1 or self.in_channels < 1 or self.bn_eps <= 0:
             raise ConfigError("num_classes and in_channels must be >= 1, bn_eps > 0")
 
