@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import datetime
+import functools
+import math
 from pathlib import Path
 
-import jax
 from flax import nnx
 
 from converters.inference import InferenceError, infer_config
@@ -44,14 +46,15 @@ def convert_student(
         if len(found) != 1:
             raise ConversionError(f"{src}: holds {len(found)} students; convert them one at a time or in bulk")
         src = found[0]
+    # Hash the source while converting: hashlib releases the GIL, and hashing costs as much as reading.
+    sha256 = _HASHER.submit(sha256_file, src.weights)
     tensors, fmt = read_tensors(src, allow_pickle=allow_pickle)
     if not tensors:
         raise CheckpointError(f"{src.weights}: the checkpoint holds no tensors")
     cfg, config_source, inferred = _resolve_config(src, tensors, config)
-    abstract = abstract_model(cfg)
-    entries = build_keymap(abstract)
+    abstract, entries = model_structure(cfg)
     pure, facts = apply_keymap(tensors, entries, str(src.weights))
-    graphdef, state = nnx.split(abstract)
+    graphdef, state = nnx.split(abstract)  # fresh state each time: the cached model stays abstract
     nnx.replace_by_pure_dict(state, pure)
     model = nnx.merge(graphdef, state)
     report = {
@@ -61,20 +64,31 @@ def convert_student(
         "source": {
             "weights": str(src.weights),
             "format": fmt,
-            "sha256": sha256_file(src.weights),
+            "sha256": sha256.result(),
             "bytes": src.weights.stat().st_size,
             "config": config_source,
         },
         "inferred": inferred,
         "family": cfg.family,
         "config": cfg.to_dict(),
-        "parameters": int(sum(v.size for v in jax.tree.leaves(nnx.state(model, nnx.Param)))),
+        "parameters": sum(math.prod(e.target_shape) for e in entries if e.trainable),
         "keymap_version": KEYMAP_VERSION,
         "keymap": [[e.source, ".".join(map(str, e.target)), e.transform] for e in entries],
         "dtype": facts,
         "versions": versions(),
     }
     return ConversionResult(model, cfg, report, tensors)
+
+
+_HASHER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdd-sha256")
+
+
+@functools.lru_cache(maxsize=32)
+def model_structure(cfg: StudentConfig) -> tuple[nnx.Module, list]:
+    """(abstract model, key map) per config. Tracing a model's init costs ~0.4 s on CPU and zoos
+    hold many students of one architecture, so it is done once per distinct config."""
+    abstract = abstract_model(cfg)
+    return abstract, build_keymap(abstract)
 
 
 def _resolve_config(src: StudentSource, tensors, override) -> tuple[StudentConfig, str, list[str]]:

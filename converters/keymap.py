@@ -51,6 +51,7 @@ class Entry:
     target: tuple  # nnx state path, e.g. ("layer1", 0, "conv1", "kernel")
     transform: str
     target_shape: tuple[int, ...]
+    trainable: bool  # an nnx.Param (False: BN running statistics)
 
     @property
     def source_shape(self) -> tuple[int, ...]:
@@ -69,7 +70,9 @@ def build_keymap(abstract_model: nnx.Module) -> list[Entry]:
             var = getattr(node, var_name, None)
             if var is None:  # e.g. a conv without bias
                 continue
-            entries.append(Entry(f"{prefix}.{src_name}", (*path, var_name), transform, tuple(var.shape)))
+            entries.append(
+                Entry(f"{prefix}.{src_name}", (*path, var_name), transform, tuple(var.shape), isinstance(var, nnx.Param))
+            )
     covered = {e.target for e in entries}
     state = nnx.state(abstract_model)
     uncovered = [p for p, _ in nnx.to_flat_state(state) if tuple(p) not in covered]

@@ -210,12 +210,14 @@ class StagingDir:
 # ---- orbax: the only place the library calls it -------------------------------------------------
 
 def save_state(directory: str | Path, state: Any) -> None:
-    """Save a pytree of arrays (an nnx state as a pure dict) with orbax, synchronously."""
+    """Save a pytree of arrays (an nnx state as a pure dict) with orbax, synchronously.
+
+    Uncompressed: trained float weights do not compress, and zstd halved write throughput
+    (measured 200-250 vs 415 MB/s on a 15M-parameter state; benchmarks/convert_bench.py)."""
     import orbax.checkpoint as ocp
 
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(Path(directory).absolute(), state)
-        ckptr.wait_until_finished()
+    ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False))
+    ckptr.save(Path(directory).absolute(), args=ocp.args.PyTreeSave(state))
 
 
 def restore_state(directory: str | Path, abstract_state: Any) -> Any:

@@ -90,3 +90,19 @@ def test_load_converted_names_missing_part(tmp_path):
     (tmp_path / "x").mkdir()
     with pytest.raises(ValueError, match="missing state"):
         load_converted(tmp_path / "x")
+
+
+def test_students_sharing_a_config_stay_independent(make_student):
+    """The abstract model and key map are cached per config; converting a second student of the
+    same architecture must not touch the first model (nor leave the cache holding weights)."""
+    from converters.convert import model_structure
+
+    a = convert_student(make_student("resnet20", seed=1, dirname="a"))
+    before = _leaves(a.model)
+    b = convert_student(make_student("resnet20", seed=2, dirname="b"))
+    assert model_structure.cache_info().hits >= 1
+    for x, y in zip(before, _leaves(a.model)):
+        np.testing.assert_array_equal(x, y)
+    assert any(not np.array_equal(x, y) for x, y in zip(_leaves(a.model), _leaves(b.model)))
+    abstract, _ = model_structure(a.config)
+    assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(nnx.state(abstract)))
