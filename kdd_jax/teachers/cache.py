@@ -1,0 +1,171 @@
+"""Persistent teacher-response cache: no query is ever paid for twice.
+
+Every answer is stored per probe, keyed by SHA-256 of (teacher name, output kind, input dtype,
+shape and exact bytes), in SQLite (WAL journal: concurrent readers and writers across processes;
+each batch is one transaction, so a crash loses at most the batch in flight, never corrupts).
+The first answer stored for a key wins: a repeated or concurrent query never overwrites it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from kdd_jax.teachers.base import TeacherOutput
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS responses (
+    key      TEXT PRIMARY KEY,
+    teacher  TEXT NOT NULL,
+    kind     TEXT NOT NULL,
+    vals     BLOB,           -- float32 row (logits / probs / top-k probs)
+    idx      BLOB,           -- int32 row (top-k indices) or a single label
+    created  REAL NOT NULL
+) WITHOUT ROWID;
+"""
+
+
+def probe_key(teacher: str, kind: str, probe: np.ndarray) -> str:
+    """Content hash of one probe as sent to one teacher for one output kind."""
+    probe = np.ascontiguousarray(probe)
+    h = hashlib.sha256()
+    h.update(f"{teacher}\0{kind}\0{probe.dtype.str}\0{probe.shape}\0".encode())
+    h.update(probe.tobytes())
+    return h.hexdigest()
+
+
+@dataclasses.dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    queries: int = 0  # probes actually sent to teachers
+    batches: int = 0
+
+
+class ResponseCache:
+    """SQLite-backed store of teacher answers. Thread-safe; safe across processes."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        with self._conn() as conn:
+            conn.executescript(SCHEMA)
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
+            self._local.conn = conn
+        return conn
+
+    def get_many(self, keys: list[str]) -> dict[str, tuple[str, bytes | None, bytes | None]]:
+        found = {}
+        conn = self._conn()
+        for i in range(0, len(keys), 500):  # SQLite's bound-parameter limit
+            chunk = keys[i : i + 500]
+            rows = conn.execute(
+                f"SELECT key, kind, vals, idx FROM responses WHERE key IN ({','.join('?' * len(chunk))})", chunk
+            ).fetchall()
+            found.update({k: (kind, v, x) for k, kind, v, x in rows})
+        return found
+
+    def put_many(self, teacher: str, kind: str, items: list[tuple[str, bytes | None, bytes | None]]) -> None:
+        conn = self._conn()
+        now = time.time()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany(
+                "INSERT OR IGNORE INTO responses (key, teacher, kind, vals, idx, created) VALUES (?, ?, ?, ?, ?, ?)",
+                [(k, teacher, kind, v, x, now) for k, v, x in items],
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def count(self, teacher: str | None = None) -> int:
+        sql, args = "SELECT COUNT(*) FROM responses", ()
+        if teacher is not None:
+            sql, args = sql + " WHERE teacher = ?", (teacher,)
+        return self._conn().execute(sql, args).fetchone()[0]
+
+
+def _row_bytes(out: TeacherOutput, i: int) -> tuple[bytes | None, bytes | None]:
+    v = None if out.values is None else np.asarray(out.values[i], np.float32).tobytes()
+    x = None if out.indices is None else np.asarray(out.indices[i], np.int32).tobytes()
+    return v, x
+
+
+def _from_rows(kind: str, rows: list[tuple[bytes | None, bytes | None]]) -> TeacherOutput:
+    vals = None if rows[0][0] is None else np.stack([np.frombuffer(v, np.float32) for v, _ in rows])
+    idx = None if rows[0][1] is None else np.stack([np.frombuffer(x, np.int32) for _, x in rows])
+    if kind == "labels":
+        idx = idx.reshape(-1)
+    return TeacherOutput(kind, vals, idx)
+
+
+class QueryBudgetExceeded(RuntimeError):
+    """The run would send more probes to teachers than its budget allows; nothing was sent."""
+
+
+def cached_query(
+    cache: ResponseCache,
+    teacher_name: str,
+    kind: str,
+    inputs: np.ndarray,
+    ask: Callable[[np.ndarray], TeacherOutput],
+    *,
+    stats: CacheStats,
+    batch_size: int = 256,
+    budget: int | None = None,
+) -> TeacherOutput:
+    """Answers for every probe in `inputs`: from the cache where present, else from `ask` in
+    batches, each batch stored (one transaction) as soon as it is answered."""
+    keys = [probe_key(teacher_name, kind, p) for p in inputs]
+    found = cache.get_many(list(dict.fromkeys(keys)))
+    missing = [i for i, k in enumerate(keys) if k not in found]
+    # identical probes in one request are asked once
+    first_of = {}
+    for i in missing:
+        first_of.setdefault(keys[i], i)
+    to_ask = sorted(first_of.values())
+    stats.hits += len(keys) - len(missing)
+    stats.misses += len(missing)
+    if budget is not None and stats.queries + len(to_ask) > budget:
+        raise QueryBudgetExceeded(
+            f"teacher {teacher_name!r}: {len(to_ask)} new queries needed, {budget - stats.queries} left of the budget {budget}"
+        )
+    for start in range(0, len(to_ask), batch_size):
+        rows = to_ask[start : start + batch_size]
+        out = ask(inputs[rows])
+        stats.queries += len(rows)
+        stats.batches += 1
+        items = [(keys[r], *_row_bytes(out, j)) for j, r in enumerate(rows)]
+        cache.put_many(teacher_name, kind, items)
+        found.update({k: (kind, v, x) for k, v, x in items})
+    return _from_rows(kind, [found[k][1:] for k in keys])
+
+
+class CachedTeacher:
+    """A teacher behind the response cache, with a query budget and hit/miss accounting.
+
+    Answers are validated by the teacher before they are stored: nothing wrong is cached."""
+
+    def __init__(self, teacher, cache: ResponseCache, *, batch_size: int = 256, budget: int | None = None):
+        self.teacher, self.cache, self.batch_size, self.budget = teacher, cache, batch_size, budget
+        self.stats = CacheStats()
+        self.name, self.output, self.num_classes = teacher.name, teacher.output, teacher.num_classes
+
+    def query(self, inputs: np.ndarray) -> TeacherOutput:
+        return cached_query(self.cache, self.name, self.output, np.asarray(inputs, np.float32), self.teacher.query,
+                            stats=self.stats, batch_size=self.batch_size, budget=self.budget)

@@ -1,0 +1,163 @@
+"""Teachers and the response cache: no query paid twice, budgets, validation, concurrency."""
+
+from __future__ import annotations
+
+import multiprocessing
+
+import numpy as np
+import pytest
+
+from kdd_jax.config import parse_config
+from kdd_jax.models import build_model
+from kdd_jax.teachers import (
+    CachedTeacher,
+    CallableTeacher,
+    InputSpec,
+    QueryBudgetExceeded,
+    ResponseCache,
+    TeacherError,
+    TeacherOutput,
+    flax_teacher,
+    logits_to_output,
+)
+from tests.conftest import full_config
+
+SPEC = InputSpec((4, 4), 1)
+
+
+def linear_teacher(name="lin", output="logits", calls=None, c=5):
+    w = np.random.default_rng(0).normal(size=(16, c)).astype(np.float32)
+
+    def fn(x):
+        if calls is not None:
+            calls.append(len(x))
+        return x.reshape(len(x), -1) @ w
+
+    return CallableTeacher(name, fn, num_classes=c, spec=SPEC, output=output, k=3)
+
+
+def probes(n, seed=0):
+    return np.random.default_rng(seed).uniform(size=(n, 1, 4, 4)).astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["logits", "probs", "topk", "labels"])
+def test_cache_rerun_makes_zero_queries_and_returns_identical_answers(kind, tmp_path):
+    calls = []
+    first = CachedTeacher(linear_teacher(output=kind, calls=calls), ResponseCache(tmp_path / "c.sqlite"), batch_size=7)
+    x = probes(20)
+    a = first.query(x)
+    assert first.stats.queries == 20 and first.stats.misses == 20 and sum(calls) == 20 and len(calls) == 3
+    again = CachedTeacher(linear_teacher(output=kind, calls=calls), ResponseCache(tmp_path / "c.sqlite"))
+    b = again.query(x)
+    assert again.stats.queries == 0 and again.stats.hits == 20 and sum(calls) == 20
+    for f in ("values", "indices"):
+        if getattr(a, f) is not None:
+            np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
+    direct = linear_teacher(output=kind).query(x)
+    for f in ("values", "indices"):
+        if getattr(direct, f) is not None:
+            np.testing.assert_array_equal(getattr(direct, f), getattr(b, f))
+
+
+def test_partial_overlap_and_duplicates_are_asked_once(tmp_path):
+    calls = []
+    t = CachedTeacher(linear_teacher(calls=calls), ResponseCache(tmp_path / "c.sqlite"))
+    t.query(probes(10))
+    x = np.concatenate([probes(10)[:4], probes(3, seed=9), probes(3, seed=9)])
+    out = t.query(x)
+    assert t.stats.queries == 13 and sum(calls) == 13  # 10 + 3 new distinct probes
+    np.testing.assert_array_equal(out.values[-3:], out.values[-6:-3])
+
+
+def test_cache_keys_separate_teachers_and_kinds(tmp_path):
+    cache = ResponseCache(tmp_path / "c.sqlite")
+    x = probes(5)
+    CachedTeacher(linear_teacher("a"), cache).query(x)
+    b = CachedTeacher(linear_teacher("b"), cache)
+    b.query(x)
+    p = CachedTeacher(linear_teacher("a", output="probs"), cache)
+    p.query(x)
+    assert b.stats.queries == 5 and p.stats.queries == 5 and cache.count() == 15
+
+
+def test_budget_aborts_before_sending_anything(tmp_path):
+    calls = []
+    t = CachedTeacher(linear_teacher(calls=calls), ResponseCache(tmp_path / "c.sqlite"), budget=12)
+    t.query(probes(10))
+    with pytest.raises(QueryBudgetExceeded, match="'lin'.*2 left"):
+        t.query(probes(5, seed=1))
+    assert sum(calls) == 10 and t.stats.queries == 10
+    t.query(probes(10))  # cached answers cost nothing
+    assert t.stats.queries == 10
+
+
+class BadTeacher:
+    name, output, num_classes = "bad", "probs", 3
+
+    def __init__(self, answer):
+        self.answer = answer
+
+    def query(self, inputs):
+        from kdd_jax.teachers import validate_output
+
+        return validate_output(self.answer(len(inputs)), len(inputs), self.num_classes, self.name)
+
+
+@pytest.mark.parametrize(
+    "answer, message",
+    [
+        (lambda n: TeacherOutput("probs", values=np.full((n, 3), np.nan, np.float32)), "non-finite"),
+        (lambda n: TeacherOutput("probs", values=np.full((n + 1, 3), 1 / 3, np.float32)), "rows for a batch"),
+        (lambda n: TeacherOutput("probs", values=np.full((n, 4), 0.25, np.float32)), "shape"),
+        (lambda n: TeacherOutput("probs", values=np.full((n, 3), 0.5, np.float32)), "sum to 1"),
+    ],
+)
+def test_bad_answers_are_named_and_never_cached(answer, message, tmp_path):
+    cache = ResponseCache(tmp_path / "c.sqlite")
+    with pytest.raises(TeacherError, match=f"'bad'.*{message}|{message}"):
+        CachedTeacher(BadTeacher(answer), cache).query(probes(4))
+    assert cache.count() == 0
+
+
+def test_logits_to_output_kinds_are_consistent():
+    logits = np.random.default_rng(1).normal(size=(6, 10)).astype(np.float32)
+    probs = logits_to_output(logits, "probs").values
+    np.testing.assert_allclose(probs.sum(-1), 1, rtol=1e-6)
+    top = logits_to_output(logits, "topk", k=3)
+    assert (top.indices[:, 0] == logits.argmax(-1)).all() and (np.diff(top.values, axis=-1) <= 0).all()
+    np.testing.assert_array_equal(logits_to_output(logits, "labels").indices, logits.argmax(-1))
+
+
+def test_flax_teacher_normalises_in_its_own_input_space():
+    cfg = parse_config(full_config("resnet20"))
+    model = build_model(cfg, seed=3)
+    teacher = flax_teacher("r20", model, cfg, output="logits")
+    raw = probes(2).repeat(3, 1).repeat(8, 2).repeat(8, 3)  # [2, 3, 32, 32] in [0, 1]
+    pre = cfg.preprocessing
+    x = (raw.transpose(0, 2, 3, 1) - np.asarray(pre.mean)) / np.asarray(pre.std)
+    np.testing.assert_allclose(teacher.query(raw).values, np.asarray(model(x.astype(np.float32))), rtol=1e-5, atol=1e-5)
+    with pytest.raises(TeacherError, match="'r20'.*expected"):
+        teacher.query(raw[:, :, :16])
+
+
+def _writer(path, seed, n):
+    t = CachedTeacher(linear_teacher(), ResponseCache(path))
+    t.query(probes(n, seed=seed))
+    t.query(probes(n, seed=0))
+
+
+def test_concurrent_processes_share_one_cache(tmp_path):
+    path = tmp_path / "shared.sqlite"
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(path, s, 40)) for s in (1, 2, 3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    cache = ResponseCache(path)
+    assert cache.count() == 4 * 40  # seeds 0..3, each probe stored exactly once
+    t = CachedTeacher(linear_teacher(), cache)
+    out = t.query(np.concatenate([probes(40, seed=s) for s in range(4)]))
+    assert t.stats.queries == 0
+    np.testing.assert_allclose(out.values, linear_teacher().query(np.concatenate([probes(40, seed=s) for s in range(4)])).values)
