@@ -165,6 +165,7 @@ class CachedTeacher:
         self.teacher, self.cache, self.batch_size, self.budget = teacher, cache, batch_size, budget
         self.stats = CacheStats()
         self.name, self.output, self.num_classes = teacher.name, teacher.output, teacher.num_classes
+        self.spec = teacher.spec
 
     def query(self, inputs: np.ndarray) -> TeacherOutput:
         return cached_query(self.cache, self.name, self.output, np.asarray(inputs, np.float32), self.teacher.query,

@@ -1,0 +1,76 @@
+"""The teachers file (`teachers.json` or `.yaml`): which candidates to query, and how.
+
+    {"teachers": [
+      {"name": "resnet-a", "kind": "local", "path": "runs/teachers/resnet-a", "output": "probs"},
+      {"name": "vgg-b", "kind": "local", "path": "zoo/vgg-b", "output": "topk", "k": 5}
+    ]}
+
+`kind: local` loads a model converted by `kdd convert` (or a student-format directory, converted
+on the fly) and serves it in-process as a black box. Its input spec is the model's preprocessing
+(raw pixels at its input size, channels and value range). Teacher names identify answers in the
+response cache, so they must be unique and stable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Literal
+
+from kdd_jax.config import ConfigError, parse_dataclass
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherEntry:
+    name: str
+    path: str
+    kind: Literal["local"] = "local"
+    output: Literal["logits", "probs", "topk", "labels"] = "probs"
+    k: int = 5
+
+    def __post_init__(self):
+        if not self.name or any(c in self.name for c in "\0/\\"):
+            raise ConfigError(f"name {self.name!r} must be non-empty without slashes or NUL")
+        if self.k < 1:
+            raise ConfigError("k must be >= 1")
+
+
+def load_teachers_file(path: str | Path) -> list[TeacherEntry]:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read teachers file ({e})") from None
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:  # yaml.YAMLError / JSONDecodeError / RecursionError: all mean "unparseable"
+        raise ConfigError(f"{path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'} ({e})") from None
+    if not isinstance(data, dict) or set(data) != {"teachers"} or not isinstance(data["teachers"], list):
+        raise ConfigError(f'{path}: expected an object {{"teachers": [...]}}')
+    if not data["teachers"]:
+        raise ConfigError(f"{path}: the teacher list is empty")
+    entries = [parse_dataclass(TeacherEntry, t, f"{path}: teachers[{i}]") for i, t in enumerate(data["teachers"])]
+    names = [e.name for e in entries]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"{path}: duplicate teacher names {dupes} (names key the response cache)")
+    for i, e in enumerate(entries):
+        p = Path(e.path)
+        if not p.is_absolute():  # relative to the teachers file, so a file travels with its zoo
+            entries[i] = dataclasses.replace(e, path=str((path.parent / p)))
+    return entries
+
+
+def open_teacher(entry: TeacherEntry):
+    """A black-box teacher object for one entry."""
+    from kdd_jax.detect import load_any_student
+    from kdd_jax.teachers.local import flax_teacher
+
+    model, config = load_any_student(entry.path, what=f"teacher {entry.name!r}")
+    return flax_teacher(entry.name, model, config, output=entry.output, k=entry.k)

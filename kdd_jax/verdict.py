@@ -1,0 +1,68 @@
+"""Decide: which teacher, with what confidence (paper stage 3, plus the statistics it lacks).
+
+The winner is the argmax of the mean score. Confidence comes from a paired bootstrap over probes
+(the same resampled probes for every teacher, since all teachers answered the same probes):
+a percentile interval per teacher, and a one-sided p-value that the winner's margin over the
+runner-up is not positive. Works for point-wise scores (per-probe arrays) and set-level scores
+(any function of a probe subset), both vectorised over bootstrap replicates with jax.vmap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass
+class Verdict:
+    teachers: list[str]
+    scores: list[float]
+    intervals: list[tuple[float, float]]
+    winner: str
+    runner_up: str | None
+    margin: float
+    p_value: float  # H0: winner's score <= runner-up's; small = confident
+    n_probes: int
+    n_bootstrap: int
+    confidence: float
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def bootstrap_scores(score_fn: Callable[[jax.Array], jax.Array], n: int, *, n_bootstrap: int, seed: int) -> np.ndarray:
+    """[n_bootstrap, K]: `score_fn(indices [n]) -> [K]` on probe indices resampled with replacement."""
+    idx = jax.random.randint(jax.random.key(seed), (n_bootstrap, n), 0, n)
+    return np.asarray(jax.jit(jax.vmap(score_fn))(idx))
+
+
+def decide(teachers: list[str], score_fn: Callable[[jax.Array], jax.Array], n: int, *,
+           n_bootstrap: int = 1000, seed: int = 0, confidence: float = 0.95) -> Verdict:
+    """Verdict from `score_fn(indices) -> scores [K]` (higher = more likely the teacher)."""
+    if not teachers:
+        raise ValueError("no candidate teachers to decide between")
+    full = np.asarray(score_fn(jnp.arange(n)))
+    boot = bootstrap_scores(score_fn, n, n_bootstrap=n_bootstrap, seed=seed)
+    order = np.argsort(-full, kind="stable")
+    a = (1 - confidence) / 2
+    intervals = [(float(np.quantile(boot[:, k], a)), float(np.quantile(boot[:, k], 1 - a))) for k in range(len(teachers))]
+    w = int(order[0])
+    if len(teachers) > 1:
+        r = int(order[1])
+        margins = boot[:, w] - boot[:, r]
+        p = float((1 + np.sum(margins <= 0)) / (1 + n_bootstrap))
+        runner, margin = teachers[r], float(full[w] - full[r])
+    else:
+        runner, margin, p = None, float("nan"), float("nan")
+    return Verdict(list(teachers), [float(s) for s in full], intervals, teachers[w], runner, margin, p, n,
+                   n_bootstrap, confidence)
+
+
+def pointwise_score_fn(per_probe: np.ndarray) -> Callable[[jax.Array], jax.Array]:
+    """score_fn for per-probe scores [K, N]: the mean over the chosen probes."""
+    s = jnp.asarray(per_probe)
+    return lambda idx: s[:, idx].mean(-1)
