@@ -97,6 +97,65 @@ def _table(outcomes) -> str:
     return "\n".join(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}" for r in rows)
 
 
+def cmd_detect(args) -> int:
+    from kdd_jax.config import ConfigError
+    from kdd_jax.detect import DetectConfig, detect, load_any_student
+    from kdd_jax.io import atomic_write_json
+    from kdd_jax.synthesis import SynthesisConfig, SynthesisError
+    from kdd_jax.teachers import CachedTeacher, QueryBudgetExceeded, ResponseCache, TeacherError
+    from kdd_jax.teachers.config import load_teachers_file, open_teacher
+
+    try:
+        entries = load_teachers_file(args.teachers)
+        model, config = load_any_student(args.student)
+        cache = ResponseCache(Path(args.cache).expanduser() / "responses.sqlite")
+        budget = args.budget
+        teachers = []
+        for e in entries:
+            t = CachedTeacher(open_teacher(e), cache, budget=budget)
+            teachers.append(t)
+        sc = SynthesisConfig(method=args.method, n_probes=args.probes, steps=args.steps, seed=args.seed,
+                             restarts=args.restarts)
+        dc = DetectConfig(synthesis=sc, score=args.score)
+
+        def progress(step, loss):
+            if not args.quiet:
+                _eprint(f"  synthesis step {step}/{sc.steps}: loss {loss:.4f}")
+
+        if not args.quiet:
+            _eprint(f"student {args.student}: {config.family}, {len(entries)} candidate teachers; "
+                    f"synthesising {sc.n_probes} probes ({sc.method}, {sc.steps} steps, seed {sc.seed})")
+        result = detect(model, config, teachers, dc, progress)
+    except (ConfigError, TeacherError, SynthesisError, QueryBudgetExceeded, ValueError, OSError) as e:
+        _eprint(f"kdd detect: {e}")
+        if args.json:
+            print(json.dumps({"command": "detect", "error": str(e)}, indent=2))
+        return EXIT_ERROR
+    report = {"command": "detect", "student": str(args.student), "teachers_file": str(args.teachers), **result.to_dict()}
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        atomic_write_json(Path(args.out) / "verdict.json", report)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(_verdict_table(result))
+    return EXIT_OK
+
+
+def _verdict_table(result) -> str:
+    v = result.verdict
+    lines = [f"{'teacher':<24} {'score':>10} {'95% interval':>24} {'queries':>8} {'cached':>7}"]
+    for name, score, (lo, hi) in sorted(zip(v.teachers, v.scores, v.intervals), key=lambda r: -r[1]):
+        st = result.teacher_stats[name]
+        mark = " <- most likely teacher" if name == v.winner else ""
+        lines.append(f"{name:<24} {score:>10.4f} {f'[{lo:.4f}, {hi:.4f}]':>24} {st.get('queries', 0):>8} {st.get('hits', 0):>7}{mark}")
+    if v.runner_up is not None:
+        lines.append(f"winner {v.winner!r} beats {v.runner_up!r} by {v.margin:.4f} (bootstrap p = {v.p_value:.3g}, "
+                     f"{v.n_probes} probes, {result.config.score})")
+    lines.append(f"probe set sha256 {result.probes.sha256[:16]}..., seed {result.config.synthesis.seed}")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from kdd_jax import __version__
 
@@ -123,6 +182,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=cmd_convert)
+
+    from kdd_jax.scores import SCORES
+    from kdd_jax.synthesis import METHODS
+
+    d = sub.add_parser(
+        "detect",
+        help="name the most likely teacher of one student",
+        description="Synthesise probes from the student alone, query every candidate teacher (through the "
+        "response cache), score agreement and print the verdict.",
+    )
+    d.add_argument("--student", required=True, help="student directory (kdd convert output or model.safetensors + config.json)")
+    d.add_argument("--teachers", required=True, help="teachers file (.json or .yaml)")
+    d.add_argument("--probes", type=int, default=100, help="number of probes N (default 100)")
+    d.add_argument("--steps", type=int, default=200, help="synthesis optimisation steps (default 200)")
+    d.add_argument("--method", default="pixel", choices=sorted(METHODS), help="synthesis method (default pixel)")
+    d.add_argument("--restarts", type=int, default=1, help="independent probe groups optimised in parallel")
+    d.add_argument("--score", default="neg_kl", choices=sorted(SCORES), help="agreement score (default neg_kl)")
+    d.add_argument("--seed", type=int, default=0, help="fixes the probes and the verdict (default 0)")
+    d.add_argument("--cache", default="~/.cache/kdd-jax", help="response cache directory (default ~/.cache/kdd-jax)")
+    d.add_argument("--budget", type=int, default=None, help="most new teacher queries this run may send, per teacher")
+    d.add_argument("--out", help="write verdict.json here")
+    d.add_argument("--json", action="store_true", help="print the full result as JSON on stdout")
+    d.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    d.set_defaults(func=cmd_detect)
     return parser
 
 

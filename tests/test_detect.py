@@ -116,3 +116,37 @@ def test_verdict_is_confident_and_rerun_is_free_and_identical(zoo, tmp_path):
     again, teachers = run(zoo, tmp_path)
     assert all(t.stats.queries == 0 for t in teachers)  # every answer came from the cache
     assert again.probes.sha256 == first.probes.sha256 and again.verdict == first.verdict
+
+
+def test_kdd_detect_cli_end_to_end(zoo, tmp_path, capsys):
+    from pathlib import Path
+
+    from kdd_jax.cli import main
+
+    paths = {n: str(Path(zoo[n].report["source"]["weights"]).parent) for n in zoo}
+    tfile = tmp_path / "teachers.json"
+    tfile.write_text(json.dumps({"teachers": [{"name": n, "path": paths[n], "output": "probs"} for n in ("teacher-b", "teacher-a")]}))
+    argv = ["detect", "--student", paths["student"], "--teachers", str(tfile), "--probes", "48", "--steps", "60",
+            "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out"), "-q"]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "teacher-a" in table.splitlines()[1] and "most likely teacher" in table.splitlines()[1]
+    report = json.loads((tmp_path / "out" / "verdict.json").read_text())
+    assert report["verdict"]["winner"] == "teacher-a" and report["seed"] == 0 and len(report["probes"]["sha256"]) == 64
+    assert report["teachers"]["teacher-a"]["queries"] == 48
+    assert main(argv + ["--json"]) == 0  # second run: all from the cache
+    again = json.loads(capsys.readouterr().out)
+    assert again["teachers"]["teacher-a"]["queries"] == 0 and again["teachers"]["teacher-a"]["hits"] == 48
+    assert again["verdict"] == report["verdict"]
+
+
+def test_kdd_detect_bad_teachers_file(zoo, tmp_path, capsys):
+    from kdd_jax.cli import main
+
+    student = str(json.loads(json.dumps(zoo["student"].report["source"]["weights"])))
+    for content, message in [({"teachers": []}, "empty"), ({"teachers": [{"name": "x", "path": "/nonexistent"}]}, "does not exist"),
+                             ({"teachers": [{"name": "x", "path": "a", "colour": 1}]}, "unknown field")]:
+        f = tmp_path / "t.json"
+        f.write_text(json.dumps(content))
+        assert main(["detect", "--student", student.rsplit("/", 1)[0], "--teachers", str(f), "-q", "--cache", str(tmp_path)]) == 1
+        assert message in capsys.readouterr().err

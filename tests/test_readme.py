@@ -29,10 +29,14 @@ def test_readme_main_command_parses():
     build_parser().parse_args(main_cmd[1:])
 
 
-def test_cli_reference_documents_every_convert_option():
+def test_cli_reference_documents_every_option_of_every_command():
     parser = build_parser()
-    sub = next(a for a in parser._actions if a.dest == "command").choices["convert"]
-    for action in sub._actions:
-        for opt in action.option_strings:
-            if opt.startswith("--") and opt != "--help":
-                assert re.search(rf"`{re.escape(opt)}", README), f"{opt} missing from README CLI reference"
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    for name, sub in commands.items():
+        section = README.split(f"### `kdd {name}", 1)
+        assert len(section) == 2, f"README has no section for kdd {name}"
+        text = section[1].split("\n### ", 1)[0].split("\n## ", 1)[0]
+        for action in sub._actions:
+            for opt in action.option_strings:
+                if opt.startswith("--") and opt != "--help":
+                    assert re.search(rf"`{re.escape(opt)}", text), f"kdd {name} {opt} missing from README"
