@@ -142,6 +142,45 @@ def cmd_detect(args) -> int:
     return EXIT_OK
 
 
+def cmd_serve(args) -> int:
+    import os
+
+    from kdd_jax.config import ConfigError
+    from kdd_jax.detect import load_any_student
+    from kdd_jax.teachers.local import flax_teacher
+    from kdd_jax.teachers.server import make_server
+
+    token = None
+    if args.token_env:
+        token = os.environ.get(args.token_env)
+        if not token:
+            _eprint(f"kdd serve: environment variable {args.token_env} (--token-env) is not set or empty")
+            return EXIT_USAGE
+    if args.k < 1 or args.max_request_mb <= 0:
+        _eprint("kdd serve: --k must be >= 1 and --max-request-mb > 0")
+        return EXIT_USAGE
+    name = args.name or Path(args.model_dir).resolve().name
+    try:
+        model, config = load_any_student(args.model_dir, what="model")
+        teacher = flax_teacher(name, model, config, output=args.output, k=args.k)
+        server = make_server(teacher, name=name, host=args.host, port=args.port, token=token,
+                             max_request_bytes=int(args.max_request_mb * 2**20), verbose=not args.quiet)
+    except (ConfigError, ValueError, OSError) as e:
+        _eprint(f"kdd serve: {e}")
+        return EXIT_ERROR
+    if args.host not in ("127.0.0.1", "localhost", "::1") and token is None:
+        _eprint(f"warning: serving on {args.host} without a token: anyone who can reach it can query the model")
+    _eprint(f"serving {name!r} ({config.family}, {args.output}) at {server.url}/v2/models/{name} "
+            f"(auth: {'bearer token' if token else 'none'}); Ctrl-C stops")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        _eprint("stopped")
+    finally:
+        server.server_close()
+    return EXIT_OK
+
+
 def _verdict_table(result) -> str:
     v = result.verdict
     lines = [f"{'teacher':<24} {'score':>10} {'95% interval':>24} {'queries':>8} {'cached':>7}"]
@@ -206,6 +245,26 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true", help="print the full result as JSON on stdout")
     d.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     d.set_defaults(func=cmd_detect)
+
+    sv = sub.add_parser(
+        "serve",
+        help="serve a model over the Open Inference Protocol (KServe v2)",
+        description="Serve a converted model (or student-format directory) as an Open Inference Protocol v2 "
+        "model: GET /v2/health/ready, GET /v2/models/NAME, POST /v2/models/NAME/infer. Inputs are FP32 "
+        "[n, C, H, W] raw pixels in the model's value range.",
+    )
+    sv.add_argument("model_dir", metavar="MODEL_DIR", help="kdd convert output or model.safetensors + config.json directory")
+    sv.add_argument("--port", type=int, required=True, help="TCP port (0: any free port)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
+    sv.add_argument("--output", default="logits", choices=["logits", "probs", "topk", "labels"],
+                    help="what the API answers (default logits)")
+    sv.add_argument("--k", type=int, default=5, help="k for --output topk (default 5)")
+    sv.add_argument("--name", help="model name in URLs (default: the directory name)")
+    sv.add_argument("--token-env", help="require 'Authorization: Bearer <token>' with the token read from this "
+                    "environment variable")
+    sv.add_argument("--max-request-mb", type=float, default=64, help="largest request body accepted (default 64 MiB)")
+    sv.add_argument("-q", "--quiet", action="store_true", help="no request log on stderr")
+    sv.set_defaults(func=cmd_serve)
     return parser
 
 

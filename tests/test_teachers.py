@@ -92,7 +92,7 @@ def test_budget_aborts_before_sending_anything(tmp_path):
 
 
 class BadTeacher:
-    name, output, num_classes = "bad", "probs", 3
+    name, output, num_classes, spec = "bad", "probs", 3, SPEC
 
     def __init__(self, answer):
         self.answer = answer

@@ -3,6 +3,7 @@ teachers, and the persistent response cache every query goes through."""
 
 from kdd_jax.teachers.base import OUTPUT_KINDS, Teacher, TeacherError, TeacherOutput, validate_output
 from kdd_jax.teachers.cache import CacheStats, CachedTeacher, QueryBudgetExceeded, ResponseCache, probe_key
+from kdd_jax.teachers.http import HttpTeacher
 from kdd_jax.teachers.local import CallableTeacher, InputSpec, flax_teacher, logits_to_output
 
 __all__ = [
@@ -10,6 +11,7 @@ __all__ = [
     "CacheStats",
     "CachedTeacher",
     "CallableTeacher",
+    "HttpTeacher",
     "InputSpec",
     "QueryBudgetExceeded",
     "ResponseCache",

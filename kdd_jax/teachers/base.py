@@ -84,6 +84,7 @@ class Teacher(Protocol):
     name: str
     output: str  # one of OUTPUT_KINDS
     num_classes: int
+    spec: object  # kdd_jax.teachers.InputSpec: the raw input size, channels and value range it takes
 
     def query(self, inputs: np.ndarray) -> TeacherOutput:
         """Answer a batch of inputs given in the teacher's own input space (NCHW float32)."""

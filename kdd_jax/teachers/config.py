@@ -7,7 +7,16 @@
 
 `kind: local` loads a model converted by `kdd convert` (or a student-format directory, converted
 on the fly) and serves it in-process as a black box. Its input spec is the model's preprocessing
-(raw pixels at its input size, channels and value range). Teacher names identify answers in the
+(raw pixels at its input size, channels and value range). `kind: http` queries a model served
+with the Open Inference Protocol v2 (`kdd serve`, Triton, KServe, MLServer); its input spec is
+given in the entry, and a bearer token, if any, is read from the variable named by token_env:
+
+    {"name": "remote-c", "kind": "http", "url": "http://127.0.0.1:8000", "model": "c",
+     "output": "probs", "input_size": [32, 32], "channels": 3, "value_range": [0, 1],
+     "num_classes": 10, "timeout_s": 30, "max_retries": 4, "batch_size": 64, "concurrency": 4,
+     "token_env": "TEACHER_C_TOKEN"}
+
+Teacher names identify answers in the
 response cache, so they must be unique and stable.
 """
 
@@ -24,16 +33,40 @@ from kdd_jax.config import ConfigError, parse_dataclass
 @dataclasses.dataclass(frozen=True)
 class TeacherEntry:
     name: str
-    path: str
-    kind: Literal["local"] = "local"
+    path: str = ""  # kind local: the model directory
+    kind: Literal["local", "http"] = "local"
     output: Literal["logits", "probs", "topk", "labels"] = "probs"
     k: int = 5
+    # kind http (Open Inference Protocol v2, see kdd_jax/teachers/http.py)
+    url: str = ""
+    model: str = ""  # model name on the server; default: name
+    input_size: tuple[int, int] | None = None
+    channels: int | None = None
+    value_range: tuple[float, float] = (0.0, 1.0)
+    num_classes: int | None = None
+    timeout_s: float = 30.0
+    max_retries: int = 4
+    batch_size: int = 64
+    concurrency: int = 4
+    token_env: str | None = None  # name of the environment variable holding a bearer token
 
     def __post_init__(self):
         if not self.name or any(c in self.name for c in "\0/\\"):
             raise ConfigError(f"name {self.name!r} must be non-empty without slashes or NUL")
         if self.k < 1:
             raise ConfigError("k must be >= 1")
+        if self.kind == "local" and not self.path:
+            raise ConfigError("path: required for kind 'local'")
+        if self.kind == "http":
+            missing = [f for f in ("url", "input_size", "channels", "num_classes") if getattr(self, f) in (None, "")]
+            if missing:
+                raise ConfigError(f"kind 'http' needs {missing}")
+            if not self.url.startswith(("http://", "https://")):
+                raise ConfigError(f"url {self.url!r} must start with http:// or https://")
+            if min(*self.input_size, self.channels, self.num_classes, self.batch_size, self.concurrency) < 1:
+                raise ConfigError("input_size, channels, num_classes, batch_size and concurrency must be >= 1")
+            if self.max_retries < 0 or self.timeout_s <= 0 or not self.value_range[0] < self.value_range[1]:
+                raise ConfigError("need max_retries >= 0, timeout_s > 0 and value_range [lo, hi] with lo < hi")
 
 
 def load_teachers_file(path: str | Path) -> list[TeacherEntry]:
@@ -62,13 +95,17 @@ def load_teachers_file(path: str | Path) -> list[TeacherEntry]:
         raise ConfigError(f"{path}: duplicate teacher names {dupes} (names key the response cache)")
     for i, e in enumerate(entries):
         p = Path(e.path)
-        if not p.is_absolute():  # relative to the teachers file, so a file travels with its zoo
+        if e.kind == "local" and not p.is_absolute():  # relative to the teachers file, so a file travels with its zoo
             entries[i] = dataclasses.replace(e, path=str((path.parent / p)))
     return entries
 
 
 def open_teacher(entry: TeacherEntry):
     """A black-box teacher object for one entry."""
+    if entry.kind == "http":
+        from kdd_jax.teachers.http import http_teacher_from_entry
+
+        return http_teacher_from_entry(entry)
     from kdd_jax.detect import load_any_student
     from kdd_jax.teachers.local import flax_teacher
 

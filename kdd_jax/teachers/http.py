@@ -1,0 +1,245 @@
+"""A teacher served over HTTP with the Open Inference Protocol (KServe v2; Triton, MLServer,
+`kdd serve`), queried with the standard library only.
+
+    POST {url}/v2/models/{model}/infer
+    {"inputs": [{"name": "input", "shape": [n, C, H, W], "datatype": "FP32", "data": [...]}]}
+
+Outputs are read by name, per kind: logits/probs -> one FP32 tensor [n, C] (named after the
+kind, or the only output); topk -> "topk_indices" (INT32/INT64 [n, k]) and "topk_probs"
+(FP32 [n, k]); labels -> "labels" (INT32/INT64 [n]).
+
+Batches of `batch_size` are sent with at most `concurrency` requests in flight. Each request
+has a timeout; 429, 5xx, timeouts and connection errors are retried up to `max_retries` times
+with exponential backoff and jitter, honouring Retry-After (seconds). Answers that are not JSON,
+have the wrong shape, batch size or datatype, or are non-finite raise TeacherError (not retried:
+a server that answers wrongly once will again). Every answer goes through validate_output, so a
+CachedTeacher in front never stores a wrong one.
+
+An optional bearer token is read from the environment variable named by `token_env` at each
+request; it is never stored on the object, logged, or put into an error message.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import random
+import socket
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from kdd_jax.teachers.base import OUTPUT_KINDS, TeacherError, TeacherOutput, validate_output
+from kdd_jax.teachers.local import InputSpec
+
+FLOAT_TYPES = {"FP16": np.float16, "FP32": np.float32, "FP64": np.float64}
+INT_TYPES = {"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"}
+RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+MAX_RETRY_AFTER_S = 300.0
+
+
+class _Retryable(Exception):
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        s = float(value.strip())
+    except ValueError:
+        return None  # HTTP-date form: fall back to our own backoff
+    return min(max(s, 0.0), MAX_RETRY_AFTER_S) if np.isfinite(s) else None
+
+
+class HttpTeacher:
+    """A black-box teacher behind an Open Inference Protocol v2 REST endpoint."""
+
+    def __init__(self, name: str, url: str, *, num_classes: int, spec: InputSpec, model: str | None = None,
+                 output: str = "probs", k: int = 5, timeout_s: float = 30.0, max_retries: int = 4,
+                 batch_size: int = 64, concurrency: int = 4, token_env: str | None = None,
+                 backoff_s: float = 0.5, max_backoff_s: float = 30.0, input_name: str = "input"):
+        if output not in OUTPUT_KINDS:
+            raise ValueError(f"teacher {name!r}: unknown output kind {output!r}; expected one of {OUTPUT_KINDS}")
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ValueError(f"teacher {name!r}: url must be http(s)://host[:port][/prefix], got {url!r}")
+        if parsed.username or parsed.password:
+            raise ValueError(f"teacher {name!r}: put credentials in token_env, not in the url")
+        for what, v in (("batch_size", batch_size), ("concurrency", concurrency), ("k", k), ("num_classes", num_classes)):
+            if v < 1:
+                raise ValueError(f"teacher {name!r}: {what} must be >= 1")
+        if max_retries < 0 or timeout_s <= 0:
+            raise ValueError(f"teacher {name!r}: max_retries must be >= 0 and timeout_s > 0")
+        self.name, self.output, self.k, self.num_classes, self.spec = name, output, k, num_classes, spec
+        self.url = url.rstrip("/")
+        self.model = model or name
+        self.timeout_s, self.max_retries = float(timeout_s), int(max_retries)
+        self.batch_size, self.concurrency = int(batch_size), int(concurrency)
+        self.token_env = token_env
+        self.backoff_s, self.max_backoff_s = float(backoff_s), float(max_backoff_s)
+        self.input_name = input_name
+        self.requests = 0  # HTTP requests sent, retries included
+        self.retries = 0
+
+    def __repr__(self) -> str:
+        return f"HttpTeacher(name={self.name!r}, url={self.url!r}, model={self.model!r}, output={self.output!r})"
+
+    @property
+    def infer_url(self) -> str:
+        return f"{self.url}/v2/models/{urllib.parse.quote(self.model, safe='')}/infer"
+
+    # -- the Teacher protocol ---------------------------------------------------------------
+    def query(self, inputs: np.ndarray) -> TeacherOutput:
+        inputs = np.asarray(inputs, np.float32)
+        self.spec.check(inputs, self.name)
+        if not np.isfinite(inputs).all():
+            raise TeacherError(f"teacher {self.name!r}: non-finite inputs")
+        batches = [inputs[i : i + self.batch_size] for i in range(0, len(inputs), self.batch_size)]
+        if not batches:
+            return validate_output(self._empty(), 0, self.num_classes, self.name)
+        if len(batches) == 1 or self.concurrency == 1:
+            parts = [self._query_batch(b) for b in batches]
+        else:
+            pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(batches)), thread_name_prefix=f"teacher-{self.name}")
+            try:
+                futures = [pool.submit(self._query_batch, b) for b in batches]
+                parts = [f.result() for f in futures]
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+        return TeacherOutput.concat(parts)
+
+    def _empty(self) -> TeacherOutput:
+        c = self.num_classes
+        kk = min(self.k, c)
+        return {"logits": TeacherOutput("logits", values=np.zeros((0, c), np.float32)),
+                "probs": TeacherOutput("probs", values=np.zeros((0, c), np.float32)),
+                "topk": TeacherOutput("topk", values=np.zeros((0, kk), np.float32), indices=np.zeros((0, kk), np.int32)),
+                "labels": TeacherOutput("labels", indices=np.zeros((0,), np.int32))}[self.output]
+
+    # -- one batch: request, retries, parsing ----------------------------------------------
+    def _fail(self, message: str) -> TeacherError:
+        return TeacherError(self._scrub(f"teacher {self.name!r}: {message}"))
+
+    def _scrub(self, text: str) -> str:
+        token = self._token(required=False)
+        return text.replace(token, "[redacted]") if token else text
+
+    def _token(self, required: bool = True) -> str | None:
+        if not self.token_env:
+            return None
+        token = os.environ.get(self.token_env)
+        if not token and required:
+            raise TeacherError(f"teacher {self.name!r}: environment variable {self.token_env} (token_env) is not set")
+        return token or None
+
+    def _query_batch(self, x: np.ndarray) -> TeacherOutput:
+        body = json.dumps({"inputs": [{"name": self.input_name, "shape": list(x.shape), "datatype": "FP32",
+                                       "data": x.ravel().tolist()}]}).encode()
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        token = self._token()
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        last = "no attempt made"
+        for attempt in range(self.max_retries + 1):
+            try:
+                raw = self._post(body, headers)
+                break
+            except _Retryable as e:
+                last = str(e)
+                if attempt == self.max_retries:
+                    raise self._fail(f"gave up after {attempt + 1} attempt(s) to {self.infer_url}; last error: {last}") from None
+                self.retries += 1
+                delay = min(self.max_backoff_s, self.backoff_s * 2**attempt) * (0.5 + random.random() / 2)
+                if e.retry_after is not None:
+                    delay = max(delay, e.retry_after)
+                time.sleep(delay)
+        return validate_output(self._parse(raw, len(x)), len(x), self.num_classes, self.name)
+
+    def _post(self, body: bytes, headers: dict) -> bytes:
+        self.requests += 1
+        req = urllib.request.Request(self.infer_url, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                return resp.read()
+        except urllib.error.HTTPError as e:
+            try:
+                detail = e.read(500).decode("utf-8", "replace").strip()
+            except Exception:  # noqa: BLE001 - the status is what matters
+                detail = ""
+            msg = f"HTTP {e.code} {e.reason}" + (f": {detail[:300]}" if detail else "")
+            if e.code in RETRY_STATUS:
+                raise _Retryable(msg, _retry_after(e.headers.get("Retry-After")) if e.headers else None) from None
+            raise self._fail(f"{self.infer_url} answered {msg}") from None
+        except (TimeoutError, socket.timeout) as e:
+            raise _Retryable(f"timed out after {self.timeout_s:g}s ({e})") from None
+        except urllib.error.URLError as e:
+            reason = e.reason
+            if isinstance(reason, (TimeoutError, socket.timeout)):
+                raise _Retryable(f"timed out after {self.timeout_s:g}s") from None
+            raise _Retryable(f"connection error: {reason}") from None
+        except (http.client.HTTPException, ConnectionError, OSError) as e:  # dropped / truncated transfers
+            raise _Retryable(f"connection error: {type(e).__name__}: {e}") from None
+
+    def _parse(self, raw: bytes, n: int) -> TeacherOutput:
+        try:
+            doc = json.loads(raw)
+        except (ValueError, RecursionError) as e:
+            raise self._fail(f"answer is not valid JSON ({e})") from None
+        outputs = doc.get("outputs") if isinstance(doc, dict) else None
+        if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
+            raise self._fail('answer has no "outputs" list')
+        by_name = {o.get("name"): o for o in outputs}
+        if self.output in ("logits", "probs"):
+            o = by_name.get(self.output) or (outputs[0] if len(outputs) == 1 else None)
+            if o is None:
+                raise self._fail(f"no output named {self.output!r} among {sorted(map(str, by_name))}")
+            return TeacherOutput(self.output, values=self._tensor(o, (n, self.num_classes), float))
+        if self.output == "topk":
+            kk = min(self.k, self.num_classes)
+            idx, vals = (self._need(by_name, "topk_indices"), self._need(by_name, "topk_probs"))
+            return TeacherOutput("topk", values=self._tensor(vals, (n, kk), float), indices=self._tensor(idx, (n, kk), int))
+        return TeacherOutput("labels", indices=self._tensor(self._need(by_name, "labels"), (n,), int))
+
+    def _need(self, by_name: dict, name: str) -> dict:
+        if name not in by_name:
+            raise self._fail(f"no output named {name!r} among {sorted(map(str, by_name))}")
+        return by_name[name]
+
+    def _tensor(self, o: dict, want: tuple, kind: type) -> np.ndarray:
+        name, dt, shape, data = o.get("name"), o.get("datatype"), o.get("shape"), o.get("data")
+        if kind is float and dt not in FLOAT_TYPES:
+            raise self._fail(f"output {name!r} has datatype {dt!r}, expected FP32")
+        if kind is int and dt not in INT_TYPES:
+            raise self._fail(f"output {name!r} has datatype {dt!r}, expected INT32 or INT64")
+        if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+            raise self._fail(f"output {name!r} has no valid shape ({shape!r})")
+        if tuple(shape) != want:
+            raise self._fail(f"output {name!r} of shape {shape}, expected {list(want)}")
+        try:
+            arr = np.asarray(data, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise self._fail(f"output {name!r}: data is not a list of numbers") from None
+        if arr.size != int(np.prod(want)):
+            raise self._fail(f"output {name!r}: {arr.size} values for shape {list(want)}")
+        arr = arr.reshape(want)
+        if kind is int:
+            if not np.isfinite(arr).all() or (arr != np.round(arr)).any():
+                raise self._fail(f"output {name!r}: {dt} data holds non-integers")
+            return arr.astype(np.int64)
+        return arr.astype(np.float32) if np.isfinite(arr).all() else arr  # validate_output reports non-finite
+
+
+def http_teacher_from_entry(entry) -> HttpTeacher:
+    """An HttpTeacher for a `kind: "http"` teachers-file entry."""
+    spec = InputSpec(tuple(entry.input_size), entry.channels, tuple(entry.value_range))
+    return HttpTeacher(entry.name, entry.url, model=entry.model or entry.name, num_classes=entry.num_classes, spec=spec,
+                       output=entry.output, k=entry.k, timeout_s=entry.timeout_s, max_retries=entry.max_retries,
+                       batch_size=entry.batch_size, concurrency=entry.concurrency, token_env=entry.token_env)

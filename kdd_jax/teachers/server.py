@@ -1,0 +1,281 @@
+"""`kdd serve`: a converted model as an Open Inference Protocol (KServe v2) model, standard
+library only (http.server.ThreadingHTTPServer).
+
+    GET  /v2/health/ready | /v2/health/live     -> 200 {"ready": true} / {"live": true}
+    GET  /v2                                    -> server metadata
+    GET  /v2/models/{name}  (and /ready)        -> model metadata: inputs, outputs, parameters
+    POST /v2/models/{name}/infer                -> {"outputs": [...]}
+
+The request carries one FP32 input of shape [n, C, H, W] (raw pixels in the model's value range;
+normalisation happens inside, as for any served model), JSON data flat or nested. Outputs by
+kind: logits/probs -> one FP32 output named after the kind, [n, C]; topk -> "topk_indices" INT32
+[n, k] and "topk_probs" FP32 [n, k]; labels -> "labels" INT32 [n]. Binds 127.0.0.1 unless told
+otherwise. With a token every request but the health checks needs `Authorization: Bearer <token>`
+(else 401). Bodies
+over the limit get 413; malformed JSON, wrong shape or datatype, non-finite data get 400 with a
+JSON {"error": ...}; unknown models and paths 404.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import re
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+
+from kdd_jax.teachers.base import TeacherError
+
+MAX_BATCH = 4096
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class OipServer(ThreadingHTTPServer):
+    """One teacher (anything with name/output/num_classes/spec/k and query) served over OIP v2."""
+
+    daemon_threads = True
+
+    def __init__(self, address, teacher, *, name: str, token: str | None = None,
+                 max_request_bytes: int = 64 * 2**20, verbose: bool = False):
+        self.teacher, self.model_name, self.verbose = teacher, name, verbose
+        self._token = token.encode() if token else None
+        self.max_request_bytes = int(max_request_bytes)
+        self.lock = threading.Lock()  # one forward pass at a time
+        self.stats = {"requests": 0, "infer_requests": 0, "rows": 0, "errors": 0}
+        self._stats_lock = threading.Lock()
+        super().__init__(address, _Handler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+    def count(self, key: str, n: int = 1) -> None:
+        with self._stats_lock:
+            self.stats[key] += n
+
+    def authorised(self, header: str | None) -> bool:
+        if self._token is None:
+            return True
+        if not header or not header.startswith("Bearer "):
+            return False
+        return hmac.compare_digest(header[len("Bearer "):].strip().encode(), self._token)
+
+    def metadata(self) -> dict:
+        t = self.teacher
+        c, (h, w) = t.spec.channels, t.spec.input_size
+        k = min(getattr(t, "k", 5), t.num_classes)
+        outputs = {
+            "logits": [{"name": "logits", "datatype": "FP32", "shape": [-1, t.num_classes]}],
+            "probs": [{"name": "probs", "datatype": "FP32", "shape": [-1, t.num_classes]}],
+            "topk": [{"name": "topk_indices", "datatype": "INT32", "shape": [-1, k]},
+                     {"name": "topk_probs", "datatype": "FP32", "shape": [-1, k]}],
+            "labels": [{"name": "labels", "datatype": "INT32", "shape": [-1]}],
+        }[t.output]
+        return {"name": self.model_name, "versions": ["1"], "platform": "kdd-jax",
+                "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, c, h, w]}], "outputs": outputs,
+                "parameters": {"output_kind": t.output, "k": k, "num_classes": t.num_classes,
+                               "value_range": list(t.spec.value_range), "layout": "NCHW", "max_batch_size": MAX_BATCH}}
+
+    def infer(self, doc) -> dict:
+        t = self.teacher
+        if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or len(doc["inputs"]) != 1:
+            raise _BadRequest(400, 'expected {"inputs": [one tensor]}')
+        inp = doc["inputs"][0]
+        if not isinstance(inp, dict):
+            raise _BadRequest(400, "input tensor must be an object")
+        if inp.get("datatype") != "FP32":
+            raise _BadRequest(400, f"input datatype {inp.get('datatype')!r}, expected 'FP32'")
+        shape = inp.get("shape")
+        want = [t.spec.channels, *t.spec.input_size]
+        if (not isinstance(shape, list) or len(shape) != 4
+                or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape)
+                or shape[1:] != want or not 1 <= shape[0] <= MAX_BATCH):
+            raise _BadRequest(400, f"input shape {shape!r}, expected [n, {', '.join(map(str, want))}] with 1 <= n <= {MAX_BATCH}")
+        if "data" not in inp:
+            raise _BadRequest(400, "input has no JSON data (binary tensor data is not supported)")
+        data = inp["data"]
+        if not isinstance(data, list):
+            raise _BadRequest(400, "input data must be a list of numbers")
+        flat = data
+        while flat and isinstance(flat[0], list):  # nested (row-major) data is allowed
+            flat = [v for row in flat for v in (row if isinstance(row, list) else [row])]
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in flat):
+            raise _BadRequest(400, "input data must hold only numbers")
+        x = np.asarray(flat, np.float64)
+        if x.size != int(np.prod(shape)):
+            raise _BadRequest(400, f"{x.size} values for shape {shape}")
+        if not np.isfinite(x).all() or (np.abs(x) > np.finfo(np.float32).max).any():
+            raise _BadRequest(400, "input data holds non-finite values")
+        x = x.astype(np.float32).reshape(shape)
+        with self.lock:
+            try:
+                out = t.query(x)
+            except TeacherError as e:
+                raise _BadRequest(400, str(e)) from None
+        requested = doc.get("outputs")
+        names = None
+        if isinstance(requested, list) and requested:
+            names = {o.get("name") for o in requested if isinstance(o, dict)}
+        n = shape[0]
+        tensors = []
+        if t.output in ("logits", "probs"):
+            tensors.append({"name": t.output, "datatype": "FP32", "shape": [n, t.num_classes], "data": out.values.ravel().tolist()})
+        elif t.output == "topk":
+            k = out.indices.shape[1]
+            tensors.append({"name": "topk_indices", "datatype": "INT32", "shape": [n, k], "data": out.indices.ravel().tolist()})
+            tensors.append({"name": "topk_probs", "datatype": "FP32", "shape": [n, k], "data": out.values.ravel().tolist()})
+        else:
+            tensors.append({"name": "labels", "datatype": "INT32", "shape": [n], "data": out.indices.tolist()})
+        if names is not None:
+            unknown = names - {o["name"] for o in tensors}
+            if unknown:
+                raise _BadRequest(400, f"unknown output(s) {sorted(map(str, unknown))}")
+            tensors = [o for o in tensors if o["name"] in names]
+        self.count("rows", n)
+        answer = {"model_name": self.model_name, "model_version": "1", "outputs": tensors}
+        if isinstance(doc.get("id"), str):
+            answer["id"] = doc["id"]
+        return answer
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: OipServer
+    protocol_version = "HTTP/1.1"
+    server_version = "kdd-serve"
+
+    def log_message(self, format, *args):  # noqa: A002 - never logs headers, so never the token
+        if self.server.verbose:
+            super().log_message(format, *args)
+
+    def _send(self, status: int, doc: dict | None = None, extra: dict | None = None, close: bool = False) -> None:
+        body = b"" if doc is None else json.dumps(doc).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (extra or {}).items():
+            self.send_header(k, v)
+        if close:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _error(self, status: int, message: str, **kw) -> None:
+        self.server.count("errors")
+        self._send(status, {"error": message}, **kw)
+
+    def _route(self) -> tuple[str, str | None]:
+        path = self.path.split("?", 1)[0].rstrip("/")
+        m = re.fullmatch(r"/v2/models/([^/]+)(?:/versions/[^/]+)?(/ready|/infer)?", path)
+        if m:
+            from urllib.parse import unquote
+
+            return (m.group(2) or "/meta").lstrip("/"), unquote(m.group(1))
+        return path, None
+
+    def _check(self) -> bool:
+        self.server.count("requests")
+        if not self.server.authorised(self.headers.get("Authorization")):
+            self._drain_small()
+            self._error(401, "missing or wrong bearer token", extra={"WWW-Authenticate": "Bearer"})
+            return False
+        return True
+
+    def _drain_small(self) -> None:
+        # read a small body so the connection can be reused; anything big: close instead
+        try:
+            n = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            n = -1
+        if 0 < n <= 1 << 16:
+            self.rfile.read(n)
+        elif n != 0:
+            self.close_connection = True
+
+    def do_GET(self):  # noqa: N802
+        what, model = self._route()
+        if model is None and what in ("/v2/health/ready", "/v2/health/live"):  # open, for orchestrator probes
+            self.server.count("requests")
+            return self._send(200, {what.rsplit("/", 1)[1]: True})
+        if not self._check():
+            return
+        if model is None:
+            if what == "/v2":
+                from kdd_jax import __version__
+
+                return self._send(200, {"name": "kdd-jax", "version": __version__, "extensions": []})
+            return self._error(404, f"no such path {self.path!r}")
+        if model != self.server.model_name:
+            return self._error(404, f"unknown model {model!r}")
+        if what == "ready":
+            return self._send(200, {"name": model, "ready": True})
+        if what == "meta":
+            return self._send(200, self.server.metadata())
+        return self._error(405, "use POST for infer", extra={"Allow": "POST"})
+
+    def do_POST(self):  # noqa: N802
+        if not self._check():
+            return
+        what, model = self._route()
+        if model is None or what != "infer":
+            self._drain_small()
+            return self._error(404, f"no such path {self.path!r}")
+        if model != self.server.model_name:
+            self._drain_small()
+            return self._error(404, f"unknown model {model!r}")
+        if self.headers.get("Transfer-Encoding"):
+            return self._error(411, "send a Content-Length, not a chunked body", close=True)
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+            if length < 0:
+                raise ValueError
+        except ValueError:
+            return self._error(411, "Content-Length required", close=True)
+        if length > self.server.max_request_bytes:
+            return self._error(413, f"request body of {length} bytes exceeds the limit of "
+                                    f"{self.server.max_request_bytes} bytes", close=True)
+        self.server.count("infer_requests")
+        body = self.rfile.read(length)
+        if len(body) != length:
+            return self._error(400, "truncated request body", close=True)
+        try:
+            doc = json.loads(body)
+        except (ValueError, RecursionError) as e:
+            return self._error(400, f"malformed JSON: {e}")
+        try:
+            answer = self.server.infer(doc)
+        except _BadRequest as e:
+            return self._error(e.status, str(e))
+        except Exception as e:  # noqa: BLE001 - a server answers, it does not die
+            return self._error(500, f"inference failed: {type(e).__name__}: {e}")
+        self._send(200, answer)
+
+
+def make_server(teacher, *, name: str | None = None, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
+                max_request_bytes: int = 64 * 2**20, verbose: bool = False) -> OipServer:
+    """An OipServer for a teacher object (e.g. flax_teacher(...)), bound but not yet serving."""
+    return OipServer((host, port), teacher, name=name or teacher.name, token=token,
+                     max_request_bytes=max_request_bytes, verbose=verbose)
+
+
+def serve_in_thread(model, config, *, name: str = "model", output: str = "logits", k: int = 5, host: str = "127.0.0.1",
+                    port: int = 0, token: str | None = None, max_request_bytes: int = 64 * 2**20,
+                    teacher=None) -> tuple[OipServer, str]:
+    """Serve a Flax model (or `teacher`, if given) in a daemon thread; returns (server, base url).
+    Stop with `server.shutdown(); server.server_close()`."""
+    if teacher is None:
+        from kdd_jax.teachers.local import flax_teacher
+
+        teacher = flax_teacher(name, model, config, output=output, k=k)
+    server = make_server(teacher, name=name, host=host, port=port, token=token, max_request_bytes=max_request_bytes)
+    threading.Thread(target=server.serve_forever, name=f"kdd-serve-{name}", daemon=True).start()
+    return server, server.url
