@@ -31,6 +31,8 @@ class SynthesisConfig:
     l2_weight: float = 1e-4
     mix_labels: bool = True
     batch_size: int = 64  # generator training batch
+    z_dim: int = 100  # generator: noise dimension
+    generator_width: int = 64  # generator: channels of the last hidden conv (the first two have 2x)
     seed: int = 0
     # On XLA:CPU, conv gradients inside lax.scan run 5-9x slower than a Python loop around a
     # jitted step (platform notes); GPU/TPU users may prefer "scan".
