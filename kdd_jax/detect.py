@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from kdd_jax.scores import SCORES, log_probs_from
+from kdd_jax.scores.pairs import score_pairs
 from kdd_jax.synthesis import ProbeSet, SynthesisConfig, synthesize
 from kdd_jax.synthesis.mapping import map_probes
 from kdd_jax.teachers.base import TeacherError, TeacherOutput
@@ -101,7 +102,8 @@ def detect(model: nnx.Module, config, teachers: list, dc: DetectConfig, progress
     Y = jnp.stack(logps)  # [K, N, C]
     if kind == "pointwise":
         opts = {"direction": dc.direction} if dc.score in ("inverse_kl", "neg_kl") else {}
-        per_probe = jax.vmap(lambda y: fn(s_logits, y, **opts))(Y)  # [K, N]
+        # (student, teacher) pairs split across every device; [K, N]
+        per_probe = score_pairs(dc.score, jnp.broadcast_to(s_logits, Y.shape[:2] + s_logits.shape[-1:]), Y, **opts)
         score_fn = pointwise_score_fn(per_probe)
     else:
         X = jax.nn.log_softmax(s_logits, -1)
