@@ -76,3 +76,30 @@ def test_bundled_examples_convert(tmp_path):
     assert code == 0
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [
         "densenet-bc-noconfig", "mobilenetv2-cifar", "resnet20-cifar", "vgg8-fashion-bf16"]
+
+
+def test_detect_budget_and_batchnorm_errors_are_clear_and_lose_nothing(make_student, tmp_path, capsys):
+    from kdd_jax.teachers import ResponseCache
+
+    teacher = make_student("resnet20", seed=1, dirname="t")
+    student = make_student("resnet20", seed=2, dirname="s")
+    no_bn = make_student("vgg_plain_nested", seed=3, dirname="nobn")
+    tfile = tmp_path / "teachers.json"
+    tfile.write_text(json.dumps({"teachers": [{"name": "t", "path": str(teacher)}]}))
+    base = ["detect", "--teachers", str(tfile), "--probes", "6", "--steps", "2", "--cache", str(tmp_path / "c"), "-q"]
+    cache = tmp_path / "c" / "responses.sqlite"
+
+    assert main(base + ["--student", str(student), "--budget", "5"]) == 1  # 6 probes > budget 5
+    err = capsys.readouterr().err
+    assert "'t'" in err and "budget 5" in err
+    assert ResponseCache(cache).count() == 0  # aborted before sending anything
+
+    assert main(base + ["--student", str(student), "--budget", "6"]) == 0
+    assert ResponseCache(cache).count() == 6
+    capsys.readouterr()
+    assert main(base + ["--student", str(student), "--budget", "0"]) == 0  # all cached: costs nothing
+
+    assert main(base + ["--student", str(no_bn)]) == 1
+    assert "no BatchNorm" in capsys.readouterr().err
+    assert main(base + ["--student", str(no_bn), "--method", "confidence"]) == 0
+    assert ResponseCache(cache).count() == 12  # earlier answers kept, the new student's added

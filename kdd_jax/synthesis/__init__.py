@@ -5,7 +5,30 @@ from kdd_jax.synthesis.generator import synthesize_generator
 from kdd_jax.synthesis.pixel import synthesize_pixels
 from kdd_jax.synthesis.probes import ProbeSet, SynthesisConfig, SynthesisError
 
-METHODS = {"pixel": synthesize_pixels, "generator": synthesize_generator}
+
+def synthesize_bn_free(model, config, sc, progress=None) -> ProbeSet:
+    return synthesize_pixels(model, config, sc, progress, use_bn=False)
+
+
+def synthesize_noise(model, config, sc, progress=None) -> ProbeSet:
+    """Baseline: raw pixels uniform in the value range (the paper's weakest input construction)."""
+    import numpy as np
+
+    pre = config.preprocessing
+    rng = np.random.default_rng(sc.seed)
+    raw = rng.uniform(*pre.value_range, size=(sc.n_probes, *pre.input_size, pre.channels)).astype(np.float32)
+    x = (raw - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
+    c = config.arch.num_classes
+    return ProbeSet.from_normalised(x, np.full((sc.n_probes, c), 1.0 / c, np.float32), pre, sc, np.zeros(0, np.float32))
+
+
+# name -> (model, StudentConfig, SynthesisConfig, progress) -> ProbeSet
+METHODS = {
+    "pixel": synthesize_pixels,          # BN statistics + mixed-label CE + TV + l2 on probe pixels
+    "generator": synthesize_generator,   # the paper's: a label-conditioned generator trained through the student
+    "confidence": synthesize_bn_free,    # BN-free: mixed-label CE + TV + l2 (students without BatchNorm)
+    "noise": synthesize_noise,           # baseline: uniform noise
+}
 
 
 def synthesize(model, config, sc: SynthesisConfig, progress=None) -> ProbeSet:

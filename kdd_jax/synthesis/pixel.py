@@ -24,8 +24,13 @@ from kdd_jax.synthesis.probes import ProbeSet, SynthesisConfig, normalised_bound
 
 
 def synthesize_pixels(model: nnx.Module, config, sc: SynthesisConfig,
-                      progress: Callable[[int, float], None] | None = None) -> ProbeSet:
-    require_batchnorm(model, sc.method)
+                      progress: Callable[[int, float], None] | None = None, *, use_bn: bool = True) -> ProbeSet:
+    """`use_bn=False` is the BN-free method ("confidence"): the student's confident agreement
+    with mixed-label targets under smoothness and magnitude priors, for students without
+    BatchNorm (LayerNorm nets, plain CNNs). Without the BN prior probes drift further from
+    natural images, so prefer the BN methods whenever the student has BatchNorm."""
+    if use_bn:
+        require_batchnorm(model, sc.method)
     pre = config.preprocessing
     num_classes = config.arch.num_classes
     h, w = pre.input_size
@@ -44,7 +49,8 @@ def synthesize_pixels(model: nnx.Module, config, sc: SynthesisConfig,
 
     def group_loss(xg, tg):
         logits, stats = forward_with_bn_stats(nnx.merge(graphdef, state), xg)
-        return (sc.bn_weight * bn_statistics_loss(stats, running)
+        bn_term = sc.bn_weight * bn_statistics_loss(stats, running) if use_bn else 0.0
+        return (bn_term
                 + sc.ce_weight * soft_cross_entropy(logits, tg)
                 + sc.tv_weight * total_variation(xg)
                 + sc.l2_weight * jnp.mean(xg**2))

@@ -20,7 +20,7 @@ class SynthesisError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class SynthesisConfig:
-    method: Literal["pixel", "generator"] = "pixel"
+    method: Literal["pixel", "generator", "confidence", "noise"] = "pixel"
     n_probes: int = 100
     steps: int = 200
     lr: float | None = None  # method default: pixel 0.05, generator 1e-3
