@@ -109,11 +109,7 @@ def cmd_detect(args) -> int:
         entries = load_teachers_file(args.teachers)
         model, config = load_any_student(args.student)
         cache = ResponseCache(Path(args.cache).expanduser() / "responses.sqlite")
-        budget = args.budget
-        teachers = []
-        for e in entries:
-            t = CachedTeacher(open_teacher(e), cache, budget=budget)
-            teachers.append(t)
+        teachers = [CachedTeacher(open_teacher(e), cache, budget=args.budget) for e in entries]
         sc = SynthesisConfig(method=args.method, n_probes=args.probes, steps=args.steps, seed=args.seed,
                              restarts=args.restarts)
         dc = DetectConfig(synthesis=sc, score=args.score)

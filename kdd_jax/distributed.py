@@ -1,4 +1,4 @@
-"""Every device and mesh decision in one place: the mesh, the sharded map, multi-host start-up.
+"""Every device and mesh decision in one place: the mesh and the sharded map.
 
 Score computation is embarrassingly parallel over (student, teacher) pairs, so work is laid out
 along one mesh axis ("pairs") and run with `jax.jit` over inputs placed with `NamedSharding`:
@@ -8,12 +8,10 @@ XLA partitions the vmapped computation, each device scoring its slice. `jax.pmap
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 AXIS = "pairs"
@@ -56,21 +54,3 @@ def _jitted_vmap(fn):
     if fn not in _CACHE:
         _CACHE[fn] = jax.jit(jax.vmap(fn))
     return _CACHE[fn]
-
-
-def initialize_if_requested(flag: bool = False) -> bool:
-    """Start JAX's multi-host runtime when asked (flag or KDD_DISTRIBUTED=1). Auto-detects TPU
-    pods, Slurm and Open MPI; single-host runs never call it."""
-    if flag or os.environ.get("KDD_DISTRIBUTED") == "1":
-        jax.distributed.initialize()
-        return True
-    return False
-
-
-def is_primary() -> bool:
-    """Only process 0 writes reports."""
-    return jax.process_index() == 0
-
-
-def host_array(x) -> np.ndarray:
-    return np.asarray(jax.device_get(x))
