@@ -97,44 +97,155 @@ def _table(outcomes) -> str:
     return "\n".join(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}" for r in rows)
 
 
-def cmd_detect(args) -> int:
+def _detect_errors() -> tuple:
     from kdd_jax.config import ConfigError
-    from kdd_jax.detect import DetectConfig, detect, load_any_student
-    from kdd_jax.io import atomic_write_json
-    from kdd_jax.synthesis import SynthesisConfig, SynthesisError
-    from kdd_jax.teachers import CachedTeacher, QueryBudgetExceeded, ResponseCache, TeacherError
+    from kdd_jax.synthesis import SynthesisError
+    from kdd_jax.teachers import QueryBudgetExceeded, TeacherError
+
+    return (ConfigError, TeacherError, SynthesisError, QueryBudgetExceeded, ValueError, OSError)
+
+
+def _detect_config(args):
+    from kdd_jax.detect import DetectConfig
+    from kdd_jax.synthesis import SynthesisConfig
+
+    sc = SynthesisConfig(method=args.method, n_probes=args.probes, steps=args.steps, seed=args.seed,
+                         restarts=args.restarts)
+    return DetectConfig(synthesis=sc, score=args.score)
+
+
+def _open_teachers(args):
+    """Cached teachers from --teachers, restricted to --teacher names if given."""
+    from kdd_jax.config import ConfigError
+    from kdd_jax.teachers import CachedTeacher, ResponseCache
     from kdd_jax.teachers.config import load_teachers_file, open_teacher
 
-    try:
-        entries = load_teachers_file(args.teachers)
-        model, config = load_any_student(args.student)
-        cache = ResponseCache(Path(args.cache).expanduser() / "responses.sqlite")
-        teachers = [CachedTeacher(open_teacher(e), cache, budget=args.budget) for e in entries]
-        sc = SynthesisConfig(method=args.method, n_probes=args.probes, steps=args.steps, seed=args.seed,
-                             restarts=args.restarts)
-        dc = DetectConfig(synthesis=sc, score=args.score)
+    entries = load_teachers_file(args.teachers)
+    if args.teacher:
+        known = [e.name for e in entries]
+        unknown = [t for t in args.teacher if t not in known]
+        if unknown:
+            raise ConfigError(f"{args.teachers}: no teacher named {unknown} (--teacher); it has {known}")
+        entries = [e for e in entries if e.name in args.teacher]
+    cache = ResponseCache(Path(args.cache).expanduser() / "responses.sqlite")
+    return [CachedTeacher(open_teacher(e), cache, budget=args.budget) for e in entries]
 
-        def progress(step, loss):
-            if not args.quiet:
-                _eprint(f"  synthesis step {step}/{sc.steps}: loss {loss:.4f}")
 
+def _pool(args, config):
+    from kdd_jax.synthesis import ImagePool
+
+    return None if not args.pool else ImagePool.from_file(args.pool, config)
+
+
+def _synthesis_progress(args, steps):
+    def progress(step, loss):
         if not args.quiet:
-            _eprint(f"student {args.student}: {config.family}, {len(entries)} candidate teachers; "
+            _eprint(f"  synthesis step {step}/{steps}: loss {loss:.4f}")
+
+    return progress
+
+
+def cmd_detect(args) -> int:
+    from kdd_jax.calibration import Calibration
+    from kdd_jax.config import to_json_dict
+    from kdd_jax.detect import detect, load_any_student, save_detection
+
+    calibration = None
+    try:
+        if args.calibration:
+            calibration = Calibration.load(args.calibration)
+        teachers = _open_teachers(args)
+        model, config = load_any_student(args.student)
+        dc = _detect_config(args)
+        sc = dc.synthesis
+        if not args.quiet:
+            _eprint(f"student {args.student}: {config.family}, {len(teachers)} candidate teacher(s); "
                     f"synthesising {sc.n_probes} probes ({sc.method}, {sc.steps} steps, seed {sc.seed})")
-        result = detect(model, config, teachers, dc, progress)
-    except (ConfigError, TeacherError, SynthesisError, QueryBudgetExceeded, ValueError, OSError) as e:
+        pool = _pool(args, config)
+        result = detect(model, config, teachers, dc, _synthesis_progress(args, sc.steps),
+                        calibration=calibration, alpha=args.alpha, pool=pool,
+                        checkpoint_dir=Path(args.out) / "synthesis-checkpoint" if args.out else None)
+    except _detect_errors() as e:
         _eprint(f"kdd detect: {e}")
         if args.json:
             print(json.dumps({"command": "detect", "error": str(e)}, indent=2))
         return EXIT_ERROR
-    report = {"command": "detect", "student": str(args.student), "teachers_file": str(args.teachers), **result.to_dict()}
+    report = {"command": "detect", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "student": str(args.student), "teachers_file": str(args.teachers),
+              "calibration_file": args.calibration, **result.to_dict(), "preprocessing": to_json_dict(config.preprocessing)}
     if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        atomic_write_json(Path(args.out) / "verdict.json", report)
+        written = save_detection(args.out, report, result, calibration)
+        if not args.quiet:
+            _eprint(f"report: {written['report']}")
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         print(_verdict_table(result))
+    return EXIT_OK
+
+
+def cmd_calibrate(args) -> int:
+    from kdd_jax.calibration import Calibration, min_references, settings_of
+    from kdd_jax.detect import detect, find_students, load_student_source
+    from kdd_jax.io import atomic_write_json
+
+    out = Path(args.out)
+    partial = out.with_name(out.name + ".partial")
+    try:
+        teachers = _open_teachers(args)
+        dc = _detect_config(args)
+        settings = settings_of(dc)
+        names = [t.name for t in teachers]
+        refs = find_students(args.references)
+    except _detect_errors() as e:
+        _eprint(f"kdd calibrate: {e}")
+        return EXIT_ERROR
+    done: dict[str, list[float]] = {}
+    if partial.exists():  # resume: keep references already scored with these exact settings and teachers
+        try:
+            prev = json.loads(partial.read_text())
+            if prev.get("settings") == settings and prev.get("teachers") == names:
+                done = {k: v for k, v in prev["scores"].items() if isinstance(v, list) and len(v) == len(names)}
+        except (OSError, ValueError, AttributeError, KeyError):
+            done = {}
+        if done and not args.quiet:
+            _eprint(f"resuming: {len(done)} reference(s) already scored in {partial}")
+    failures = {}
+    started = time.perf_counter()
+    for i, (name, src) in enumerate(refs):
+        if name in done:
+            continue
+        if not args.quiet:
+            elapsed = time.perf_counter() - started
+            _eprint(f"[{i + 1}/{len(refs)}] reference {name} (elapsed {elapsed:.0f}s)")
+        try:
+            model, config = load_student_source(src)
+            result = detect(model, config, teachers, dc, _synthesis_progress(args, dc.synthesis.steps),
+                            pool=_pool(args, config))
+        except _detect_errors() as e:
+            _eprint(f"  FAILED: {e}")
+            failures[name] = str(e)
+            continue
+        done[name] = result.verdict.scores
+        atomic_write_json(partial, {"settings": settings, "teachers": names, "scores": done})
+    if failures:
+        _eprint(f"kdd calibrate: {len(failures)} reference(s) failed: {sorted(failures)}; the {len(done)} scored "
+                f"are kept in {partial}: fix or drop the failing references and re-run (nothing is recomputed)")
+        if args.json:
+            print(json.dumps({"command": "calibrate", "out": None, "scored": sorted(done), "failed": failures}, indent=2))
+        return EXIT_ERROR
+    order = [n for n, _ in refs]
+    cal = Calibration(names, order, [done[n] for n in order], settings)
+    cal.save(out)
+    partial.unlink(missing_ok=True)
+    need = min_references(len(names), 0.05)
+    if not args.quiet:
+        _eprint(f"{len(order)} reference(s) scored against {len(names)} teacher(s) -> {out}")
+        if len(order) < need:
+            _eprint(f"note: with {len(order)} references and {len(names)} candidates no student can be flagged at "
+                    f"level 0.05 (at least {need} references are needed)")
+    if args.json:
+        print(json.dumps({"command": "calibrate", "out": str(out), "references": order, "failed": {}}, indent=2))
     return EXIT_OK
 
 
@@ -187,8 +298,37 @@ def _verdict_table(result) -> str:
     if v.runner_up is not None:
         lines.append(f"winner {v.winner!r} beats {v.runner_up!r} by {v.margin:.4f} (bootstrap p = {v.p_value:.3g}, "
                      f"{v.n_probes} probes, {result.config.score})")
+    n = result.none
+    if n is not None:
+        few = (f"; too few references: {n.min_references} needed to ever flag at this level"
+               if n.n_references < n.min_references else "")
+        lines.append(f"none-of-the-candidates test ({n.n_references} independent references): p = {n.p_none:.3g} "
+                     f"at level {n.alpha}{few}")
+    else:
+        lines.append("not calibrated (--calibration): cannot answer 'none of the candidates'")
+    lines.append(f"answer: {result.answer}")
     lines.append(f"probe set sha256 {result.probes.sha256[:16]}..., seed {result.config.synthesis.seed}")
     return "\n".join(lines)
+
+
+def _add_detection_options(p) -> None:
+    """Options shared by detect and calibrate: a calibration is only valid for the settings it was made with."""
+    from kdd_jax.scores import SCORES
+    from kdd_jax.synthesis import METHODS
+
+    p.add_argument("--teachers", required=True, help="teachers file (.json or .yaml)")
+    p.add_argument("--teacher", action="append", metavar="NAME",
+                   help="use only this teacher from the file (repeatable; one teacher: binary mode)")
+    p.add_argument("--probes", type=int, default=100, help="number of probes N (default 100)")
+    p.add_argument("--steps", type=int, default=200, help="synthesis optimisation steps (default 200)")
+    p.add_argument("--method", default="pixel", choices=sorted(METHODS), help="synthesis method (default pixel)")
+    p.add_argument("--restarts", type=int, default=1, help="independent probe groups optimised in parallel")
+    p.add_argument("--score", default="neg_kl", choices=sorted(SCORES), help="agreement score (default neg_kl)")
+    p.add_argument("--seed", type=int, default=0, help="fixes the probes and the verdict (default 0)")
+    p.add_argument("--cache", default="~/.cache/kdd-jax", help="response cache directory (default ~/.cache/kdd-jax)")
+    p.add_argument("--budget", type=int, default=None, help="most new teacher queries this run may send, per teacher")
+    p.add_argument("--pool", metavar="FILE", help="real images for the methods real/ood/mia (.safetensors/.npz with "
+                   "'images' [N,C,H,W] and optional 'labels', or .npy; uint8 or floats in the student's value range)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,9 +358,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=cmd_convert)
 
-    from kdd_jax.scores import SCORES
-    from kdd_jax.synthesis import METHODS
-
     d = sub.add_parser(
         "detect",
         help="name the most likely teacher of one student",
@@ -228,19 +365,32 @@ def build_parser() -> argparse.ArgumentParser:
         "response cache), score agreement and print the verdict.",
     )
     d.add_argument("--student", required=True, help="student directory (kdd convert output or model.safetensors + config.json)")
-    d.add_argument("--teachers", required=True, help="teachers file (.json or .yaml)")
-    d.add_argument("--probes", type=int, default=100, help="number of probes N (default 100)")
-    d.add_argument("--steps", type=int, default=200, help="synthesis optimisation steps (default 200)")
-    d.add_argument("--method", default="pixel", choices=sorted(METHODS), help="synthesis method (default pixel)")
-    d.add_argument("--restarts", type=int, default=1, help="independent probe groups optimised in parallel")
-    d.add_argument("--score", default="neg_kl", choices=sorted(SCORES), help="agreement score (default neg_kl)")
-    d.add_argument("--seed", type=int, default=0, help="fixes the probes and the verdict (default 0)")
-    d.add_argument("--cache", default="~/.cache/kdd-jax", help="response cache directory (default ~/.cache/kdd-jax)")
-    d.add_argument("--budget", type=int, default=None, help="most new teacher queries this run may send, per teacher")
-    d.add_argument("--out", help="write verdict.json here")
+    _add_detection_options(d)
+    d.add_argument("--calibration", help="calibration file from `kdd calibrate`: enables the 'none of the candidates' "
+                   "answer (and binary mode with one --teacher)")
+    d.add_argument("--alpha", type=float, default=0.05,
+                   help="level of the none-of-the-candidates test: its false-positive rate bound (default 0.05)")
+    d.add_argument("--out", help="write verdict.json, report.html and probes.safetensors here; synthesis "
+                   "checkpoints go here too, so an interrupted run resumes")
     d.add_argument("--json", action="store_true", help="print the full result as JSON on stdout")
     d.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     d.set_defaults(func=cmd_detect)
+
+    c = sub.add_parser(
+        "calibrate",
+        help="score independent reference students to enable 'none of the candidates'",
+        description="Run the detection pipeline on reference students known NOT to be distilled from any "
+        "candidate, with exactly the settings later audits will use, and store their scores per teacher "
+        "(the null distribution for `kdd detect --calibration`). Resumable: references already scored are kept "
+        "in OUT.partial and skipped on re-run.",
+    )
+    c.add_argument("--references", nargs="+", required=True, metavar="PATH",
+                   help="reference students: kdd convert outputs, student directories, or folders of either")
+    _add_detection_options(c)
+    c.add_argument("--out", required=True, help="calibration file to write (JSON)")
+    c.add_argument("--json", action="store_true", help="print a summary as JSON on stdout")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    c.set_defaults(func=cmd_calibrate)
 
     sv = sub.add_parser(
         "serve",

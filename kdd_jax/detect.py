@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kdd_jax.calibration import Calibration, NoneTest, none_test, settings_of
+from kdd_jax.models import predict_logits
 from kdd_jax.scores import SCORES, log_probs_from
 from kdd_jax.scores.pairs import score_pairs
 from kdd_jax.synthesis import ProbeSet, SynthesisConfig, synthesize
@@ -45,10 +47,20 @@ class DetectionResult:
     teacher_stats: dict[str, dict]
     timings: dict[str, float]
     config: DetectConfig
+    none: NoneTest | None = None  # with a calibration: distilled from any candidate at all?
+    per_probe: np.ndarray | None = None  # [K, N] per-probe scores (point-wise scores only)
+
+    @property
+    def answer(self) -> str:
+        """The winner, or "none of the candidates" when a calibration says the winner's score is
+        within what independent students reach."""
+        return self.verdict.winner if self.none is None else self.none.answer
 
     def to_dict(self) -> dict:
         return {
+            "answer": self.answer,
             "verdict": self.verdict.to_dict(),
+            "none_of_the_candidates": None if self.none is None else self.none.to_dict(),
             "probes": {"n": int(len(self.probes.raw)), "sha256": self.probes.sha256,
                        "final_synthesis_loss": float(self.probes.loss_history[-1]) if len(self.probes.loss_history) else None},
             "teachers": self.teacher_stats,
@@ -64,30 +76,36 @@ def teacher_log_probs(out: TeacherOutput, num_classes: int, temperature: float) 
     return log_probs_from(out.kind, values, num_classes, temperature=temperature)
 
 
-def student_logits(model: nnx.Module, x_nhwc: np.ndarray, batch: int = 256) -> jax.Array:
-    graphdef, state = nnx.split(model)
-    fwd = jax.jit(lambda x: nnx.merge(graphdef, state)(x))
-    return jnp.concatenate([fwd(jnp.asarray(x_nhwc[i : i + batch])) for i in range(0, len(x_nhwc), batch)])
-
-
-def detect(model: nnx.Module, config, teachers: list, dc: DetectConfig, progress=None) -> DetectionResult:
+def detect(model: nnx.Module, config, teachers: list, dc: DetectConfig, progress=None, *,
+           calibration: Calibration | None = None, alpha: float = 0.05, pool=None,
+           checkpoint_dir: str | Path | None = None) -> DetectionResult:
     """Name the most likely teacher of `model` among `teachers` (objects with name, output,
-    num_classes, spec and query(); usually CachedTeacher)."""
+    num_classes, spec and query(); usually CachedTeacher).
+
+    With a `calibration` (reference students known to be independent, see kdd_jax.calibration),
+    also test whether the student was distilled from any candidate at all, at level `alpha`.
+    `pool` (a synthesis.ImagePool) feeds the real-image baselines (methods real/ood/mia).
+    `checkpoint_dir` makes synthesis resumable (see synthesis.synthesize)."""
     if not teachers:
         raise TeacherError("no candidate teachers given")
     if dc.score not in SCORES:
         raise ValueError(f"unknown score {dc.score!r}; available: {sorted(SCORES)}")
+    names = [t.name for t in teachers]
+    if len(set(names)) != len(names):
+        raise TeacherError(f"teacher names must be unique, got {names}")
+    if calibration is not None:  # before any work: a mismatch must not cost a synthesis or a query
+        calibration.check_compatible(names, settings_of(dc))
     num_classes = config.arch.num_classes
     for t in teachers:
         if t.num_classes != num_classes:
             raise TeacherError(f"teacher {t.name!r} has {t.num_classes} classes, the student {num_classes}")
     timings = {}
     t0 = time.perf_counter()
-    probes = synthesize(model, config, dc.synthesis, progress)
+    probes = synthesize(model, config, dc.synthesis, progress, pool=pool, checkpoint_dir=checkpoint_dir)
     timings["synthesis"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    s_logits = student_logits(model, probes.normalised) / dc.temperature
+    s_logits = predict_logits(model, probes.normalised) / dc.temperature
     logps, stats = [], {}
     for t in teachers:
         mapped = map_probes(probes.raw, config.preprocessing.value_range, t.spec, t.name)
@@ -100,6 +118,7 @@ def detect(model: nnx.Module, config, teachers: list, dc: DetectConfig, progress
     t0 = time.perf_counter()
     fn, kind, _ = SCORES[dc.score]
     Y = jnp.stack(logps)  # [K, N, C]
+    per_probe = None
     if kind == "pointwise":
         opts = {"direction": dc.direction} if dc.score in ("inverse_kl", "neg_kl") else {}
         # (student, teacher) pairs split across every device; [K, N]
@@ -111,10 +130,14 @@ def detect(model: nnx.Module, config, teachers: list, dc: DetectConfig, progress
         def score_fn(idx):
             return jax.vmap(lambda y: fn(X[idx], y[idx]))(Y)
 
-    verdict = decide([t.name for t in teachers], score_fn, len(probes.raw), n_bootstrap=dc.n_bootstrap,
+    verdict = decide(names, score_fn, len(probes.raw), n_bootstrap=dc.n_bootstrap,
                      seed=dc.synthesis.seed, confidence=dc.confidence)
+    none = None
+    if calibration is not None:
+        none = none_test(names, verdict.scores, verdict.winner, calibration, alpha=alpha)
     timings["scoring"] = time.perf_counter() - t0
-    return DetectionResult(verdict, probes, stats, timings, dc)
+    return DetectionResult(verdict, probes, stats, timings, dc, none,
+                           None if per_probe is None else np.asarray(per_probe))
 
 
 def load_any_student(path: str | Path, what: str = "student"):
@@ -132,3 +155,74 @@ def load_any_student(path: str | Path, what: str = "student"):
 
     result = convert_student(path)
     return result.model, result.config
+
+
+def find_students(paths: list[str | Path]) -> list[tuple[str, object]]:
+    """(name, source) for every student under `paths`, in a stable order: a `kdd convert` output
+    directory (source: its Path), a directory of such outputs, or student-format checkpoints
+    (source: a converters StudentSource, converted on the fly). Raises ConfigError naming a path
+    that holds no student."""
+    from kdd_jax.config import ConfigError
+    from kdd_jax.io import CONVERTED_LAYOUT
+
+    def converted(d: Path) -> bool:
+        return (d / CONVERTED_LAYOUT["state"]).is_dir() and (d / CONVERTED_LAYOUT["config"]).is_file()
+
+    found: list[tuple[str, object]] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise ConfigError(f"{p}: no such file or directory")
+        if p.is_dir() and converted(p):
+            found.append((p.name, p))
+            continue
+        before = len(found)
+        raw: list[Path] = [p] if p.is_file() else []
+        if p.is_dir():
+            for d in sorted(p.iterdir()):
+                if d.is_dir() and converted(d):
+                    found.append((d.name, d))
+                elif d.is_dir() or d.suffix == ".safetensors":
+                    raw.append(d)
+        if raw:
+            from converters.student import discover  # same distribution; no torch
+
+            try:
+                found += [(s.name, s) for s in discover(raw)]
+            except ValueError as e:  # stray folders beside converted students are fine, alone they are not
+                if len(found) == before:
+                    raise ConfigError(str(e)) from None
+        if len(found) == before:
+            raise ConfigError(f"{p}: holds no students (kdd convert outputs or model.safetensors checkpoints)")
+    names = [n for n, _ in found]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"student names must be unique, these repeat: {dup}")
+    return found
+
+
+def load_student_source(source) -> tuple[nnx.Module, object]:
+    """(model, config) for a source from `find_students`."""
+    if isinstance(source, Path):
+        return load_any_student(source)
+    from converters import convert_student
+
+    result = convert_student(source)
+    return result.model, result.config
+
+
+def save_detection(out_dir: str | Path, report: dict, result: DetectionResult, calibration=None) -> dict[str, Path]:
+    """Write a detection's artefacts atomically into `out_dir`: verdict.json (the full record),
+    probes.safetensors (raw probes NCHW + their soft targets, sha256 in the metadata) and a
+    self-contained report.html. Returns the paths written."""
+    from kdd_jax.io import atomic_write_json, write_safetensors
+    from kdd_jax.report import render_detect_report, write_report
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"verdict": out / "verdict.json", "probes": out / "probes.safetensors", "report": out / "report.html"}
+    write_safetensors(paths["probes"], {"raw": result.probes.raw, "targets": result.probes.targets},
+                      metadata={"sha256_raw": result.probes.sha256, "method": result.config.synthesis.method,
+                                "seed": str(result.config.synthesis.seed)})
+    atomic_write_json(paths["verdict"], report)
+    write_report(paths["report"], render_detect_report(report, result, calibration=calibration))
+    return paths

@@ -140,6 +140,28 @@ def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray], metadata
     atomic_write_bytes(path, blob)
 
 
+def read_arrays(path: str | Path, what: str = "arrays") -> dict[str, np.ndarray]:
+    """Named arrays from .safetensors, .npz or .npy (key "images") without ever unpickling."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path}: no such file")
+    if path.suffix == ".safetensors":
+        return {k: np.asarray(v) for k, v in read_safetensors(path)[0].items()}
+    if path.suffix not in (".npy", ".npz"):
+        raise CheckpointError(f"{what} {path}: unsupported file type (use .safetensors, .npz or .npy)")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise CheckpointError(f"{what} {path}: cannot read ({e})") from None
+    if isinstance(loaded, np.ndarray):
+        return {"images": loaded}
+    with loaded:
+        try:
+            return {k: loaded[k] for k in loaded.files}
+        except ValueError as e:  # object arrays need pickle: refused
+            raise CheckpointError(f"{what} {path}: cannot read ({e})") from None
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -29,9 +29,10 @@ class Verdict:
     n_probes: int
     n_bootstrap: int
     confidence: float
+    bootstrap: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)  # [n_bootstrap, K] replicates
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "bootstrap"}
 
 
 def bootstrap_scores(score_fn: Callable[[jax.Array], jax.Array], n: int, *, n_bootstrap: int, seed: int) -> np.ndarray:
@@ -59,7 +60,7 @@ def decide(teachers: list[str], score_fn: Callable[[jax.Array], jax.Array], n: i
     else:
         runner, margin, p = None, float("nan"), float("nan")
     return Verdict(list(teachers), [float(s) for s in full], intervals, teachers[w], runner, margin, p, n,
-                   n_bootstrap, confidence)
+                   n_bootstrap, confidence, boot)
 
 
 def pointwise_score_fn(per_probe: np.ndarray) -> Callable[[jax.Array], jax.Array]:

@@ -90,8 +90,14 @@ def zoo(tmp_path_factory):
     x, y = task(512, 99)
     acc = {n: (m(normalise(x)).argmax(-1) == y).float().mean().item() for n, m in [("a", ta), ("b", tb), ("s", student)]}
     assert min(acc.values()) > 0.6, acc  # competent models, or the test means nothing
-    return {name: convert_student(publish(m, c, root / name))
-            for name, m, c in [("teacher-a", ta, tcfg), ("teacher-b", tb, tcfg), ("student", student, scfg)]}
+    zoo = {name: convert_student(publish(m, c, root / name))
+           for name, m, c in [("teacher-a", ta, tcfg), ("teacher-b", tb, tcfg), ("student", student, scfg)]}
+    # independent references for the none-of-the-candidates calibration: the student's architecture
+    # trained on labels, no teacher
+    for i in range(3):
+        publish(train(build_torch_model(scfg), 300, seed=10 + i), scfg, root / "references" / f"ref{i}")
+    zoo["references"] = root / "references"
+    return zoo
 
 
 def run(zoo, tmp_path, output="probs", score="neg_kl", seed=0):
@@ -132,6 +138,7 @@ def test_rerun_is_free_and_identical(zoo, tmp_path):
     again, teachers = run(zoo, tmp_path)
     assert all(t.stats.queries == 0 for t in teachers)  # every answer came from the cache
     assert again.probes.sha256 == first.probes.sha256 and again.verdict == first.verdict
+    assert np.array_equal(again.verdict.bootstrap, first.verdict.bootstrap)
 
 
 def test_kdd_detect_cli_end_to_end(zoo, tmp_path, capsys):
@@ -139,7 +146,7 @@ def test_kdd_detect_cli_end_to_end(zoo, tmp_path, capsys):
 
     from kdd_jax.cli import main
 
-    paths = {n: str(Path(zoo[n].report["source"]["weights"]).parent) for n in zoo}
+    paths = {n: str(Path(zoo[n].report["source"]["weights"]).parent) for n in ("teacher-a", "teacher-b", "student")}
     tfile = tmp_path / "teachers.json"
     tfile.write_text(json.dumps({"teachers": [{"name": n, "path": paths[n], "output": "probs"} for n in ("teacher-b", "teacher-a")]}))
     argv = ["detect", "--student", paths["student"], "--teachers", str(tfile), "--probes", "48", "--steps", "60",
@@ -154,6 +161,61 @@ def test_kdd_detect_cli_end_to_end(zoo, tmp_path, capsys):
     again = json.loads(capsys.readouterr().out)
     assert again["teachers"]["teacher-a"]["queries"] == 0 and again["teachers"]["teacher-a"]["hits"] == 48
     assert again["verdict"] == report["verdict"]
+    # the report directory: a self-contained page and the exact probes, with their hash
+    from kdd_jax.io import read_safetensors
+
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "Answer: <b>teacher-a</b>" in page and "<svg" in page and "data:image/png;base64," in page
+    assert "http://" not in page.replace("http://www.w3.org/2000/svg", "") and "<script" not in page
+    tensors, meta = read_safetensors(tmp_path / "out" / "probes.safetensors")
+    assert tensors["raw"].shape == (48, 1, 12, 12) and meta["sha256_raw"] == report["probes"]["sha256"]
+    import hashlib
+
+    assert hashlib.sha256(np.ascontiguousarray(tensors["raw"]).tobytes()).hexdigest() == report["probes"]["sha256"]
+
+
+def test_calibrate_then_detect_none_of_the_candidates(zoo, tmp_path, capsys):
+    """`kdd calibrate` on independent references, then `kdd detect --calibration`: the distilled
+    student beats every reference on its teacher. With 3 references and 2 candidates the smallest
+    reachable p is 2/4, so the test runs at alpha 0.5; the statistics are unit-tested in
+    test_calibration.py."""
+    from pathlib import Path
+
+    from kdd_jax.cli import main
+
+    paths = {n: str(Path(zoo[n].report["source"]["weights"]).parent) for n in ("teacher-a", "teacher-b", "student")}
+    tfile = tmp_path / "teachers.json"
+    tfile.write_text(json.dumps({"teachers": [{"name": n, "path": paths[n], "output": "probs"} for n in ("teacher-b", "teacher-a")]}))
+    common = ["--teachers", str(tfile), "--probes", "48", "--steps", "60", "--cache", str(tmp_path / "cache")]
+    cal = tmp_path / "cal.json"
+    broken = tmp_path / "broken" / "bad"
+    broken.mkdir(parents=True)
+    (broken / "model.safetensors").write_bytes(b"not a checkpoint")
+    # one broken reference: the others are scored and kept, nothing final is written, exit 1
+    assert main(["calibrate", "--references", str(zoo["references"]), str(broken.parent), "--out", str(cal), "-q"] + common) == 1
+    err = capsys.readouterr().err
+    assert "bad" in err and "kept in" in err and not cal.exists()
+    # drop it and re-run: the three references come from the partial file, nothing is recomputed
+    assert main(["calibrate", "--references", str(zoo["references"]), "--out", str(cal)] + common) == 0
+    err = capsys.readouterr().err
+    assert "resuming: 3 reference(s)" in err and "at least 39 references are needed" in err
+    calibration = json.loads(cal.read_text())
+    assert calibration["references"] == ["ref0", "ref1", "ref2"] and calibration["teachers"] == ["teacher-b", "teacher-a"]
+    assert not Path(str(cal) + ".partial").exists()
+
+    out = tmp_path / "out"
+    argv = ["detect", "--student", paths["student"], "--calibration", str(cal), "--alpha", "0.5", "-q"] + common
+    assert main(argv + ["--out", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    none = report["none_of_the_candidates"]
+    assert report["answer"] == "teacher-a" and none["distilled"] and none["p_per_teacher"]["teacher-a"] == 0.25
+    assert "Calibration" in (out / "report.html").read_text()
+    # binary mode: one candidate; and a settings mismatch is refused before any work
+    assert main(argv + ["--teacher", "teacher-a"]) == 0
+    assert "answer: teacher-a" in capsys.readouterr().out
+    assert main(["detect", "--student", paths["student"], "--calibration", str(cal), "-q"] + common[:2]
+                + ["--probes", "40"] + common[4:]) == 1
+    assert "synthesis.n_probes=48 but this detection uses synthesis.n_probes=40" in capsys.readouterr().err
 
 
 def test_kdd_detect_bad_teachers_file(zoo, tmp_path, capsys):

@@ -8,7 +8,10 @@ PyTorch checkpoint. BatchNorm statistics for synthesis: `forward_with_bn_stats`,
 from __future__ import annotations
 
 import dataclasses
+import functools
 
+import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from kdd_jax.models.batchnorm import BatchNorm2d, BNStats, bn_running_stats, forward_with_bn_stats
@@ -50,6 +53,19 @@ def abstract_model(config) -> nnx.Module:
     )
 
 
+@functools.partial(jax.jit, static_argnums=(0,))
+def _forward(graphdef, state, x):
+    return nnx.merge(graphdef, state)(x)
+
+
+def predict_logits(model: nnx.Module, x_nhwc, batch: int = 256):
+    """Logits [N, C] for normalised NHWC inputs, in jitted batches of `batch` (the last one smaller).
+    Compiled once per architecture and batch shape: the weights are an argument, not a constant."""
+    graphdef, state = nnx.split(model)
+    return jnp.concatenate([_forward(graphdef, state, jnp.asarray(x_nhwc[i: i + batch]))
+                            for i in range(0, len(x_nhwc), batch)])
+
+
 __all__ = [
     "FAMILIES",
     "BNStats",
@@ -62,4 +78,5 @@ __all__ = [
     "bn_running_stats",
     "build_model",
     "forward_with_bn_stats",
+    "predict_logits",
 ]

@@ -3,11 +3,12 @@
 from kdd_jax.synthesis.losses import bn_statistics_loss, mixed_label_targets, soft_cross_entropy, total_variation
 from kdd_jax.synthesis.generator import synthesize_generator
 from kdd_jax.synthesis.pixel import synthesize_pixels
-from kdd_jax.synthesis.probes import ProbeSet, SynthesisConfig, SynthesisError
+from kdd_jax.synthesis.probes import Checkpointer, ProbeSet, SynthesisConfig, SynthesisError, fingerprint
+from kdd_jax.synthesis.real import ImagePool, select_from_pool
 
 
-def synthesize_bn_free(model, config, sc, progress=None) -> ProbeSet:
-    return synthesize_pixels(model, config, sc, progress, use_bn=False)
+def synthesize_bn_free(model, config, sc, progress=None, *, checkpoint=None) -> ProbeSet:
+    return synthesize_pixels(model, config, sc, progress, use_bn=False, checkpoint=checkpoint)
 
 
 def synthesize_noise(model, config, sc, progress=None) -> ProbeSet:
@@ -28,18 +29,39 @@ METHODS = {
     "generator": synthesize_generator,   # the paper's: a label-conditioned generator trained through the student
     "confidence": synthesize_bn_free,    # BN-free: mixed-label CE + TV + l2 (students without BatchNorm)
     "noise": synthesize_noise,           # baseline: uniform noise
+    # not data-free: chosen from an ImagePool the auditor supplies (kdd_jax.synthesis.real)
+    "real": select_from_pool,            # random real images (the paper's oracle with training data)
+    "ood": select_from_pool,             # energy-score in-distribution filter of an auxiliary pool
+    "mia": select_from_pool,             # membership-inference (loss / confidence) filter of a pool
 }
+POOL_METHODS = ("real", "ood", "mia")
+OPTIMISED_METHODS = ("pixel", "generator", "confidence")  # the ones with a loop to checkpoint
 
 
-def synthesize(model, config, sc: SynthesisConfig, progress=None) -> ProbeSet:
-    """Probes for `model` (a student with its StudentConfig) by the method `sc.method` names."""
+def synthesize(model, config, sc: SynthesisConfig, progress=None, *, pool: ImagePool | None = None,
+               checkpoint_dir=None, checkpoint_every: int = 25) -> ProbeSet:
+    """Probes for `model` (a student with its StudentConfig) by the method `sc.method` names.
+    `pool` (real images) is required by the POOL_METHODS and refused by the others.
+
+    With `checkpoint_dir`, the optimisation state is saved there every `checkpoint_every` steps and
+    an interrupted run with the same student and settings resumes from it (same final probes)."""
     if sc.method not in METHODS:
         raise SynthesisError(f"unknown synthesis method {sc.method!r}; available: {sorted(METHODS)}")
+    if sc.method in POOL_METHODS:
+        return select_from_pool(model, config, sc, pool, progress)
+    if pool is not None:
+        raise SynthesisError(f"method {sc.method!r} is data-free and takes no image pool; pool methods: {POOL_METHODS}")
+    if checkpoint_dir is not None and sc.method in OPTIMISED_METHODS:
+        ckpt = Checkpointer(checkpoint_dir, fingerprint(model, config, sc), checkpoint_every)
+        return METHODS[sc.method](model, config, sc, progress, checkpoint=ckpt)
     return METHODS[sc.method](model, config, sc, progress)
 
 
 __all__ = [
     "METHODS",
+    "Checkpointer",
+    "POOL_METHODS",
+    "ImagePool",
     "ProbeSet",
     "SynthesisConfig",
     "SynthesisError",

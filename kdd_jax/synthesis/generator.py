@@ -11,11 +11,12 @@ crop to the student's input size, and a clip to the student's valid normalised r
 probe is a valid image.
 
 Training is a pure functional step over (generator params, generator BN state, Adam state, key),
-jitted and driven by `probes.run_loop`; the student is a constant closed over as (graphdef, state).
+jitted and driven by `probes.run_loop`; the student (graphdef static, weights traced) is never baked in as a constant.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -27,7 +28,14 @@ from flax import nnx
 
 from kdd_jax.models import bn_running_stats, forward_with_bn_stats
 from kdd_jax.synthesis.losses import bn_statistics_loss, mixed_label_targets, soft_cross_entropy
-from kdd_jax.synthesis.probes import ProbeSet, SynthesisConfig, normalised_bounds, require_batchnorm, run_loop
+from kdd_jax.synthesis.probes import (
+    Checkpointer,
+    ProbeSet,
+    SynthesisConfig,
+    normalised_bounds,
+    require_batchnorm,
+    run_loop,
+)
 
 
 def _upsample2(x: jax.Array) -> jax.Array:
@@ -69,56 +77,75 @@ class Generator(nnx.Module):
         return h[:, : self.out_hw[0], : self.out_hw[1]]
 
 
+# The generator's static structure: (generator graphdef, student graphdef, z_dim, classes, batch, mix).
+# Module-level pure functions keyed on it compile once per architecture, not once per student.
+
+
+def _generate(static, params, stats, key, lo, hi, n):
+    """n probes (clipped to the valid range), their targets, and the generator's updated BN state."""
+    g_graphdef, _, z_dim, num_classes, _, mix = static
+    kz, kw = jax.random.split(key)
+    z = jax.random.normal(kz, (n, z_dim))
+    tg = mixed_label_targets(kw, n, num_classes, mix=mix)
+    g = nnx.merge(g_graphdef, params, stats, copy=True)
+    x = jnp.clip(g(z, tg), lo, hi)
+    return x, tg, nnx.state(g, nnx.BatchStat)
+
+
+def _adam(lr):
+    return optax.adam(lr, b1=0.5, b2=0.999)
+
+
+def _step(static, carry, consts):
+    _, s_graphdef, _, _, bs, _ = static
+    params, stats, opt_state, key = carry
+    key, sub = jax.random.split(key)
+
+    def loss_fn(params, stats):
+        x, tg, new_stats = _generate(static, params, stats, sub, consts["lo"], consts["hi"], bs)
+        logits, bstats = forward_with_bn_stats(nnx.merge(s_graphdef, consts["state"], copy=True), x)
+        w = consts["w"]
+        return w[0] * bn_statistics_loss(bstats, consts["running"]) + w[1] * soft_cross_entropy(logits, tg), new_stats
+
+    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats)
+    updates, opt_state = _adam(consts["lr"]).update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return (params, stats, opt_state, key), loss
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _probe_batch(static, params, stats, key, lo, hi):
+    x, tg, _ = _generate(static, params, stats, key, lo, hi, static[4])
+    return x, tg
+
+
 def synthesize_generator(model: nnx.Module, config, sc: SynthesisConfig,
-                         progress: Callable[[int, float], None] | None = None) -> ProbeSet:
+                         progress: Callable[[int, float], None] | None = None, *,
+                         checkpoint: Checkpointer | None = None) -> ProbeSet:
     require_batchnorm(model, sc.method)
     pre = config.preprocessing
     num_classes = config.arch.num_classes
     h, w = pre.input_size
     lo, hi = normalised_bounds(pre)
     s_graphdef, s_state = nnx.split(model)
-    running = bn_running_stats(model)
     bs = sc.batch_size
 
     k_gen, k_train, k_probe = jax.random.split(jax.random.key(sc.seed), 3)
     gen = Generator(sc.z_dim, num_classes, (h, w), pre.channels, width=sc.generator_width,
                     rngs=nnx.Rngs(params=k_gen))
     g_graphdef, g_params, g_stats = nnx.split(gen, nnx.Param, nnx.BatchStat)
-
-    def generate(params, stats, key, n):
-        """n probes (clipped to the valid range), their targets, and the generator's updated BN state."""
-        kz, kw = jax.random.split(key)
-        z = jax.random.normal(kz, (n, sc.z_dim))
-        tg = mixed_label_targets(kw, n, num_classes, mix=sc.mix_labels)
-        g = nnx.merge(g_graphdef, params, stats, copy=True)
-        x = jnp.clip(g(z, tg), lo, hi)
-        return x, tg, nnx.state(g, nnx.BatchStat)
-
-    def loss_fn(params, stats, key):
-        x, tg, new_stats = generate(params, stats, key, bs)
-        logits, bstats = forward_with_bn_stats(nnx.merge(s_graphdef, s_state, copy=True), x)
-        loss = sc.bn_weight * bn_statistics_loss(bstats, running) + sc.ce_weight * soft_cross_entropy(logits, tg)
-        return loss, new_stats
-
-    opt = optax.adam(sc.lr if sc.lr is not None else 1e-3, b1=0.5, b2=0.999)
-
-    def step(carry):
-        params, stats, opt_state, key = carry
-        key, sub = jax.random.split(key)
-        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, sub)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        return (params, stats, opt_state, key), loss
-
-    carry = (g_params, g_stats, opt.init(g_params), k_train)
-    (g_params, g_stats, _, _), history = run_loop(step, carry, sc.steps, sc.loop, progress)
+    static = (g_graphdef, s_graphdef, sc.z_dim, num_classes, bs, sc.mix_labels)
+    consts = {"state": s_state, "running": bn_running_stats(model), "lo": lo, "hi": hi,
+              "w": jnp.asarray([sc.bn_weight, sc.ce_weight], jnp.float32),
+              "lr": jnp.float32(sc.lr if sc.lr is not None else 1e-3)}
+    carry = (g_params, g_stats, _adam(consts["lr"]).init(g_params), k_train)
+    (g_params, g_stats, _, _), history = run_loop(_step, static, carry, consts, sc.steps, sc.loop, progress, checkpoint)
 
     # Probes: fresh z / targets in full batches (batch statistics; the BN state is not updated).
     n_batches = math.ceil(sc.n_probes / bs)
-    gen_batch = jax.jit(lambda p, s, k: generate(p, s, k, bs)[:2])
     xs, ts = [], []
     for k in jax.random.split(k_probe, n_batches):
-        x, tg = gen_batch(g_params, g_stats, k)
+        x, tg = _probe_batch(static, g_params, g_stats, k, lo, hi)
         xs.append(np.asarray(x))
         ts.append(np.asarray(tg))
     probes = np.concatenate(xs)[: sc.n_probes]

@@ -20,11 +20,45 @@ from flax import nnx
 
 from kdd_jax.models import bn_running_stats, forward_with_bn_stats
 from kdd_jax.synthesis.losses import bn_statistics_loss, mixed_label_targets, soft_cross_entropy, total_variation
-from kdd_jax.synthesis.probes import ProbeSet, SynthesisConfig, normalised_bounds, require_batchnorm, run_loop
+from kdd_jax.synthesis.probes import (
+    Checkpointer,
+    ProbeSet,
+    SynthesisConfig,
+    normalised_bounds,
+    require_batchnorm,
+    run_loop,
+)
+
+
+def _adam(lr):
+    return optax.adam(lr)
+
+
+def _group_loss(graphdef, use_bn, consts, xg, tg):
+    logits, stats = forward_with_bn_stats(nnx.merge(graphdef, consts["state"]), xg)
+    w = consts["w"]
+    bn_term = w[0] * bn_statistics_loss(stats, consts["running"]) if use_bn else 0.0
+    return bn_term + w[1] * soft_cross_entropy(logits, tg) + w[2] * total_variation(xg) + w[3] * jnp.mean(xg**2)
+
+
+def _step(static, carry, consts):
+    """One Adam step on every restart's probes (restarts vmapped, shared student weights)."""
+    graphdef, use_bn = static
+    xs, opt_state = carry
+
+    def total(xs):
+        losses = jax.vmap(lambda xg, tg: _group_loss(graphdef, use_bn, consts, xg, tg))(xs, consts["targets"])
+        return losses.sum(), losses
+
+    (_, losses), grads = jax.value_and_grad(total, has_aux=True)(xs)
+    updates, opt_state = _adam(consts["lr"]).update(grads, opt_state, xs)
+    xs = jnp.clip(optax.apply_updates(xs, updates), consts["lo"], consts["hi"])
+    return (xs, opt_state), jnp.mean(losses)
 
 
 def synthesize_pixels(model: nnx.Module, config, sc: SynthesisConfig,
-                      progress: Callable[[int, float], None] | None = None, *, use_bn: bool = True) -> ProbeSet:
+                      progress: Callable[[int, float], None] | None = None, *, use_bn: bool = True,
+                      checkpoint: Checkpointer | None = None) -> ProbeSet:
     """`use_bn=False` is the BN-free method ("confidence"): the student's confident agreement
     with mixed-label targets under smoothness and magnitude priors, for students without
     BatchNorm (LayerNorm nets, plain CNNs). Without the BN prior probes drift further from
@@ -37,7 +71,6 @@ def synthesize_pixels(model: nnx.Module, config, sc: SynthesisConfig,
     groups = sc.restarts
     per_group = math.ceil(sc.n_probes / groups)
     graphdef, state = nnx.split(model)
-    running = bn_running_stats(model)
     lo, hi = normalised_bounds(pre)
 
     k_init, k_lab = jax.random.split(jax.random.key(sc.seed))
@@ -46,28 +79,10 @@ def synthesize_pixels(model: nnx.Module, config, sc: SynthesisConfig,
     targets = jax.vmap(lambda k: mixed_label_targets(k, per_group, num_classes, mix=sc.mix_labels))(
         jax.random.split(k_lab, groups)
     )
-
-    def group_loss(xg, tg):
-        logits, stats = forward_with_bn_stats(nnx.merge(graphdef, state), xg)
-        bn_term = sc.bn_weight * bn_statistics_loss(stats, running) if use_bn else 0.0
-        return (bn_term
-                + sc.ce_weight * soft_cross_entropy(logits, tg)
-                + sc.tv_weight * total_variation(xg)
-                + sc.l2_weight * jnp.mean(xg**2))
-
-    def total(xs):
-        losses = jax.vmap(group_loss)(xs, targets)
-        return losses.sum(), losses
-
-    opt = optax.adam(sc.lr if sc.lr is not None else 0.05)
-
-    def step(carry):
-        xs, opt_state = carry
-        (_, losses), grads = jax.value_and_grad(total, has_aux=True)(xs)
-        updates, opt_state = opt.update(grads, opt_state, xs)
-        xs = jnp.clip(optax.apply_updates(xs, updates), lo, hi)
-        return (xs, opt_state), jnp.mean(losses)
-
-    (x, _), history = run_loop(step, (x, opt.init(x)), sc.steps, sc.loop, progress)
+    consts = {"state": state, "running": bn_running_stats(model), "targets": targets, "lo": lo, "hi": hi,
+              "w": jnp.asarray([sc.bn_weight, sc.ce_weight, sc.tv_weight, sc.l2_weight], jnp.float32),
+              "lr": jnp.float32(sc.lr if sc.lr is not None else 0.05)}
+    (x, _), history = run_loop(_step, (graphdef, use_bn), (x, _adam(consts["lr"]).init(x)), consts, sc.steps,
+                               sc.loop, progress, checkpoint)
     probes = np.asarray(x).reshape(groups * per_group, h, w, pre.channels)[: sc.n_probes]
     return ProbeSet.from_normalised(probes, np.asarray(targets).reshape(-1, num_classes)[: sc.n_probes], pre, sc, history)

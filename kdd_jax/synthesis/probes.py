@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Literal
 
 import jax
@@ -20,7 +23,7 @@ class SynthesisError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class SynthesisConfig:
-    method: Literal["pixel", "generator", "confidence", "noise"] = "pixel"
+    method: Literal["pixel", "generator", "confidence", "noise", "real", "ood", "mia"] = "pixel"
     n_probes: int = 100
     steps: int = 200
     lr: float | None = None  # method default: pixel 0.05, generator 1e-3
@@ -58,21 +61,128 @@ def normalised_bounds(pre) -> tuple[jax.Array, jax.Array]:
     return jnp.asarray((lo - mean) / std), jnp.asarray((hi - mean) / std)
 
 
-def run_loop(step: Callable, carry, steps: int, loop: str, progress=None):
-    """Run `step(carry) -> (carry, loss)` `steps` times; returns (carry, loss history)."""
-    if steps == 0:
-        return carry, np.zeros((0,), np.float32)
+class Checkpointer:
+    """Periodic, atomic snapshots of a synthesis loop's whole state (the optimised parameters, the
+    optimiser state, the RNG key: the carry) plus the step and the loss history, so an interrupted
+    run resumes where it stopped and ends with exactly the probes an uninterrupted run makes.
+
+    `fingerprint` names what the state belongs to (student weights + synthesis settings); a
+    snapshot with another fingerprint is ignored, never resumed. The snapshot is one directory
+    published by a rename (kdd_jax.io.StagingDir), saved with orbax through kdd_jax.io.
+    """
+
+    def __init__(self, directory: str | Path, fingerprint: str, every: int = 25):
+        if every < 1:
+            raise ValueError("checkpoint interval must be >= 1 step")
+        self.directory, self.fingerprint, self.every = Path(directory), fingerprint, every
+        self.resumed_from = 0  # the step a restore started from (0: fresh)
+
+    @property
+    def _latest(self) -> Path:
+        return self.directory / "latest"
+
+    def save(self, carry, step: int, history: np.ndarray) -> None:
+        from kdd_jax.io import StagingDir, atomic_write_json, save_state
+
+        leaves = [np.asarray(jax.random.key_data(x) if _is_key(x) else x) for x in jax.tree.leaves(carry)]
+        with StagingDir(self._latest, overwrite=True) as tmp:
+            save_state(tmp / "carry", {f"{i:05d}": a for i, a in enumerate(leaves)} | {"history": np.asarray(history, np.float32)})
+            atomic_write_json(tmp / "meta.json", {"fingerprint": self.fingerprint, "step": int(step), "leaves": len(leaves)})
+
+    def restore(self, template) -> tuple[object, int, np.ndarray] | None:
+        """(carry, step, history) from the latest snapshot made for this fingerprint, else None."""
+        import json
+
+        from kdd_jax.io import restore_state
+
+        meta_path = self._latest / "meta.json"
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            return None
+        leaves, treedef = jax.tree.flatten(template)
+        if meta.get("fingerprint") != self.fingerprint or meta.get("leaves") != len(leaves):
+            return None
+        step = int(meta["step"])
+        target = {f"{i:05d}": np.asarray(jax.random.key_data(x) if _is_key(x) else x) for i, x in enumerate(leaves)}
+        target["history"] = np.zeros((step,), np.float32)
+        restored = restore_state(self._latest / "carry", target)
+        new = [jax.random.wrap_key_data(jnp.asarray(restored[f"{i:05d}"]), impl=jax.random.key_impl(x)) if _is_key(x)
+               else jnp.asarray(restored[f"{i:05d}"], dtype=x.dtype) for i, x in enumerate(leaves)]
+        self.resumed_from = step
+        return jax.tree.unflatten(treedef, new), step, np.asarray(restored["history"], np.float32)
+
+
+def _is_key(x) -> bool:
+    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def fingerprint(model, config, sc) -> str:
+    """sha256 over the student's weights, its config and the synthesis settings."""
+    from flax import nnx
+
+    h = hashlib.sha256(json.dumps([config.to_dict(), dataclasses.asdict(sc)], sort_keys=True, default=str).encode())
+    for path, leaf in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(model)))[0]:
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    return h.hexdigest()
+
+
+# Compiled once per (step function, static structure, shapes): the student's weights are a
+# traced argument, so auditing many students of one architecture compiles once, not per student.
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2,))
+def _jit_step(step_fn, static, carry, consts):
+    return step_fn(static, carry, consts)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 4))
+def _jit_scan(step_fn, static, carry, consts, n):
+    return jax.lax.scan(lambda c, _: step_fn(static, c, consts), carry, None, length=n)
+
+
+def run_loop(step_fn: Callable, static, carry, consts, steps: int, loop: str, progress=None,
+             checkpoint: Checkpointer | None = None):
+    """Run `step_fn(static, carry, consts) -> (carry, loss)` `steps` times; returns (carry, loss history).
+
+    `step_fn` must be a module-level function and `static` hashable (model graphdefs, flags): they
+    key the compile cache. `consts` (weights, targets, bounds, loss weights) are traced arrays.
+    With a `checkpoint`, resume from its latest matching snapshot and save one every
+    `checkpoint.every` steps (a scan loop then runs in chunks of that length)."""
+    start, history = 0, []
+    if checkpoint is not None:
+        restored = checkpoint.restore(carry)
+        if restored is not None:
+            carry, start, prev = restored
+            start = min(start, steps)
+            history = [prev[:start]]
+    if start >= steps:
+        return carry, (np.concatenate(history) if history else np.zeros((0,), np.float32))
+    every = checkpoint.every if checkpoint is not None else steps
     if loop == "scan":
-        carry, losses = jax.jit(lambda c: jax.lax.scan(lambda c, _: step(c), c, None, length=steps))(carry)
-        return carry, np.asarray(losses)
-    jstep = jax.jit(step, donate_argnums=0)
-    history = []
-    for i in range(steps):
-        carry, loss = jstep(carry)
-        history.append(loss)
+        i = start
+        while i < steps:
+            n = min(every - i % every, steps - i)
+            carry, losses = _jit_scan(step_fn, static, carry, consts, n)
+            history.append(np.asarray(losses))
+            i += n
+            if checkpoint is not None and (i % every == 0 or i == steps):
+                checkpoint.save(carry, i, np.concatenate(history))
+            if progress is not None:
+                progress(i, float(losses[-1]))
+        return carry, np.concatenate(history)
+    fresh = []
+    for i in range(start, steps):
+        carry, loss = _jit_step(step_fn, static, carry, consts)
+        fresh.append(loss)
+        if checkpoint is not None and ((i + 1) % every == 0 or i + 1 == steps):
+            history.append(np.asarray(jnp.stack(fresh)))
+            fresh = []
+            checkpoint.save(carry, i + 1, np.concatenate(history))
         if progress is not None and (i + 1) % max(1, steps // 20) == 0:
             progress(i + 1, float(loss))
-    return carry, np.asarray(jnp.stack(history))
+    if fresh:
+        history.append(np.asarray(jnp.stack(fresh)))
+    return carry, np.concatenate(history)
 
 
 @dataclasses.dataclass
