@@ -249,6 +249,23 @@ def cmd_calibrate(args) -> int:
     return EXIT_OK
 
 
+def cmd_demo(args) -> int:
+    from kdd_jax.demo import DEMO_ZOO, DemoError, run_demo, verdict_table
+
+    try:
+        summary = run_demo(args.out, zoo=args.zoo or DEMO_ZOO, probes=args.probes, steps=args.steps, seed=args.seed,
+                           quiet=args.quiet)
+    except (DemoError, *_detect_errors()) as e:
+        _eprint(f"kdd demo: {e}")
+        return EXIT_ERROR
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(verdict_table(summary))
+    _eprint(f"report: {Path(args.out) / 'index.html'} (one report.html per student under {Path(args.out) / 'students'})")
+    return EXIT_OK
+
+
 def cmd_serve(args) -> int:
     import os
 
@@ -391,6 +408,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print a summary as JSON on stdout")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     c.set_defaults(func=cmd_calibrate)
+
+    dm = sub.add_parser(
+        "demo",
+        help="audit the bundled zoo end to end (nothing downloaded, no GPU)",
+        description="Serve the bundled Fashion-MNIST teachers over HTTP on loopback (kdd serve), detect the "
+        "teacher of every bundled student through the response cache, print the verdict table and write reports.",
+    )
+    dm.add_argument("--out", default="runs/demo", help="report directory (default runs/demo)")
+    dm.add_argument("--probes", type=int, default=64, help="probes per student (default 64)")
+    dm.add_argument("--steps", type=int, default=60, help="synthesis steps (default 60)")
+    dm.add_argument("--seed", type=int, default=0, help="fixes probes and verdicts (default 0)")
+    dm.add_argument("--zoo", help="another demo zoo directory (default: the bundled one)")
+    dm.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    dm.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    dm.set_defaults(func=cmd_demo)
 
     sv = sub.add_parser(
         "serve",

@@ -79,3 +79,12 @@ def _highest_precision():
 
 def tree_paths(path: Path) -> list[str]:
     return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+@pytest.fixture(scope="session")
+def toy_zoo(tmp_path_factory):
+    """Two trained teachers, a student distilled from teacher-a, three independent references
+    (tests/toyzoo.py); trained once per session."""
+    from tests.toyzoo import build_toy_zoo
+
+    return build_toy_zoo(tmp_path_factory.mktemp("toy_zoo"))
