@@ -18,6 +18,46 @@ from flax import nnx
 from kdd_jax.models.batchnorm import BatchNorm2d  # noqa: F401  (re-exported for the families)
 
 
+def _depthwise_shifted(x, w, strides, padding):
+    """Depthwise conv (NHWC, HWIO kernel [kh, kw, 1, C]) as a sum of kh*kw strided slices times
+    per-channel weights: elementwise ops that XLA fuses, forward and backward."""
+    (pt, pb), (pl, pr) = padding
+    sh, sw = strides
+    kh, kw = w.shape[:2]
+    xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    n, hp, wp, c = xp.shape
+    ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            tap = jax.lax.slice(xp, (0, i, j, 0), (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c), (1, sh, sw, 1))
+            term = tap * w[i, j, 0]
+            out = term if out is None else out + term
+    return out
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+    """lax.conv_general_dilated, except depthwise 3x3-style convolutions on XLA:CPU.
+
+    Why: XLA:CPU runs the gradient of a grouped (depthwise) convolution 16x (stride 1) to 11x
+    (stride 2) slower than the same computation written as shifted multiply-adds (measured on
+    [100, 14, 14, 96]: 287 vs 18 ms, 518 vs 47 ms), and synthesis back-propagates through every
+    MobileNetV2 block. Results are identical to float rounding; other backends keep lax's kernel."""
+    c = lhs.shape[-1]
+    depthwise = (
+        feature_group_count > 1 and feature_group_count == c and lhs.ndim == 4 and rhs.shape[2] == 1
+        and rhs.shape[3] == c and not isinstance(padding, str)
+        and all(d in (None, 1) for d in (lhs_dilation or (1,))) and all(d in (None, 1) for d in (rhs_dilation or (1,)))
+        and jax.default_backend() == "cpu"
+    )
+    if depthwise:
+        return _depthwise_shifted(lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in padding))
+    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+                                        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+                                        feature_group_count=feature_group_count, precision=precision, **kwargs)
+
+
 def conv2d(
     in_ch: int,
     out_ch: int,
@@ -38,6 +78,7 @@ def conv2d(
         padding=((padding, padding), (padding, padding)),
         feature_group_count=groups,
         use_bias=bias,
+        conv_general_dilated=conv_general_dilated,
         rngs=rngs,
     )
 
