@@ -94,9 +94,17 @@ def pools():
             "aux": as_pool(x_test, y_test, "fashion-mnist test (10k)")}
 
 
-def probe_logits(name, model, config, method, seed, n, steps, teachers, image_pools, work: Path) -> dict:
+def weights_id(zoo: Path, entry: dict) -> str:
+    """First 12 hex digits of the model file's sha256: caches are keyed by weights, not names,
+    so a rebuilt model never reuses stale results."""
+    from kdd_jax.io import sha256_file
+
+    return sha256_file(zoo / entry["path"] / "model.safetensors")[:12]
+
+
+def probe_logits(name, wid, model, config, method, seed, n, steps, teachers, image_pools, work: Path) -> dict:
     """Student and teacher logits on the probes of (model, method, seed); cached on disk."""
-    path = work / "logits" / method / f"{name}-seed{seed}-n{n}-s{steps}.npz"
+    path = work / "logits" / method / f"{name}-{wid}-seed{seed}-n{n}-s{steps}.npz"
     if path.exists():
         with np.load(path) as z:
             return {k: z[k] for k in z.files}
@@ -294,7 +302,10 @@ def main(argv=None) -> int:
     log(f"converting {len(manifest['models'])} zoo models")
     zoo = load_zoo(args.zoo, manifest)
     teacher_names = [m["name"] for m in manifest["models"] if m["role"] == "teacher"]
-    cache = ResponseCache(args.work / "responses.sqlite")
+    wids = {name: weights_id(args.zoo, m) for name, (_, _, m) in zoo.items()}
+    # the response cache keys answers by teacher NAME: one cache per exact set of teacher weights
+    work = args.work / ("teachers-" + "-".join(wids[t][:6] for t in teacher_names))
+    cache = ResponseCache(work / "responses.sqlite")
     teachers = [CachedTeacher(flax_teacher(t, zoo[t][0], zoo[t][1], output="logits"), cache) for t in teacher_names]
     image_pools = pools() if set(methods) & {"real", "ood", "mia"} else {}
     audited = [n for n, (_, _, m) in zoo.items() if m["role"] in ("student", "control")]
@@ -305,8 +316,8 @@ def main(argv=None) -> int:
         for seed in range(args.runs):
             for name in audited:
                 model, config, _ = zoo[name]
-                z = probe_logits(name, model, config, method, seed, max(N_VALUES), args.steps, teachers,
-                                 image_pools, args.work)
+                z = probe_logits(name, wids[name], model, config, method, seed, max(N_VALUES), args.steps, teachers,
+                                 image_pools, work)
                 synth_s.setdefault(method, []).append(float(z["synth_seconds"]))
                 c = config.arch.num_classes
                 for output in OUTPUTS:
