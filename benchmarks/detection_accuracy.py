@@ -8,7 +8,8 @@ Every student and control goes through our converter (PyTorch safetensors -> Fla
 model, run r (seed r) and probe method, 100 probes are made once (data-free synthesis: pixel,
 generator, confidence; baselines: noise; real images: real = random Fashion-MNIST training images,
 the paper's oracle, since every zoo model trained on a subset of them; ood / mia = energy and
-membership filtering of an auxiliary pool, the 10k Fashion-MNIST test images no model trained on).
+membership filtering of an auxiliary pool, the 10k Fashion-MNIST test images no model trained on;
+each run filters a different random half of it).
 Every teacher answers them once (logits, through the persistent response cache); what a probs,
 top-3 or label-only API would have returned is derived from those logits exactly as such an API
 computes it. The first N probes give the N-probe result, N in {1, 10, 50, 100}.
@@ -104,7 +105,7 @@ def weights_id(zoo: Path, entry: dict) -> str:
 
 def probe_logits(name, wid, model, config, method, seed, n, steps, teachers, image_pools, work: Path) -> dict:
     """Student and teacher logits on the probes of (model, method, seed); cached on disk."""
-    path = work / "logits" / method / f"{name}-{wid}-seed{seed}-n{n}-s{steps}.npz"
+    path = work / "logits" / method / f"{name}-{wid}-seed{seed}-n{n}-s{steps}{'-half' if method in ('ood', 'mia') else ''}.npz"
     if path.exists():
         with np.load(path) as z:
             return {k: z[k] for k in z.files}
@@ -112,7 +113,11 @@ def probe_logits(name, wid, model, config, method, seed, n, steps, teachers, ima
     if method == "real":
         pool = image_pools["real"]
     elif method in ("ood", "mia"):
-        pool = image_pools["aux"]
+        # each run filters its own random half of the auxiliary pool: the filters are deterministic,
+        # so without this all runs would pick the same probes
+        aux = image_pools["aux"]
+        keep = np.sort(np.random.default_rng(1000 + seed).choice(len(aux.images), len(aux.images) // 2, replace=False))
+        pool = ImagePool(aux.images[keep], None if aux.labels is None else aux.labels[keep], aux.source + " (half)")
     sc = SynthesisConfig(method=method, n_probes=n, steps=steps, seed=seed)
     t0 = time.perf_counter()
     probes = synthesize(model, config, sc, pool=pool)

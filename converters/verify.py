@@ -60,20 +60,23 @@ def verify_conversion(result, *, n_probes: int = 8, seed: int = 0) -> dict:
     n_classes = int(tmodel(torch.from_numpy(x[:1])).shape[-1])
     w = np.random.default_rng(seed + 1).normal(size=(n_probes, n_classes)).astype(np.float32)
 
-    # Scalar loss touching every logit through log-softmax, as a KL/CE synthesis loss would.
-    xt = torch.from_numpy(x).requires_grad_(True)
-    t_logits = tmodel(xt)
-    (torch.log_softmax(t_logits, -1) * torch.from_numpy(w)).sum().backward()
-    ref_logits, ref_grad = t_logits.detach().numpy(), xt.grad.numpy()
+    def both(x, w):
+        """(torch logits, torch input-grad, jax logits, jax input-grad) of the same scalar loss."""
+        # Scalar loss touching every logit through log-softmax, as a KL/CE synthesis loss would.
+        xt = torch.from_numpy(x).requires_grad_(True)
+        t_logits = tmodel(xt)
+        (torch.log_softmax(t_logits, -1) * torch.from_numpy(w)).sum().backward()
 
-    def loss(xn):
-        logits = result.model(xn)
-        return (jax.nn.log_softmax(logits, -1) * w).sum(), logits
+        def loss(xn):
+            logits = result.model(xn)
+            return (jax.nn.log_softmax(logits, -1) * w).sum(), logits
 
-    with jax.default_matmul_precision("highest"):
-        (_, j_logits), j_grad = jax.value_and_grad(loss, has_aux=True)(jnp.asarray(x.transpose(0, 2, 3, 1)))
-    j_logits = np.asarray(j_logits)
-    j_grad = np.asarray(j_grad).transpose(0, 3, 1, 2)
+        with jax.default_matmul_precision("highest"):
+            (_, j_logits), j_grad = jax.value_and_grad(loss, has_aux=True)(jnp.asarray(x.transpose(0, 2, 3, 1)))
+        return (t_logits.detach().numpy(), xt.grad.numpy(), np.asarray(j_logits),
+                np.asarray(j_grad).transpose(0, 3, 1, 2))
+
+    ref_logits, ref_grad, j_logits, j_grad = both(x, w)
 
     d_logit = np.abs(j_logits - ref_logits)
     d_grad = np.abs(j_grad - ref_grad)
@@ -83,6 +86,19 @@ def verify_conversion(result, *, n_probes: int = 8, seed: int = 0) -> dict:
     logits_ok = bool(np.all(d_logit <= LOGIT_ATOL + LOGIT_RTOL * np.abs(ref_logits)))
     grad_rel_l2 = float(np.linalg.norm(j_grad - ref_grad) / max(np.linalg.norm(ref_grad), 1e-30))
     grads_ok = grad_rel_l2 <= GRAD_RTOL
+    redrawn: list[int] = []
+    if logits_ok and not grads_ok:
+        # A kink flip (module docstring) changes ONE probe's gradient, by as much as 5e-3 relative on
+        # trained nets, where float64 on both sides agrees to 1e-15; a conversion error shows on every
+        # probe. So: if at most one probe in eight fails, redraw each failing probe once (new pixels,
+        # same loss weights); pass only if every redrawn probe passes the same 1e-4 bound.
+        per_probe = _rel_l2_per_probe(j_grad, ref_grad)
+        bad = np.flatnonzero(per_probe > GRAD_RTOL)
+        if 0 < len(bad) <= max(1, n_probes // 8):
+            x2 = probe_inputs(result.config, len(bad), seed + 7919)
+            _, ref_grad2, _, j_grad2 = both(x2, w[bad])
+            redrawn = bad.tolist()
+            grads_ok = bool(np.all(_rel_l2_per_probe(j_grad2, ref_grad2) <= GRAD_RTOL))
     return {
         "ok": logits_ok and grads_ok,
         "probes": n_probes,
@@ -96,8 +112,14 @@ def verify_conversion(result, *, n_probes: int = 8, seed: int = 0) -> dict:
         "input_grad_rel_diff": float(d_grad.max() / max(grad_scale, 1e-30)),
         "input_grad_rel_l2": grad_rel_l2,
         "input_grad_cosine": float(np.sum(j_grad * ref_grad) / (np.linalg.norm(j_grad) * np.linalg.norm(ref_grad) + 1e-30)),
+        "redrawn_probes": redrawn,
         "tolerances": {"logit_rtol": LOGIT_RTOL, "logit_atol": LOGIT_ATOL, "grad_rtol": GRAD_RTOL},
     }
+
+
+def _rel_l2_per_probe(a: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    n = ref.shape[0]
+    return np.linalg.norm((a - ref).reshape(n, -1), axis=1) / np.maximum(np.linalg.norm(ref.reshape(n, -1), axis=1), 1e-30)
 
 
 def _to_torch(torch, a: np.ndarray):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 from kdd_jax.cli import main
+from kdd_jax.demo import DEMO_ZOO
 
 
 def test_demo_serves_teachers_over_http_and_audits_every_student(toy_zoo, tmp_path, capsys):
@@ -38,3 +39,14 @@ def test_demo_serves_teachers_over_http_and_audits_every_student(toy_zoo, tmp_pa
 def test_demo_without_a_zoo_fails_clearly(tmp_path, capsys):
     assert main(["demo", "--zoo", str(tmp_path), "--out", str(tmp_path / "o"), "-q"]) == 1
     assert "no demo zoo here" in capsys.readouterr().err
+
+
+def test_bundled_demo_zoo_is_complete():
+    """Every model the bundled manifest names exists, with weights and config (no download needed)."""
+    manifest = json.loads((DEMO_ZOO / "manifest.json").read_text())
+    assert len(manifest["teachers"]) >= 3 and len(manifest["students"]) >= 4
+    assert any(s["teacher"] is None for s in manifest["students"])  # an independent student
+    for m in manifest["teachers"] + manifest["students"]:
+        assert (DEMO_ZOO / m["dir"] / "model.safetensors").is_file() and (DEMO_ZOO / m["dir"] / "config.json").is_file()
+    size = sum(p.stat().st_size for p in DEMO_ZOO.rglob("*") if p.is_file())
+    assert size < 8 * 2**20, size  # "a few MB at most"
