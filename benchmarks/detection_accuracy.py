@@ -48,7 +48,7 @@ import numpy as np  # noqa: E402
 from benchmarks.zoo.fashion import load_fashion  # noqa: E402
 from converters import convert_student  # noqa: E402
 from kdd_jax.detect import teacher_log_probs  # noqa: E402
-from kdd_jax.evaluation import binary_rates_loo, margin_statistic, multiple_choice_metrics  # noqa: E402
+from kdd_jax.evaluation import binary_rates_loo, margin_statistic, multiple_choice_metrics, tie_aware_accuracy  # noqa: E402
 from kdd_jax.io import atomic_write_bytes, atomic_write_json  # noqa: E402
 from kdd_jax.models import predict_logits  # noqa: E402
 from kdd_jax.report import svg_histogram_rows, svg_lines  # noqa: E402
@@ -188,7 +188,7 @@ def evaluate(records, manifest, teachers_order):
                     per_recipe = {}
                     for rid in recipes:
                         sel = np.array([models[m]["recipe_id"] == rid for m in distilled])
-                        per_recipe[rid] = float(np.mean(np.argmax(S[:, sel], -1) == labels[sel]))
+                        per_recipe[rid] = float(np.mean([tie_aware_accuracy(S[r][sel], labels[sel]) for r in range(len(S))]))
                     res["per_recipe_accuracy"] = per_recipe
                     if len(controls) and len(distilled) >= 2:
                         rates = [binary_rates_loo(margin_statistic(S[r]), margin_statistic(C[r])) for r in range(len(seeds))]

@@ -49,6 +49,14 @@ def ovr_auc(labels: np.ndarray, probs: np.ndarray) -> float:
     return float(np.mean([binary_auc(labels == k, probs[:, k]) for k in range(probs.shape[1])]))
 
 
+def tie_aware_accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Share of students whose true teacher has the top score; a k-way tie for the top earns 1/k
+    (the expected accuracy of breaking the tie at random), never the first-index luck of argmax."""
+    s = np.asarray(scores, np.float64)
+    top = s == s.max(-1, keepdims=True)
+    return float(np.mean(top[np.arange(len(labels)), labels] / top.sum(-1)))
+
+
 def multiple_choice_metrics(scores: np.ndarray, labels: np.ndarray) -> dict:
     """scores [R, M, K] (run, distilled student, teacher; higher = more teacher-like), labels [M]
     (index of each student's true teacher) -> accuracy and AUC, per run and mean/std."""
@@ -58,7 +66,7 @@ def multiple_choice_metrics(scores: np.ndarray, labels: np.ndarray) -> dict:
     labels = np.asarray(labels)
     if scores.shape[1] != len(labels):
         raise ValueError(f"scores have {scores.shape[1]} students, labels {len(labels)}")
-    acc = [(np.argmax(s, -1) == labels).mean() for s in scores]
+    acc = [tie_aware_accuracy(s, labels) for s in scores]
     present = np.unique(labels)
     auc = []
     for s in scores:

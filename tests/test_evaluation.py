@@ -41,6 +41,12 @@ def test_multiple_choice_metrics_per_run():
         multiple_choice_metrics(perfect, labels[:3])
 
 
+def test_ties_earn_fractional_credit_not_argmax_luck():
+    labels = np.array([0, 1])
+    tied = np.array([[1.0, 1.0, 0.0], [2.0, 2.0, 2.0]])  # 2-way tie incl. truth; 3-way tie
+    assert multiple_choice_metrics(tied, labels)["accuracy"] == pytest.approx((1 / 2 + 1 / 3) / 2)
+
+
 def test_margin_statistic_ignores_per_student_offsets():
     s = np.array([[1.0, 3.0, 2.0]])
     assert margin_statistic(s) == pytest.approx([1.5])
