@@ -306,7 +306,8 @@ def main(argv=None) -> int:
     manifest = json.loads(args.manifest.read_text())
     log(f"converting {len(manifest['models'])} zoo models")
     zoo = load_zoo(args.zoo, manifest)
-    teacher_names = [m["name"] for m in manifest["models"] if m["role"] == "teacher"]
+    # sorted: cached teacher logits are stacked in this order, so it must not depend on the manifest's
+    teacher_names = sorted(m["name"] for m in manifest["models"] if m["role"] == "teacher")
     wids = {name: weights_id(args.zoo, m) for name, (_, _, m) in zoo.items()}
     # the response cache keys answers by teacher NAME: one cache per exact set of teacher weights
     work = args.work / ("teachers-" + "-".join(wids[t][:6] for t in teacher_names))
