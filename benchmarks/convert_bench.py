@@ -39,7 +39,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import shlex
 import shutil
 import statistics
@@ -137,36 +136,11 @@ QUICK_ZOO = [
 
 
 def machine_info() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem = round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
     import jax
 
-    return {
-        "cpu_model": cpu,
-        "logical_cpus": os.cpu_count(),
-        "usable_cpus": usable,
-        "memory_gib": mem,
-        "jax_backend": jax.default_backend(),
-        "jax_devices": [str(d) for d in jax.devices()],
-        "hostname_hash": hashlib.sha256(platform.node().encode()).hexdigest()[:12],
-    }
+    from kdd_jax.versions import machine
+
+    return {**machine(), "jax_backend": jax.default_backend(), "jax_devices": [str(d) for d in jax.devices()]}
 
 
 def git_info() -> dict:

@@ -31,8 +31,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -57,7 +55,7 @@ from kdd_jax.synthesis import ImagePool, SynthesisConfig, synthesize  # noqa: E4
 from kdd_jax.synthesis.mapping import map_probes  # noqa: E402
 from kdd_jax.teachers import CachedTeacher, ResponseCache, flax_teacher  # noqa: E402
 from kdd_jax.teachers.local import logits_to_output  # noqa: E402
-from kdd_jax.versions import versions  # noqa: E402
+from kdd_jax.versions import machine, versions  # noqa: E402
 
 METHODS = ("pixel", "generator", "confidence", "noise", "real", "ood", "mia")
 OUTPUTS = ("logits", "probs", "topk", "labels")
@@ -211,7 +209,8 @@ def cell(res) -> str:
 def markdown(results, manifest, meta) -> str:
     get = lambda m, o, s, n: results.get(m, {}).get(o, {}).get(s, {}).get(n)  # noqa: E731
     lines = ["# Detection accuracy on the Fashion-MNIST zoo", "",
-             f"Machine: {meta['machine']}; versions: {meta['versions']}; date {meta['date']}.",
+             f"Machine: {meta['machine']['cpu_model']}, {meta['machine']['usable_cpus']} CPUs, "
+             f"{meta['machine']['memory_gib']} GiB, backend {meta['machine']['jax_backend']}; versions: {meta['versions']}; date {meta['date']}.",
              f"Command: `{meta['command']}` ({meta['wall_seconds']:.0f} s, {meta['runs']} runs, "
              f"{meta['synthesis_steps']} synthesis steps).", "",
              f"Zoo: {manifest['counts']['teacher']} teachers, {manifest['counts']['student']} distilled students, "
@@ -334,7 +333,7 @@ def main(argv=None) -> int:
                     log(f"{done}/{total} ({method}, seed {seed}) elapsed {el:.0f}s; queries "
                         f"{sum(t.stats.queries for t in teachers)} new, {sum(t.stats.hits for t in teachers)} cached")
     results = evaluate(records, manifest, teacher_names)
-    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}, no GPU",
+    meta = {"machine": {**machine(), "jax_backend": jax.default_backend()},
             "versions": versions(), "date": datetime.date.today().isoformat(),
             "command": "python benchmarks/detection_accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "wall_seconds": time.perf_counter() - started, "runs": args.runs, "synthesis_steps": args.steps,

@@ -27,7 +27,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import shutil
 import sys
 import time
@@ -547,16 +546,9 @@ def build_one(spec: Spec, out: Path, data: Data, specs: dict[str, Spec], tout: T
 
 
 def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(), "python": platform.python_version()}
+    from kdd_jax.versions import machine as host
+
+    return {**host(), "torch_threads": torch.get_num_threads()}
 
 
 def write_manifest(out: Path, specs: list[Spec], data: Data, manifest_path: Path, md_path: Path | None,
