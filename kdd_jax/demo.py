@@ -52,6 +52,24 @@ def _start_server(teacher_dir: Path, name: str, output: str, timeout: float = 18
     return proc, found["url"]
 
 
+def _read_manifest(path: Path) -> dict:
+    """The demo manifest, checked field by field so a broken zoo fails before any server starts."""
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DemoError(f"{path}: cannot read the demo manifest: {e}") from None
+    if not isinstance(manifest, dict) or not manifest.get("teachers") or not manifest.get("students"):
+        raise DemoError(f"{path}: needs non-empty 'teachers' and 'students' lists")
+    for role, fields in (("teachers", ("name", "dir")), ("students", ("name", "dir", "description"))):
+        for i, entry in enumerate(manifest[role]):
+            missing = [f for f in fields if not isinstance(entry, dict) or not isinstance(entry.get(f), str)]
+            if missing:
+                raise DemoError(f"{path}: {role}[{i}] lacks {missing}")
+            if not (path.parent / entry["dir"]).is_dir():
+                raise DemoError(f"{path}: {role}[{i}] ({entry['name']}): directory {entry['dir']!r} not found")
+    return manifest
+
+
 def run_demo(out: str | Path, *, zoo: str | Path = DEMO_ZOO, probes: int = 64, steps: int = 60, seed: int = 0,
              method: str = "pixel", quiet: bool = False) -> dict:
     """Serve the zoo's teachers, audit every student, write reports; returns the summary dict."""
@@ -71,7 +89,7 @@ def run_demo(out: str | Path, *, zoo: str | Path = DEMO_ZOO, probes: int = 64, s
     manifest_path = zoo / "manifest.json"
     if not manifest_path.is_file():
         raise DemoError(f"{zoo}: no demo zoo here (missing manifest.json)")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = _read_manifest(manifest_path)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     procs = []

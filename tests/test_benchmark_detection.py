@@ -27,7 +27,8 @@ def test_detection_benchmark_smoke(toy_zoo, tmp_path):
     assert r["runs"] == 2 and 0.0 <= r["accuracy"] <= 1.0 and len(r["accuracy_per_run"]) == 2
     assert set(result["results"]) == {"pixel", "noise"}
     assert set(result["results"]["pixel"]) == {"logits", "probs", "topk", "labels"}
-    assert "10" not in result["results"]["pixel"]["probs"]["acs"] or result["results"]["pixel"]["probs"]["acs"]["10"]
+    acs = result["results"]["pixel"]["probs"]["acs"]
+    assert "1" not in acs and acs["10"]["runs"] == 2  # set scores need a set of probes: none at N=1
     md = (tmp_path / "results" / "smoke.md").read_text()
     assert "| pixel + neg_kl |" in md and "synthetic + KL (paper)" in md
     stats = result["meta"]["queries"].values()

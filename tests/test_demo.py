@@ -39,6 +39,14 @@ def test_demo_serves_teachers_over_http_and_audits_every_student(toy_zoo, tmp_pa
 def test_demo_without_a_zoo_fails_clearly(tmp_path, capsys):
     assert main(["demo", "--zoo", str(tmp_path), "--out", str(tmp_path / "o"), "-q"]) == 1
     assert "no demo zoo here" in capsys.readouterr().err
+    for content, message in [("{", "cannot read the demo manifest"), ("{}", "non-empty 'teachers'"),
+                             (json.dumps({"teachers": [{"name": "t"}], "students": [{}]}), "teachers[0] lacks ['dir']"),
+                             (json.dumps({"teachers": [{"name": "t", "dir": "nope"}],
+                                          "students": [{"name": "s", "dir": "x", "description": "d"}]}),
+                              "directory 'nope' not found")]:
+        (tmp_path / "manifest.json").write_text(content)
+        assert main(["demo", "--zoo", str(tmp_path), "--out", str(tmp_path / "o"), "-q"]) == 1
+        assert message in capsys.readouterr().err
 
 
 def test_bundled_demo_zoo_is_complete():
