@@ -34,7 +34,8 @@ def run(zoo, tmp_path, output="probs", score="neg_kl", seed=0):
     return detect(s.model, s.config, teachers, dc), teachers
 
 
-@pytest.mark.parametrize("output, score", [("probs", "neg_kl"), ("logits", "neg_kl"), ("topk", "neg_kl")])
+@pytest.mark.parametrize("output, score", [("probs", "neg_kl"), ("logits", "neg_kl"), ("topk", "neg_kl"),
+                                           ("probs", "dark_corr"), ("topk", "dark_corr")])
 def test_detect_names_the_true_teacher(zoo, tmp_path, output, score):
     result, _ = run(zoo, tmp_path, output, score)
     v = result.verdict

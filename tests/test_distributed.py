@@ -22,7 +22,7 @@ def pairs(p=13, n=24, c=10, seed=0):
     return s, np.asarray(jax.vmap(lambda z: log_probs_from("logits", z, c))(t))
 
 
-@pytest.mark.parametrize("name", ["neg_kl", "inverse_kl", "top1", "acs", "linear_cka", "rbf_cka"])
+@pytest.mark.parametrize("name", ["neg_kl", "inverse_kl", "top1", "dark_corr", "acs", "linear_cka", "rbf_cka"])
 def test_scores_on_8_devices_equal_1_device_and_the_plain_loop(name):
     s, t = pairs()
     eight = np.asarray(score_pairs(name, s, t, mesh=make_mesh()))

@@ -218,6 +218,57 @@ def test_top1_agreement_exact_counts():
     np.testing.assert_array_equal(S.top1_scores(logits, t), [1.0, 0.0, 1.0, 0.0])
 
 
+def _np_dark_corr(z, t_logp):
+    out = []
+    for zi, ti in zip(np.asarray(z, np.float64), np.asarray(t_logp, np.float64)):
+        keep = np.arange(len(zi)) != zi.argmax()
+        a, b = zi[keep], ti[keep]
+        out.append(0.0 if a.std() == 0 or b.std() == 0 else np.corrcoef(a, b)[0, 1])
+    return np.asarray(out)
+
+
+def test_dark_knowledge_corr_vs_numpy_and_invariances():
+    r = rng(11)
+    z = f32(r.normal(size=(50, 10)) * 3)
+    t = np.asarray(S.log_probs_from("logits", f32(r.normal(size=(50, 10))), 10))
+    got = np.asarray(S.dark_knowledge_corr(z, t))
+    np.testing.assert_allclose(got, _np_dark_corr(z, t), rtol=1e-4, atol=1e-5)
+    assert got.shape == (50,) and np.all(np.abs(got) <= 1 + 1e-6)
+    # blind to the confidence level: shifting or positively rescaling either side changes nothing
+    np.testing.assert_allclose(S.dark_knowledge_corr(2.5 * z + 7.0, t), got, rtol=1e-4, atol=1e-5)
+    t_cold = np.asarray(S.log_probs_from("logits", f32(r.normal(size=(50, 10))), 10, temperature=0.3))
+    t_hot = np.asarray(S.log_probs_from("logits", f32(r.normal(size=(50, 10))), 10, temperature=3.0))
+    np.testing.assert_allclose(S.dark_knowledge_corr(z, t_cold), _np_dark_corr(z, t_cold), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(S.dark_knowledge_corr(z, t_hot), _np_dark_corr(z, t_hot), rtol=1e-4, atol=1e-5)
+    # a teacher that is the student at another temperature scores 1; its mirror image -1
+    np.testing.assert_allclose(S.dark_knowledge_corr(z, S.log_probs_from("logits", z, 10, temperature=4.0)), 1.0,
+                               atol=1e-5)
+    mirrored = z.copy()
+    keep = np.arange(10)[None] != z.argmax(-1)[:, None]
+    mirrored[keep] = -z[keep]
+    mirrored[~keep] = 100.0  # the same top class, the other classes in reverse order
+    np.testing.assert_allclose(S.dark_knowledge_corr(z, S.log_probs_from("logits", f32(mirrored), 10)), -1.0,
+                               atol=1e-5)
+    # the top class does not count: changing only the student's top-class logit changes nothing
+    bumped = z.copy()
+    bumped[np.arange(50), z.argmax(-1)] += 50.0
+    np.testing.assert_allclose(S.dark_knowledge_corr(bumped, t), got, rtol=1e-4, atol=1e-5)
+
+
+def test_dark_knowledge_corr_degenerate_teachers_score_zero_not_nan():
+    z = f32([[3.0, 1.0, 0.0, -1.0], [0.0, 2.0, 1.0, -1.0]])
+    # label-only teacher agreeing with the student: constant over the other classes
+    t = S.log_probs_from("labels", np.array([0, 1]), 4)
+    np.testing.assert_array_equal(np.asarray(S.dark_knowledge_corr(z, t)), [0.0, 0.0])
+    # exact zeros in a probability answer (-inf log-probs) stay finite
+    # (a zero takes the row's smallest finite log-prob: row 0 becomes constant, row 1 ordered)
+    with np.errstate(divide="ignore"):
+        t0 = np.log(f32([[0.7, 0.3, 0.0, 0.0], [0.1, 0.6, 0.3, 0.0]]))
+    got = np.asarray(S.dark_knowledge_corr(z, t0))
+    want1 = np.corrcoef([0.0, 1.0, -1.0], np.log([0.1, 0.3, 0.1]))[0, 1]
+    np.testing.assert_allclose(got, [0.0, want1], rtol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------ ACS
 @pytest.mark.parametrize("shape", [(60, 4), (30, 8), (6, 10), (12, 12)])
 def test_acs_vs_scipy_procrustes(shape):
@@ -371,6 +422,7 @@ POINTWISE_CASES = {
     "neg_kl": S.neg_kl_scores,
     "top1": S.top1_scores,
     "top1_labels": lambda zs, t: S.top1_agreement(zs, jnp.argmax(t, -1)),
+    "dark_corr": S.dark_knowledge_corr,
 }
 
 
@@ -423,7 +475,7 @@ def test_log_probs_from_jit_and_teacher_vmap(kind):
 
 
 def test_registry_and_cached_jit():
-    assert {"inverse_kl", "neg_kl", "top1", "acs", "linear_cka", "rbf_cka"} <= set(S.SCORES)
+    assert {"inverse_kl", "neg_kl", "top1", "dark_corr", "acs", "linear_cka", "rbf_cka"} <= set(S.SCORES)
     zs, t_logp = _pointwise_case()
     X, Ys = _set_case()
     for name, (fn, kind, higher) in S.SCORES.items():

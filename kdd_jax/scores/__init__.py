@@ -25,6 +25,7 @@ from kdd_jax.scores.pointwise import (
     DEFAULT_MIN_PROB,
     DIRECTIONS,
     KINDS,
+    dark_knowledge_corr,
     inverse_kl_scores,
     kl_per_probe,
     log_probs_from,
@@ -58,6 +59,7 @@ SCORES: dict[str, Score] = {
     "inverse_kl": Score(inverse_kl_scores, "pointwise"),
     "neg_kl": Score(neg_kl_scores, "pointwise"),
     "top1": Score(top1_scores, "pointwise"),
+    "dark_corr": Score(dark_knowledge_corr, "pointwise"),
     "acs": Score(aligned_cosine_similarity, "set"),
     "linear_cka": Score(linear_cka, "set"),
     "rbf_cka": Score(rbf_cka, "set"),
@@ -80,7 +82,7 @@ def jitted(name: str, **opts) -> Callable:
 
 __all__ = [
     "DEFAULT_LABEL_SMOOTHING", "DEFAULT_MIN_PROB", "DIRECTIONS", "KINDS", "SCORES", "Score",
-    "aligned_cosine_similarity", "inverse_kl_scores", "jitted", "kl_per_probe", "linear_cka",
+    "aligned_cosine_similarity", "dark_knowledge_corr", "inverse_kl_scores", "jitted", "kl_per_probe", "linear_cka",
     "log_probs_from", "median_heuristic_sigma", "mmd2_rbf", "mmd_permutation_test",
     "neg_kl_scores", "neg_mmd2_rbf", "rbf_cka", "top1_agreement", "top1_scores",
 ]
