@@ -40,7 +40,8 @@ CALIBRATION_FORMAT = 1
 MATCHED_FIELDS = ("score", "direction", "temperature", "synthesis.method", "synthesis.n_probes",
                   "synthesis.steps", "synthesis.lr", "synthesis.restarts", "synthesis.bn_weight",
                   "synthesis.ce_weight", "synthesis.tv_weight", "synthesis.l2_weight", "synthesis.mix_labels",
-                  "synthesis.batch_size", "synthesis.z_dim", "synthesis.generator_width")
+                  "synthesis.batch_size", "synthesis.z_dim", "synthesis.generator_width", "synthesis.init",
+                  "synthesis.init_scale", "synthesis.jitter", "synthesis.flip")
 
 
 _TOL = 1 + 1e-9  # k * (1/(m+1)) must compare equal to alpha when it is, despite rounding

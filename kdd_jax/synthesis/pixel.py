@@ -41,19 +41,40 @@ def _group_loss(graphdef, use_bn, consts, xg, tg):
     return bn_term + w[1] * soft_cross_entropy(logits, tg) + w[2] * total_variation(xg) + w[3] * jnp.mean(xg**2)
 
 
+def _augment(key, xs, jitter: int, flip: bool):
+    """DeepInversion's jitter: the student sees each restart's probes shifted by a random
+    (dy, dx) in [-jitter, jitter] (wrapping) and, with `flip`, mirrored left-right, so the probes
+    cannot rely on pixel-exact high-frequency patterns (the main source of unnatural, adversarial
+    texture). xs: [G, n, H, W, C]; one transform per restart group."""
+    if jitter == 0 and not flip:
+        return xs
+    k_shift, k_flip = jax.random.split(key)
+    g = xs.shape[0]
+    shifts = jax.random.randint(k_shift, (g, 2), -jitter, jitter + 1)
+    flips = jax.random.bernoulli(k_flip, 0.5, (g,)) & flip
+
+    def one(x, sh, fl):
+        x = jnp.roll(x, (sh[0], sh[1]), axis=(1, 2))
+        return jnp.where(fl, x[:, :, ::-1], x)
+
+    return jax.vmap(one)(xs, shifts, flips)
+
+
 def _step(static, carry, consts):
     """One Adam step on every restart's probes (restarts vmapped, shared student weights)."""
-    graphdef, use_bn = static
-    xs, opt_state = carry
+    graphdef, use_bn, jitter, flip = static
+    xs, opt_state, key = carry
+    key, sub = jax.random.split(key)
 
     def total(xs):
-        losses = jax.vmap(lambda xg, tg: _group_loss(graphdef, use_bn, consts, xg, tg))(xs, consts["targets"])
+        seen = _augment(sub, xs, jitter, flip)
+        losses = jax.vmap(lambda xg, tg: _group_loss(graphdef, use_bn, consts, xg, tg))(seen, consts["targets"])
         return losses.sum(), losses
 
     (_, losses), grads = jax.value_and_grad(total, has_aux=True)(xs)
     updates, opt_state = _adam(consts["lr"]).update(grads, opt_state, xs)
     xs = jnp.clip(optax.apply_updates(xs, updates), consts["lo"], consts["hi"])
-    return (xs, opt_state), jnp.mean(losses)
+    return (xs, opt_state, key), jnp.mean(losses)
 
 
 def synthesize_pixels(model: nnx.Module, config, sc: SynthesisConfig,
@@ -73,8 +94,10 @@ def synthesize_pixels(model: nnx.Module, config, sc: SynthesisConfig,
     graphdef, state = nnx.split(model)
     lo, hi = normalised_bounds(pre)
 
-    k_init, k_lab = jax.random.split(jax.random.key(sc.seed))
-    x = jax.random.normal(k_init, (groups, per_group, h, w, pre.channels)) * 0.5
+    k_init, k_lab, k_aug = jax.random.split(jax.random.key(sc.seed), 3)
+    x = jax.random.normal(k_init, (groups, per_group, h, w, pre.channels)) * sc.init_scale
+    if sc.init == "low":  # start near the darkest valid pixel (e.g. a black background)
+        x = lo + jnp.abs(x)
     x = jnp.clip(x, lo, hi)
     targets = jax.vmap(lambda k: mixed_label_targets(k, per_group, num_classes, mix=sc.mix_labels))(
         jax.random.split(k_lab, groups)
@@ -82,7 +105,8 @@ def synthesize_pixels(model: nnx.Module, config, sc: SynthesisConfig,
     consts = {"state": state, "running": bn_running_stats(model), "targets": targets, "lo": lo, "hi": hi,
               "w": jnp.asarray([sc.bn_weight, sc.ce_weight, sc.tv_weight, sc.l2_weight], jnp.float32),
               "lr": jnp.float32(sc.lr if sc.lr is not None else 0.05)}
-    (x, _), history = run_loop(_step, (graphdef, use_bn), (x, _adam(consts["lr"]).init(x)), consts, sc.steps,
+    (x, _, _), history = run_loop(_step, (graphdef, use_bn, sc.jitter, sc.flip),
+                               (x, _adam(consts["lr"]).init(x), k_aug), consts, sc.steps,
                                sc.loop, progress, checkpoint)
     probes = np.asarray(x).reshape(groups * per_group, h, w, pre.channels)[: sc.n_probes]
     return ProbeSet.from_normalised(probes, np.asarray(targets).reshape(-1, num_classes)[: sc.n_probes], pre, sc, history)

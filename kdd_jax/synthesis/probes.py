@@ -33,6 +33,10 @@ class SynthesisConfig:
     tv_weight: float = 1e-3
     l2_weight: float = 1e-4
     mix_labels: bool = True
+    init: Literal["zero", "low"] = "zero"  # pixel: N(0, init_scale) around the normalised mean, or |N| above the lowest valid value
+    init_scale: float = 0.5
+    jitter: int = 0  # pixel: random shift (pixels) of the probes the student sees each step
+    flip: bool = False  # pixel: random left-right flips too
     batch_size: int = 64  # generator training batch
     z_dim: int = 100  # generator: noise dimension
     generator_width: int = 64  # generator: channels of the last hidden conv (the first two have 2x)
