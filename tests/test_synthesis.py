@@ -70,6 +70,28 @@ def test_scan_and_python_loops_agree(student):
     np.testing.assert_allclose(a.normalised, b.normalised, rtol=1e-4, atol=1e-4)
 
 
+def test_jitter_flip_and_low_init(student):
+    """DeepInversion augmentation changes what the student sees, not the probes' validity or
+    determinism; init='low' starts every pixel at or above the lowest valid value, near it."""
+    from kdd_jax.synthesis.pixel import _augment
+    from kdd_jax.synthesis.probes import normalised_bounds
+
+    model, cfg = student
+    lo, hi = (np.asarray(b) for b in normalised_bounds(cfg.preprocessing))
+    start = synthesize(model, cfg, SynthesisConfig(n_probes=6, steps=0, init="low", init_scale=0.1, seed=3))
+    assert np.all(start.normalised >= lo - 1e-6) and np.mean(start.normalised - lo) < 0.15
+    plain = synthesize(model, cfg, SynthesisConfig(n_probes=6, steps=8, seed=3))
+    aug = [synthesize(model, cfg, SynthesisConfig(n_probes=6, steps=8, seed=3, jitter=2, flip=True)) for _ in range(2)]
+    assert aug[0].sha256 == aug[1].sha256 != plain.sha256
+    assert aug[0].raw.min() >= cfg.preprocessing.value_range[0] and aug[0].raw.max() <= cfg.preprocessing.value_range[1]
+    # _augment: a per-group roll and mirror, so it preserves each image's pixel multiset
+    x = jax.random.normal(jax.random.key(0), (3, 2, 8, 8, 1))
+    y = np.asarray(_augment(jax.random.key(1), x, 2, True))
+    np.testing.assert_allclose(np.sort(y.reshape(3, 2, -1), -1), np.sort(np.asarray(x).reshape(3, 2, -1), -1))
+    assert not np.allclose(y, np.asarray(x))
+    np.testing.assert_array_equal(np.asarray(_augment(jax.random.key(1), x, 0, False)), np.asarray(x))
+
+
 def test_student_without_batchnorm_is_refused_with_a_reason():
     cfg = parse_config(full_config("vgg_plain_nested"))
     with pytest.raises(SynthesisError, match="no BatchNorm"):
