@@ -249,6 +249,66 @@ def cmd_calibrate(args) -> int:
     return EXIT_OK
 
 
+def cmd_audit(args) -> int:
+    import contextlib
+
+    from kdd_jax.audit import AuditError, distributed_requested, stdout_to_stderr
+
+    multi = distributed_requested(args.distributed) or bool(args.num_processes)
+    with stdout_to_stderr() if multi else contextlib.nullcontext():
+        try:
+            outcome = _run_audit(args, multi)
+        except (AuditError, *_detect_errors()) as e:
+            outcome = e
+    if isinstance(outcome, Exception):
+        _eprint(f"kdd audit: {outcome}")
+        if args.json:
+            print(json.dumps({"command": "audit", "error": str(outcome)}, indent=2))
+        return EXIT_ERROR
+    index, summary = outcome
+    if index == 0:
+        if args.json:
+            print(json.dumps({"command": "audit", "out": str(args.out), "students": summary.rows,
+                              "failed": summary.failed, "skipped": summary.skipped, "queries": summary.queries},
+                             indent=2))
+        else:
+            print(_audit_table(summary))
+            _eprint(f"summary: {Path(args.out) / 'index.html'} (+ summary.json, summary.csv)")
+    return EXIT_ERROR if summary.failed else EXIT_OK
+
+
+def _run_audit(args, multi: bool):
+    """(process index, AuditSummary); raises the errors cmd_audit reports."""
+    from kdd_jax.audit import audit, global_barrier, init_distributed
+    from kdd_jax.calibration import Calibration
+    from kdd_jax.detect import find_students
+
+    index, count = init_distributed(args.coordinator, args.num_processes, args.process_id) if multi else (0, 1)
+    calibration = Calibration.load(args.calibration) if args.calibration else None
+    teachers = _open_teachers(args)
+    students = find_students(args.students)
+    dc = _detect_config(args)
+    log = None if args.quiet else (lambda m: _eprint(m if count == 1 else f"[process {index}/{count}] {m}"))
+    if log:
+        log(f"auditing {len(students)} student(s) against {len(teachers)} teacher(s) -> {args.out}")
+    summary = audit(students, teachers, dc, args.out, calibration=calibration, alpha=args.alpha,
+                    pool_for=(lambda config: _pool(args, config)), resume=args.resume, process_index=index,
+                    process_count=count, barrier=global_barrier if count > 1 else None, log=log)
+    return index, summary
+
+
+def _audit_table(summary) -> str:
+    w = max([len("student")] + [len(r["student"]) for r in summary.rows])
+    lines = [f"{'student':<{w}}  {'answer':<24} {'margin':>9} {'bootstrap p':>12}"]
+    for r in summary.rows:
+        lines.append(f"{r['student']:<{w}}  {r['answer']:<24} {r['margin']:>9.4f} {r['p_value']:>12.3g}")
+    for name, err in sorted(summary.failed.items()):
+        lines.append(f"{name:<{w}}  FAILED: {err}")
+    lines.append(f"{len(summary.rows)} finished ({len(summary.skipped)} from an earlier run), {len(summary.failed)} "
+                 f"failed; {summary.queries} new teacher queries")
+    return "\n".join(lines)
+
+
 def cmd_demo(args) -> int:
     from kdd_jax.demo import DEMO_ZOO, DemoError, run_demo, verdict_table
 
@@ -408,6 +468,31 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print a summary as JSON on stdout")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     c.set_defaults(func=cmd_calibrate)
+
+    a = sub.add_parser(
+        "audit",
+        help="detect the teacher of many students; resumable, multi-process",
+        description="Run the detection for every student (kdd convert outputs, student directories, or folders of "
+        "either) against the same teachers, sharing the response cache. Writes OUT/students/<name>/ (verdict.json, "
+        "report.html, probes.safetensors) and OUT/summary.json, summary.csv, index.html. With --resume, finished "
+        "students are skipped and an interrupted synthesis resumes. Exit status 1 if any student failed.",
+    )
+    a.add_argument("--students", nargs="+", required=True, metavar="PATH",
+                   help="students: kdd convert outputs, student directories, or folders of either")
+    _add_detection_options(a)
+    a.add_argument("--out", required=True, help="output folder")
+    a.add_argument("--resume", action="store_true", help="continue an audit in --out (skip finished students)")
+    a.add_argument("--calibration", help="calibration file from `kdd calibrate` (enables 'none of the candidates')")
+    a.add_argument("--alpha", type=float, default=0.05, help="level of the none-of-the-candidates test (default 0.05)")
+    a.add_argument("--distributed", action="store_true",
+                   help="join JAX's multi-process runtime (TPU pods, Slurm, Open MPI auto-detected; or set "
+                   "KDD_DISTRIBUTED=1): students are split across processes, process 0 writes the summary")
+    a.add_argument("--coordinator", help="host:port of process 0 (explicit multi-process set-up, e.g. on one machine)")
+    a.add_argument("--num-processes", type=int, help="number of processes (with --coordinator)")
+    a.add_argument("--process-id", type=int, help="this process's index (with --coordinator)")
+    a.add_argument("--json", action="store_true", help="print the summary as JSON on stdout (process 0)")
+    a.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    a.set_defaults(func=cmd_audit)
 
     dm = sub.add_parser(
         "demo",

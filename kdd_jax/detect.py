@@ -109,10 +109,13 @@ def detect(model: nnx.Module, config, teachers: list, dc: DetectConfig, progress
     logps, stats = [], {}
     for t in teachers:
         mapped = map_probes(probes.raw, config.preprocessing.value_range, t.spec, t.name)
+        s = getattr(t, "stats", None)
+        before = {} if s is None else dataclasses.asdict(s)
         out = t.query(mapped)
         logps.append(teacher_log_probs(out, num_classes, dc.temperature))
-        s = getattr(t, "stats", None)
-        stats[t.name] = {"output": t.output, **({} if s is None else dataclasses.asdict(s))}
+        # this detection's share: a teacher object's counters run on across detections (audits)
+        after = {} if s is None else dataclasses.asdict(s)
+        stats[t.name] = {"output": t.output, **{k: v - before[k] for k, v in after.items()}}
     timings["queries"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -223,6 +226,7 @@ def save_detection(out_dir: str | Path, report: dict, result: DetectionResult, c
     write_safetensors(paths["probes"], {"raw": result.probes.raw, "targets": result.probes.targets},
                       metadata={"sha256_raw": result.probes.sha256, "method": result.config.synthesis.method,
                                 "seed": str(result.config.synthesis.seed)})
-    atomic_write_json(paths["verdict"], report)
     write_report(paths["report"], render_detect_report(report, result, calibration=calibration))
+    # last: an existing verdict.json means every artefact is complete (kdd audit resumes on it)
+    atomic_write_json(paths["verdict"], report)
     return paths

@@ -18,9 +18,13 @@ AXIS = "pairs"
 
 
 def make_mesh(devices: list | None = None) -> Mesh:
-    """A 1-D mesh over `devices` (default: all, across every host). Auto axis: shardings are
-    propagated by XLA, so callers only place inputs."""
-    devices = list(devices) if devices is not None else jax.devices()
+    """A 1-D mesh over `devices` (default: every device of this process). Auto axis: shardings
+    are propagated by XLA, so callers only place inputs.
+
+    Why local by default: in a multi-process run (kdd audit --distributed) each process scores its
+    own students, and a mesh spanning other hosts' devices would require every process to pass
+    the same arrays in lockstep. Pass `jax.devices()` for a global SPMD computation."""
+    devices = list(devices) if devices is not None else jax.local_devices()
     return jax.make_mesh((len(devices),), (AXIS,), axis_types=(AxisType.Auto,), devices=devices)
 
 

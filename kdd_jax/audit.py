@@ -1,0 +1,312 @@
+"""Bulk audits: every student in a folder (or list) against the same candidate teachers.
+
+    from kdd_jax.audit import audit
+    summary = audit(find_students(["zoo/students"]), cached_teachers, DetectConfig(), "runs/audit")
+
+Each student is one `detect` (synthesise -> query through the shared response cache -> score ->
+decide) whose artefacts go to OUT/students/<name>/ (verdict.json, report.html, probes.safetensors;
+verdict.json is written last, so it marks a finished student). A re-run with `resume=True` skips
+finished students made with the same settings and teachers, resumes a student's interrupted
+synthesis from its checkpoint, and retries failed ones: a crash loses at most the student in
+flight. The summary (OUT/summary.json, summary.csv, index.html: score matrix, answers, margins,
+p-values) is rebuilt from the per-student records, so it is always consistent with them.
+
+Scale-out: with `process_count > 1` (JAX's multi-process runtime, `init_distributed`), process p
+audits students p, p + P, p + 2P, ... of the sorted list; all processes share the output folder
+and the response cache (SQLite, WAL: safe across processes), so an answer paid for by one process
+is never paid again by another. After a barrier, process 0 alone writes the summary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import html
+import io
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from kdd_jax.calibration import settings_of
+from kdd_jax.io import atomic_write_bytes, atomic_write_json
+
+SUMMARY_FILES = ("summary.json", "summary.csv", "index.html")
+
+
+class AuditError(ValueError):
+    """Bad audit input or an output folder made with other settings (names the student and field)."""
+
+
+@dataclasses.dataclass
+class AuditSummary:
+    rows: list[dict]  # one per student: name, answer, winner, margin, p_value, p_none, scores {teacher: s}
+    failed: dict[str, str]  # student -> error message
+    skipped: list[str]  # finished in an earlier run (resume)
+    teachers: list[str]
+    seconds: float
+    queries: int  # new teacher queries this process paid for
+    out: Path | None = None
+
+
+def partition(names: list[str], process_index: int, process_count: int) -> list[str]:
+    """This process's share of the students: round-robin over the sorted names, so shares differ
+    in size by at most one and do not depend on the order they were listed in."""
+    if not 0 <= process_index < process_count:
+        raise AuditError(f"process index {process_index} outside 0..{process_count - 1}")
+    return sorted(names)[process_index::process_count]
+
+
+def record_settings(dc, teachers: list[str]) -> dict:
+    """What a finished student's record must match to be reused: detection settings, the seed and
+    the candidate teachers (a verdict among other candidates answers another question)."""
+    return {**settings_of(dc), "synthesis.seed": dc.synthesis.seed, "n_bootstrap": dc.n_bootstrap,
+            "confidence": dc.confidence, "teachers": list(teachers)}
+
+
+def _student_dir(out: Path, name: str) -> Path:
+    # names come from file names; refuse anything that could leave the output folder
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise AuditError(f"student name {name!r} cannot be used as a folder name")
+    return out / "students" / name
+
+
+def finished_record(out: Path, name: str, expected: dict) -> dict | None:
+    """The student's verdict.json when it is finished with `expected` settings; None when there is
+    none (or it is unreadable: it is then redone). Raises AuditError when it was made with other
+    settings, naming the field: mixing settings in one audit would make its summary meaningless."""
+    path = _student_dir(out, name) / "verdict.json"
+    try:
+        rec = json.loads(path.read_text())
+        got = rec["audit_settings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    for k, v in expected.items():
+        if got.get(k) != v:
+            raise AuditError(f"{path}: made with {k}={got.get(k)!r}, this audit uses {k}={v!r}; use another --out "
+                             "or delete that student's folder to redo it")
+    return rec
+
+
+def _row(name: str, rec: dict) -> dict:
+    v = rec["verdict"]
+    none = rec.get("none_of_the_candidates") or {}
+    return {"student": name, "answer": rec["answer"], "winner": v["winner"], "runner_up": v["runner_up"],
+            "margin": v["margin"], "p_value": v["p_value"], "p_none": none.get("p_none"),
+            "scores": dict(zip(v["teachers"], v["scores"])),
+            "queries": sum(int(t.get("queries", 0)) for t in rec.get("teachers", {}).values())}
+
+
+def audit(students: list[tuple[str, object]], teachers: list, dc, out: str | Path, *, calibration=None,
+          alpha: float = 0.05, pool_for: Callable | None = None, resume: bool = False, process_index: int = 0,
+          process_count: int = 1, barrier: Callable[[], None] | None = None,
+          log: Callable[[str], None] | None = None, synthesis_progress: Callable | None = None) -> AuditSummary:
+    """Detect the teacher of every student in `students` ((name, source) pairs from
+    `detect.find_students`) among `teachers` (CachedTeacher objects sharing one ResponseCache).
+
+    `pool_for(config)` gives the image pool of the real-image methods. Without `resume`, an output
+    folder that already holds student records is refused (nothing is overwritten by accident).
+    A student that fails (bad file, teacher error) is recorded in its folder's error.json and the
+    audit goes on; the summary lists it. `barrier()` is called before process 0 writes the
+    summary (multi-process runs); `log` gets progress lines (overall and per student, ETA,
+    queries spent). `barrier` is also called once before any work, after the output folder
+    check, so no process sees another's first results as an existing audit."""
+    from kdd_jax.detect import detect, load_student_source, save_detection
+    from kdd_jax.synthesis import SynthesisError
+    from kdd_jax.teachers import QueryBudgetExceeded, TeacherError
+    from kdd_jax.config import ConfigError
+
+    out = Path(out)
+    names = [n for n, _ in students]
+    if not names:
+        raise AuditError("no students to audit")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise AuditError(f"student names must be unique, these repeat: {dup}")
+    for n in names:
+        _student_dir(out, n)
+    teacher_names = [t.name for t in teachers]
+    if calibration is not None:  # before any work: a mismatch must not cost a synthesis or a query
+        calibration.check_compatible(teacher_names, settings_of(dc))
+    expected = record_settings(dc, teacher_names)
+    if not resume and (out / "students").is_dir() and any((out / "students").iterdir()):
+        raise AuditError(f"{out} already holds an audit; pass resume=True (--resume) to continue it, or use another folder")
+    if barrier is not None:  # every process has looked at the folder before any writes to it
+        barrier()
+    mine = partition(names, process_index, process_count)
+    sources = dict(students)
+    log = log or (lambda _msg: None)
+    started = time.perf_counter()
+    queries0 = sum(getattr(t, "stats", None).queries for t in teachers if getattr(t, "stats", None) is not None)
+    skipped, failed, todo = [], {}, []
+    for name in mine:
+        if finished_record(out, name, expected) is not None:
+            skipped.append(name)
+        else:
+            todo.append(name)
+    if skipped:
+        log(f"resume: {len(skipped)} of {len(mine)} student(s) already finished, {len(todo)} to go")
+    times = []
+    for i, name in enumerate(todo):
+        sdir = _student_dir(out, name)
+        spent = sum(t.stats.queries for t in teachers if getattr(t, "stats", None) is not None) - queries0
+        eta = "" if not times else f", ETA {np.mean(times) * (len(todo) - i):.0f}s"
+        log(f"[{i + 1}/{len(todo)}] {name}: elapsed {time.perf_counter() - started:.0f}s{eta}, "
+            f"{spent} new queries so far")
+        t0 = time.perf_counter()
+        try:
+            model, config = load_student_source(sources[name])
+            result = detect(model, config, teachers, dc, synthesis_progress, calibration=calibration, alpha=alpha,
+                            pool=None if pool_for is None else pool_for(config),
+                            checkpoint_dir=sdir / "synthesis-checkpoint")
+        except (ConfigError, TeacherError, SynthesisError, QueryBudgetExceeded, ValueError, OSError) as e:
+            failed[name] = f"{type(e).__name__}: {e}"
+            sdir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(sdir / "error.json", {"student": name, "error": failed[name]})
+            log(f"  {name} FAILED: {failed[name]}")
+            continue
+        report = {"command": "audit", "student": name, "source": str(sources[name]),
+                  "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **result.to_dict(),
+                  "audit_settings": expected}
+        save_detection(sdir, report, result, calibration)
+        (sdir / "error.json").unlink(missing_ok=True)
+        times.append(time.perf_counter() - t0)
+        v = result.verdict
+        log(f"  {name}: {result.answer} (margin {v.margin:.4f}, bootstrap p {v.p_value:.3g}, "
+            f"{times[-1]:.1f}s)")
+    queries = sum(t.stats.queries for t in teachers if getattr(t, "stats", None) is not None) - queries0
+    if barrier is not None:
+        barrier()
+    summary = AuditSummary([], failed, skipped, teacher_names, time.perf_counter() - started, queries)
+    if process_index == 0:
+        summary = write_summary(out, names, expected, teacher_names, summary)
+    return summary
+
+
+def write_summary(out: Path, names: list[str], expected: dict, teachers: list[str], summary: AuditSummary) -> AuditSummary:
+    """Rebuild summary.json / summary.csv / index.html from every student's record (all processes'),
+    atomically. Students without a record are listed as failed (with their error.json message) or
+    missing."""
+    rows, failed = [], dict(summary.failed)
+    for name in sorted(names):
+        rec = finished_record(out, name, expected)
+        if rec is None:
+            if name not in failed:
+                try:
+                    failed[name] = json.loads((_student_dir(out, name) / "error.json").read_text())["error"]
+                except (OSError, ValueError, KeyError):
+                    failed[name] = "no result (not run yet, or interrupted)"
+            continue
+        failed.pop(name, None)
+        rows.append(_row(name, rec))
+    summary = dataclasses.replace(summary, rows=rows, failed=failed, out=out)
+    doc = {"teachers": teachers, "settings": expected, "students": rows, "failed": failed,
+           "counts": {"students": len(names), "finished": len(rows), "failed": len(failed)},
+           "answers": {t: sum(r["answer"] == t for r in rows) for t in [*teachers, "none of the candidates"]},
+           "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    from kdd_jax.versions import versions
+
+    doc["versions"] = versions()
+    atomic_write_json(out / "summary.json", doc)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["student", "answer", "winner", "runner_up", "margin", "bootstrap_p", "p_none", *teachers])
+    for r in rows:
+        w.writerow([r["student"], r["answer"], r["winner"], r["runner_up"], _num(r["margin"]), _num(r["p_value"]),
+                    _num(r["p_none"]), *[_num(r["scores"].get(t)) for t in teachers]])
+    atomic_write_bytes(out / "summary.csv", buf.getvalue().encode())
+    atomic_write_bytes(out / "index.html", _html(doc).encode())
+    return summary
+
+
+def _num(x) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return ""
+    return f"{x:.6g}"
+
+
+def _html(doc: dict) -> str:
+    """Self-contained page (no scripts, no network): the student x teacher score matrix with each
+    row's winner marked, the answer, margin and p-values, links to each student's report."""
+    e = html.escape
+    teachers = doc["teachers"]
+    head = "".join(f"<th>{e(t)}</th>" for t in teachers)
+    body = []
+    for r in doc["students"]:
+        vals = [r["scores"].get(t) for t in teachers]
+        finite = [v for v in vals if v is not None]
+        lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
+        cells = []
+        for t, v in zip(teachers, vals):
+            shade = 0.0 if v is None or hi == lo else (v - lo) / (hi - lo)
+            style = f"background:rgba(44,123,182,{0.1 + 0.5 * shade:.2f})" + (";font-weight:bold" if t == r["winner"] else "")
+            cells.append(f"<td style='{style}'>{_num(v)}</td>")
+        link = f"students/{e(r['student'])}/report.html"
+        body.append(f"<tr><td><a href='{link}'>{e(r['student'])}</a></td><td>{e(r['answer'])}</td>{''.join(cells)}"
+                    f"<td>{_num(r['margin'])}</td><td>{_num(r['p_value'])}</td><td>{_num(r['p_none'])}</td></tr>")
+    fails = "".join(f"<li><b>{e(n)}</b>: {e(m)}</li>" for n, m in sorted(doc["failed"].items()))
+    counts = ", ".join(f"{e(k)}: {v}" for k, v in doc["answers"].items() if v)
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>kdd-jax audit</title><style>"
+        "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
+        "padding:4px 8px;text-align:right}td:first-child,td:nth-child(2){text-align:left}</style></head><body>"
+        f"<h1>Distillation audit: {doc['counts']['finished']} of {doc['counts']['students']} students</h1>"
+        f"<p>Answers: {counts or 'none yet'}. Score: {e(str(doc['settings'].get('score')))} (higher = closer); "
+        f"the bold cell is each student's most likely teacher. Bootstrap p: the winner does not beat the runner-up; "
+        f"p none: the student is independent of every candidate (only with a calibration).</p>"
+        f"<table><tr><th>student</th><th>answer</th>{head}<th>margin</th><th>bootstrap p</th><th>p none</th></tr>"
+        f"{''.join(body)}</table>"
+        + (f"<h2>Failed ({len(doc['failed'])})</h2><ul>{fails}</ul>" if fails else "")
+        + f"<p>Settings: {e(json.dumps(doc['settings']))}<br>Versions: {e(json.dumps(doc['versions']))}<br>"
+        f"Written {e(doc['date'])}.</p></body></html>"
+    )
+
+
+def init_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None) -> tuple[int, int]:
+    """Start JAX's multi-process runtime (TPU pods, Slurm and Open MPI are auto-detected when no
+    argument is given) and return (process_index, process_count). On CPU, cross-process
+    collectives (the barrier) use JAX's default, gloo."""
+    import jax
+
+    kwargs = {k: v for k, v in {"coordinator_address": coordinator, "num_processes": num_processes,
+                                "process_id": process_id}.items() if v is not None}
+    jax.distributed.initialize(**kwargs)
+    return jax.process_index(), jax.process_count()
+
+
+def global_barrier(name: str = "kdd-audit") -> None:
+    """Every process waits here until all have arrived (a no-op in a single process)."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """Send file descriptor 1 to stderr inside the block. Why: the multi-process runtime's C++
+    layers (gloo) print connection notices on the C-level stdout, which would corrupt
+    `--json` output; the summary is printed after the block."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def distributed_requested(flag: bool) -> bool:
+    """--distributed, or KDD_DISTRIBUTED=1 in the environment (set it in a Slurm/MPI launcher)."""
+    return flag or os.environ.get("KDD_DISTRIBUTED", "") not in ("", "0", "false", "False")

@@ -1,0 +1,144 @@
+"""`kdd audit` / kdd_jax.audit: many students against the same teachers, resumable, split across
+processes. Runs on the session's toy zoo (tests/toyzoo.py): the distilled student plus three
+independent references audited against teacher-a and teacher-b."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kdd_jax.audit import AuditError, _student_dir, partition
+from kdd_jax.cli import main
+
+SETTINGS = ["--probes", "32", "--steps", "20"]
+
+
+@pytest.fixture()
+def setup(toy_zoo, tmp_path):
+    paths = {n: str(Path(toy_zoo[n].report["source"]["weights"]).parent) for n in ("teacher-a", "teacher-b", "student")}
+    tfile = tmp_path / "teachers.json"
+    tfile.write_text(json.dumps({"teachers": [{"name": n, "path": paths[n], "output": "probs"}
+                                              for n in ("teacher-a", "teacher-b")]}))
+    students = [paths["student"], str(toy_zoo["references"])]
+    common = ["--teachers", str(tfile), "--cache", str(tmp_path / "cache"), *SETTINGS, "-q"]
+    return {"students": students, "common": common, "out": tmp_path / "audit", "tmp": tmp_path}
+
+
+def run_audit(setup, *extra, students=None):
+    return main(["audit", "--students", *(students or setup["students"]), "--out", str(setup["out"]),
+                 *setup["common"], *extra])
+
+
+def test_partition_is_round_robin_disjoint_and_order_free():
+    names = [f"s{i:02d}" for i in range(11)]
+    shares = [partition(names[::-1], p, 3) for p in range(3)]
+    assert sorted(sum(shares, [])) == names and shares[0] == ["s00", "s03", "s06", "s09"]
+    assert {len(s) for s in shares} == {3, 4}
+    assert partition(names, 0, 1) == names
+    with pytest.raises(AuditError, match="outside"):
+        partition(names, 3, 3)
+
+
+@pytest.mark.parametrize("bad", ["", ".", "..", "a/b", "a\\b"])
+def test_student_names_cannot_escape_the_output_folder(tmp_path, bad):
+    with pytest.raises(AuditError, match="folder name"):
+        _student_dir(tmp_path, bad)
+
+
+def test_audit_end_to_end_summary_and_resume(setup, capsys):
+    assert run_audit(setup, "--json") == 0
+    first = json.loads(capsys.readouterr().out)
+    out = setup["out"]
+    rows = {r["student"]: r for r in first["students"]}
+    assert sorted(rows) == ["ref0", "ref1", "ref2", "student"] and first["failed"] == {}
+    assert rows["student"]["answer"] == "teacher-a"  # the distilled one
+    assert first["queries"] == 4 * 2 * 32  # students x teachers x probes, each paid once
+    assert all(r["queries"] == 2 * 32 for r in rows.values())  # each record counts its own queries only
+    for name in rows:
+        d = out / "students" / name
+        assert (d / "verdict.json").is_file() and (d / "report.html").is_file() and (d / "probes.safetensors").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"] == {"students": 4, "finished": 4, "failed": 0}
+    assert summary["settings"]["synthesis.steps"] == 20 and summary["teachers"] == ["teacher-a", "teacher-b"]
+    assert sum(summary["answers"].values()) == 4 and "versions" in summary
+    table = list(csv.reader((out / "summary.csv").read_text().splitlines()))
+    assert table[0][-2:] == ["teacher-a", "teacher-b"] and len(table) == 5
+    by_name = {r[0]: r for r in table[1:]}
+    assert float(by_name["student"][-2]) == pytest.approx(rows["student"]["scores"]["teacher-a"], rel=1e-5)
+    page = (out / "index.html").read_text()
+    assert all(f"students/{n}/report.html" in page for n in rows) and "<script" not in page
+
+    # an existing audit is never overwritten by accident
+    assert run_audit(setup) == 1
+    assert "already holds an audit" in capsys.readouterr().err
+    # --resume: everything is finished, nothing is recomputed or re-queried, same summary
+    assert run_audit(setup, "--resume", "--json") == 0
+    again = json.loads(capsys.readouterr().out)
+    assert sorted(again["skipped"]) == sorted(rows) and again["queries"] == 0 and again["students"] == first["students"]
+    # other settings in the same folder are refused, naming the field, before any work
+    assert main(["audit", "--students", *setup["students"], "--out", str(out), *setup["common"][:-5],
+                 "--probes", "32", "--steps", "21", "-q", "--resume"]) == 1
+    assert "synthesis.steps" in capsys.readouterr().err
+
+
+def test_interrupted_student_is_redone_from_cache_and_checkpoint(setup, capsys):
+    assert run_audit(setup, "--json") == 0
+    first = {r["student"]: r for r in json.loads(capsys.readouterr().out)["students"]}
+    # a crash after ref1's synthesis and queries but before its verdict was written
+    (setup["out"] / "students" / "ref1" / "verdict.json").unlink()
+    assert run_audit(setup, "--resume", "--json") == 0
+    again = json.loads(capsys.readouterr().out)
+    assert sorted(again["skipped"]) == ["ref0", "ref2", "student"]
+    assert again["queries"] == 0  # its probes were rebuilt identically and every answer was in the cache
+    redone = {r["student"]: r for r in again["students"]}
+    assert redone["ref1"]["queries"] == 0 and first["ref1"]["queries"] == 2 * 32
+    strip = lambda rows: {n: {k: v for k, v in r.items() if k != "queries"} for n, r in rows.items()}  # noqa: E731
+    assert strip(redone) == strip(first)  # the same verdicts, to the last digit
+
+
+def test_a_broken_student_is_reported_and_the_others_finish(setup, capsys):
+    broken = setup["tmp"] / "more" / "broken"
+    broken.mkdir(parents=True)
+    (broken / "model.safetensors").write_bytes(b"not a checkpoint")
+    (broken / "config.json").write_text("{}")
+    assert run_audit(setup, "--json", students=[*setup["students"], str(broken.parent)]) == 1
+    res = json.loads(capsys.readouterr().out)
+    assert list(res["failed"]) == ["broken"] and len(res["students"]) == 4
+    err = json.loads((setup["out"] / "students" / "broken" / "error.json").read_text())["error"]
+    assert "broken" in err or "config" in err
+    assert "broken" in json.loads((setup["out"] / "summary.json").read_text())["failed"]
+    assert "Failed (1)" in (setup["out"] / "index.html").read_text()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_split_the_students_and_process_0_writes_the_summary(setup):
+    """JAX's multi-process runtime on loopback (2 CPU processes, gloo): each audits half the
+    students; they share the output folder and response cache; process 0 writes the summary."""
+    port = _free_port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    base = [sys.executable, "-m", "kdd_jax.cli", "audit", "--students", *setup["students"], "--out", str(setup["out"]),
+            *setup["common"], "--json", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+    procs = [subprocess.Popen([*base, "--process-id", str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [[l for l in o[1].splitlines() if "rror" in l or "audit" in l][-5:] for o in outs]
+    summary = json.loads(outs[0][0])
+    assert sorted(r["student"] for r in summary["students"]) == ["ref0", "ref1", "ref2", "student"]
+    assert outs[1][0].strip() == ""  # only process 0 reports
+    # each process paid for its own half: the shares are disjoint, so no answer was bought twice
+    done = {n: json.loads((setup["out"] / "students" / n / "verdict.json").read_text()) for n in
+            ["ref0", "ref1", "ref2", "student"]}
+    assert sum(sum(t["queries"] for t in d["teachers"].values()) for d in done.values()) == 4 * 2 * 32
+    assert summary["queries"] == 2 * 2 * 32  # process 0's share: 2 students x 2 teachers x 32 probes
