@@ -20,8 +20,8 @@ mean +- std over runs, as the authors' score2detect.py computes them; per recipe
 leave-one-out threshold at >= 90% TPR on the other distilled students, false-positive rate on the
 independent controls.
 
-Outputs: benchmarks/results/detection_accuracy.{md,json} and *_accuracy_vs_n.svg /
-*_margins.svg. Intermediate results (per model/run/method logits) are cached in
+Outputs: benchmarks/results/TAG.{md,json}, TAG_vs_n.svg and TAG_margins.svg (TAG: --tag, default
+detection_accuracy). Intermediate results (per model/run/method logits) are cached in
 benchmarks/_work/detection/ so an interrupted run resumes.
 """
 
@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import hashlib
 import json
 import sys
 import time
@@ -61,7 +62,8 @@ METHODS = ("pixel", "generator", "confidence", "noise", "real", "ood", "mia")
 OUTPUTS = ("logits", "probs", "topk", "labels")
 TOPK = 3
 N_VALUES = (1, 10, 50, 100)
-SCORE_NAMES = ("neg_kl", "inverse_kl", "top1", "acs", "linear_cka", "rbf_cka", "neg_mmd2")
+SCORE_NAMES = ("neg_kl", "inverse_kl", "top1", "dark_corr", "acs", "linear_cka", "rbf_cka", "neg_mmd2")
+BEST = "dark_corr"  # the engine's recommended score: per-recipe, binary and plot sections use it too
 PAPER = {  # CIFAR-10, point-wise KL, (acc, auc) at N = 1 / 50 / 100 (method.md)
     "mia + KL (paper)": {1: (0.43, 0.66), 50: (0.54, 0.79), 100: (0.55, 0.80)},
     "ood + KL (paper)": {1: (0.42, 0.68), 50: (0.55, 0.79), 100: (0.54, 0.80)},
@@ -103,7 +105,10 @@ def weights_id(zoo: Path, entry: dict) -> str:
 
 def probe_logits(name, wid, model, config, method, seed, n, steps, teachers, image_pools, work: Path) -> dict:
     """Student and teacher logits on the probes of (model, method, seed); cached on disk."""
-    path = work / "logits" / method / f"{name}-{wid}-seed{seed}-n{n}-s{steps}{'-half' if method in ('ood', 'mia') else ''}.npz"
+    sc = SynthesisConfig(method=method, n_probes=n, steps=steps, seed=seed)
+    # keyed by every synthesis setting (a changed default makes new probes, never reuses stale ones)
+    cfg = hashlib.sha256(json.dumps(dataclasses.asdict(sc), sort_keys=True).encode()).hexdigest()[:8]
+    path = work / "logits" / method / f"{name}-{wid}-seed{seed}-n{n}-s{steps}-{cfg}{'-half' if method in ('ood', 'mia') else ''}.npz"
     if path.exists():
         with np.load(path) as z:
             return {k: z[k] for k in z.files}
@@ -116,7 +121,6 @@ def probe_logits(name, wid, model, config, method, seed, n, steps, teachers, ima
         aux = image_pools["aux"]
         keep = np.sort(np.random.default_rng(1000 + seed).choice(len(aux.images), len(aux.images) // 2, replace=False))
         pool = ImagePool(aux.images[keep], None if aux.labels is None else aux.labels[keep], aux.source + " (half)")
-    sc = SynthesisConfig(method=method, n_probes=n, steps=steps, seed=seed)
     t0 = time.perf_counter()
     probes = synthesize(model, config, sc, pool=pool)
     synth_s = time.perf_counter() - t0
@@ -193,7 +197,7 @@ def evaluate(records, manifest, teachers_order):
                         res["binary"] = {"tpr": float(np.mean([x["tpr"] for x in rates])),
                                          "fpr": float(np.mean([x["fpr"] for x in rates])),
                                          "tpr_target": 0.9, "n_controls": len(controls)}
-                        if (output, score, n) == ("probs", "neg_kl", 100):  # the plotted one only: keeps the JSON small
+                        if output == "probs" and n == 100 and score in ("neg_kl", BEST):  # plotted ones only: keeps the JSON small
                             res["margins"] = {"distilled": margin_statistic(S).ravel().tolist(),
                                               "controls": margin_statistic(C).ravel().tolist()}
                     results.setdefault(method, {}).setdefault(output, {}).setdefault(score, {})[n] = res
@@ -217,10 +221,12 @@ def markdown(results, manifest, meta) -> str:
              f"Zoo: {manifest['counts']['teacher']} teachers, {manifest['counts']['student']} distilled students, "
              f"{manifest['counts']['control']} independent controls (benchmarks/results/zoo.md). Accuracy ± std over "
              "runs / one-vs-rest AUC, over distilled students, multiple choice among all teachers.", "",
-             "## Paper layout (teacher API: probabilities, score: -KL)", "",
+             "## Paper layout (teacher API: probabilities)", "",
+             f"Rows `+ neg_kl` use the paper's point-wise KL (as -KL); rows `+ {BEST}` the engine's recommended score.", "",
              "| probes | N=1 | N=10 | N=50 | N=100 |", "|---|---|---|---|---|"]
-    for method in METHODS:
-        lines.append(f"| {method} + neg_kl | " + " | ".join(cell(get(method, "probs", "neg_kl", n)) for n in N_VALUES) + " |")
+    for score in ("neg_kl", BEST):
+        for method in METHODS:
+            lines.append(f"| {method} + {score} | " + " | ".join(cell(get(method, "probs", score, n)) for n in N_VALUES) + " |")
     for name, row in PAPER.items():
         lines.append(f"| {name} | " + " | ".join(f"{row[n][0]:.2f} / {row[n][1]:.2f}" if n in row else "-"
                                                    for n in N_VALUES) + " |")
@@ -242,46 +248,49 @@ def markdown(results, manifest, meta) -> str:
             row.append(f"{cell(r)} ({s})")
         lines.append(f"| {method} | " + " | ".join(row) + " |")
     recipes = sorted(next(iter(next(iter(next(iter(results.values())).values())).values()))[100]["per_recipe_accuracy"])
-    lines += ["", "## Per recipe (accuracy, N=100, probabilities API, -KL)", "",
-              "| method | " + " | ".join(recipes) + " |", "|---|" + "---|" * len(recipes)]
-    for method in METHODS:
-        r = get(method, "probs", "neg_kl", 100)
-        if r:
-            lines.append(f"| {method} | " + " | ".join(f"{r['per_recipe_accuracy'][x]:.2f}" for x in recipes) + " |")
-    lines += ["", "## Binary: distilled or not (N=100, probabilities API, -KL margin statistic)", "",
-              "Threshold: leave-one-out, the largest value flagging >= 90% of the other distilled students; "
-              "false-positive rate on the independent controls.", "",
-              "| method | TPR | FPR on controls |", "|---|---|---|"]
-    for method in METHODS:
-        r = get(method, "probs", "neg_kl", 100)
-        if r and "binary" in r:
-            lines.append(f"| {method} | {r['binary']['tpr']:.2f} | {r['binary']['fpr']:.2f} |")
+    lines += ["", "## Per recipe (accuracy, N=100, probabilities API)", "",
+              "| method + score | " + " | ".join(recipes) + " |", "|---|" + "---|" * len(recipes)]
+    for score in ("neg_kl", BEST):
+        for method in METHODS:
+            r = get(method, "probs", score, 100)
+            if r:
+                lines.append(f"| {method} + {score} | " + " | ".join(f"{r['per_recipe_accuracy'][x]:.2f}" for x in recipes) + " |")
+    lines += ["", "## Binary: distilled or not (N=100, probabilities API, margin statistic)", "",
+              "Margin: the best teacher's score minus the mean of the others'. Threshold: leave-one-out, the "
+              "largest value flagging >= 90% of the other distilled students; false-positive rate on the "
+              "independent controls.", "",
+              "| method + score | TPR | FPR on controls |", "|---|---|---|"]
+    for score in ("neg_kl", BEST):
+        for method in METHODS:
+            r = get(method, "probs", score, 100)
+            if r and "binary" in r:
+                lines.append(f"| {method} + {score} | {r['binary']['tpr']:.2f} | {r['binary']['fpr']:.2f} |")
     lines += ["", "## Cost", "", "| method | synthesis s / model (mean) |", "|---|---|"]
     for method, s in meta["synthesis_seconds"].items():
         lines.append(f"| {method} | {s:.2f} |")
     return "\n".join(lines) + "\n"
 
 
-def plots(results, out_dir: Path) -> None:
+def plots(results, out_dir: Path, tag: str = "detection_accuracy") -> None:
     series = {}
     for method in METHODS:
-        r = results.get(method, {}).get("probs", {}).get("neg_kl", {})
+        r = results.get(method, {}).get("probs", {}).get(BEST, {})
         if r:
             ns = sorted(r)
             series[method] = (ns, [r[n]["accuracy"] for n in ns], [r[n]["accuracy_std"] for n in ns])
     if series:
-        atomic_write_bytes(out_dir / "detection_accuracy_vs_n.svg",
-                           svg_lines(series, x_label="probes N (log)", y_label="accuracy", log_x=True,
+        atomic_write_bytes(out_dir / f"{tag}_vs_n.svg",
+                           svg_lines(series, x_label="probes N (log)", y_label=f"accuracy ({BEST})", log_x=True,
                                      y_range=(0, 1)).encode())
     rows = []
     for method in METHODS:
-        r = results.get(method, {}).get("probs", {}).get("neg_kl", {}).get(100)
+        r = results.get(method, {}).get("probs", {}).get(BEST, {}).get(100)
         if r and "margins" in r:
             rows += [(f"{method} distilled", np.array(r["margins"]["distilled"])),
                      (f"{method} controls", np.array(r["margins"]["controls"]))]
     if rows:
-        atomic_write_bytes(out_dir / "detection_accuracy_margins.svg",
-                           svg_histogram_rows(rows, x_label="-KL margin: best teacher minus mean of the others").encode())
+        atomic_write_bytes(out_dir / f"{tag}_margins.svg",
+                           svg_histogram_rows(rows, x_label=f"{BEST} margin: best teacher minus mean of the others").encode())
 
 
 # ------------------------------------------------------------------------------- main
@@ -344,7 +353,7 @@ def main(argv=None) -> int:
     atomic_write_bytes(args.out / f"{args.tag}.json",  # compact: thousands of cells
                        json.dumps({"meta": meta, "teachers": teacher_names, "results": results}).encode())
     atomic_write_bytes(args.out / f"{args.tag}.md", markdown(results, manifest, meta).encode())
-    plots(results, args.out)
+    plots(results, args.out, args.tag)
     log(f"wrote {args.out / (args.tag + '.md')}")
     return 0
 

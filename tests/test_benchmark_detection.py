@@ -30,7 +30,7 @@ def test_detection_benchmark_smoke(toy_zoo, tmp_path):
     acs = result["results"]["pixel"]["probs"]["acs"]
     assert "1" not in acs and acs["10"]["runs"] == 2  # set scores need a set of probes: none at N=1
     md = (tmp_path / "results" / "smoke.md").read_text()
-    assert "| pixel + neg_kl |" in md and "synthetic + KL (paper)" in md
+    assert "| pixel + neg_kl |" in md and "| pixel + dark_corr |" in md and "synthetic + KL (paper)" in md
     stats = result["meta"]["queries"].values()
     assert sum(q["queries"] + q["hits"] for q in stats) == 2 * 2 * 2 * 4 * 100  # teachers x methods x runs x models x probes
     # noise probes depend only on the seed and input shape, so every model after the first is answered from the cache
