@@ -126,7 +126,7 @@ def test_config_errors_name_the_field(patch, field):
         parse_config(cfg, "student/config.json")
 
 
-@pytest.mark.parametrize("kernel, stride, pad", [(3, 1, 1), (3, 2, 1), (5, 2, 2), (3, 1, 0), (1, 1, 0)])
+@pytest.mark.parametrize("kernel, stride, pad", [(3, 1, 1), (3, 2, 1), (5, 2, 2), (3, 1, 0), (1, 1, 0), (3, 2, 0)])
 def test_depthwise_fast_path_matches_lax_forward_and_gradient(kernel, stride, pad):
     """layers.conv_general_dilated computes depthwise convs on CPU as shifted multiply-adds (much
     faster gradients on XLA:CPU); it must equal lax's grouped convolution, value and gradient."""
@@ -153,3 +153,37 @@ def test_depthwise_fast_path_matches_lax_forward_and_gradient(kernel, stride, pa
     g_ref = jax.grad(lambda x, w: jnp.sum(jnp.sin(ref(x, w))), argnums=(0, 1))(x, w)
     for a, b in zip(g_ours, g_ref):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel, stride, pad, hw", [(2, 2, 0, (9, 10)), (2, 2, 0, (8, 8)), (3, 3, 0, (10, 7)),
+                                                     (3, 2, 1, (9, 10))])
+def test_maxpool_matches_reduce_window_value_and_gradient(kernel, stride, pad, hw):
+    """MaxPool2d's reshape fast path (non-overlapping windows) equals lax.reduce_window, floor
+    mode included (odd sizes crop), value and input gradient (inputs without ties)."""
+    import jax
+    import jax.numpy as jnp
+
+    from kdd_jax.models.layers import MaxPool2d
+
+    pool = MaxPool2d(kernel, stride, pad)
+    x = jax.random.normal(jax.random.key(2), (2, *hw, 3))
+
+    def ref(x):
+        return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, kernel, kernel, 1), (1, stride, stride, 1),
+                                     ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+
+    np.testing.assert_array_equal(np.asarray(pool(x)), np.asarray(ref(x)))
+    g = jax.grad(lambda x: jnp.sum(jnp.sin(pool(x))))(x)
+    g_ref = jax.grad(lambda x: jnp.sum(jnp.sin(ref(x))))(x)
+    np.testing.assert_allclose(g, g_ref, rtol=1e-6, atol=1e-7)
+
+
+def test_relu6_value_and_gradient_match_torch_conventions():
+    import jax
+
+    from kdd_jax.models.layers import ReLU6
+
+    x = np.array([-1.0, 0.0, 3.0, 6.0, 7.0], np.float32)
+    np.testing.assert_array_equal(np.asarray(ReLU6()(x)), [0.0, 0.0, 3.0, 6.0, 6.0])
+    g = jax.grad(lambda x: ReLU6()(x).sum())(x)
+    np.testing.assert_array_equal(np.asarray(g), [0.0, 0.0, 1.0, 0.0, 0.0])  # torch: 0 at both kinks
