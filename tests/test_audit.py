@@ -142,3 +142,15 @@ def test_two_processes_split_the_students_and_process_0_writes_the_summary(setup
             ["ref0", "ref1", "ref2", "student"]}
     assert sum(sum(t["queries"] for t in d["teachers"].values()) for d in done.values()) == 4 * 2 * 32
     assert summary["queries"] == 2 * 2 * 32  # process 0's share: 2 students x 2 teachers x 32 probes
+
+
+def test_audit_scaling_benchmark_smoke(tmp_path):
+    """benchmarks/audit_scaling.py end to end at toy size (its numbers come from the full run)."""
+    from benchmarks import audit_scaling
+
+    assert audit_scaling.main(["--students", "2,3", "--devices", "", "--out", str(tmp_path), "--tag", "smoke"]) == 0
+    doc = json.loads((tmp_path / "smoke.json").read_text())
+    assert [r["students"] for r in doc["audit"]] == [2, 3]
+    assert all(r["finished"] == r["students"] and r["failed"] == 0 for r in doc["audit"])
+    assert all(r["queries"] == r["students"] * 2 * 16 for r in doc["audit"])  # students x teachers x probes
+    assert doc["audit"][1]["per_student_s_mean"] > 0 and "| 3 |" in (tmp_path / "smoke.md").read_text()
