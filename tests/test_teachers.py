@@ -161,3 +161,26 @@ def test_concurrent_processes_share_one_cache(tmp_path):
     out = t.query(np.concatenate([probes(40, seed=s) for s in range(4)]))
     assert t.stats.queries == 0
     np.testing.assert_allclose(out.values, linear_teacher().query(np.concatenate([probes(40, seed=s) for s in range(4)])).values)
+
+
+def test_setting_up_a_shared_cache_waits_out_locks():
+    """Processes of a multi-process audit open the same new cache at once; switching it to WAL
+    and creating the schema can get 'database is locked' at once instead of waiting (seen in CI
+    with 2 processes). `_retry_locked` retries those, and only those, until its deadline."""
+    import sqlite3
+
+    from kdd_jax.teachers.cache import _retry_locked
+
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise sqlite3.OperationalError("database is locked")
+        return "ok"
+
+    assert _retry_locked(flaky) == "ok" and len(calls) == 3
+    with pytest.raises(sqlite3.OperationalError, match="no such table"):
+        _retry_locked(lambda: (_ for _ in ()).throw(sqlite3.OperationalError("no such table: x")))
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        _retry_locked(lambda: (_ for _ in ()).throw(sqlite3.OperationalError("database is locked")), seconds=0.05)

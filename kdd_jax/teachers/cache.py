@@ -49,6 +49,24 @@ class CacheStats:
     batches: int = 0
 
 
+def _retry_locked(fn, seconds: float = 60.0):
+    """Run `fn`, retrying while SQLite reports the database locked, for up to `seconds`.
+
+    Why: when several processes open a fresh cache at once (a multi-process audit), switching it
+    to WAL and creating the schema need an exclusive lock, and SQLite returns "database is
+    locked" at once there instead of waiting out its busy timeout (seen in CI with 2 processes)."""
+    deadline = time.monotonic() + seconds
+    delay = 0.01
+    while True:
+        try:
+            return fn()
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+
 class ResponseCache:
     """SQLite-backed store of teacher answers. Thread-safe; safe across processes."""
 
@@ -56,14 +74,14 @@ class ResponseCache:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        with self._conn() as conn:
-            conn.executescript(SCHEMA)
+        conn = self._conn()
+        _retry_locked(lambda: conn.executescript(SCHEMA))
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
+            _retry_locked(lambda: conn.execute("PRAGMA journal_mode=WAL"))
             conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
             self._local.conn = conn
         return conn
