@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import html
 import io
 import json
 import math
@@ -36,8 +35,6 @@ import numpy as np
 
 from kdd_jax.calibration import settings_of
 from kdd_jax.io import atomic_write_bytes, atomic_write_json
-
-SUMMARY_FILES = ("summary.json", "summary.csv", "index.html")
 
 
 class AuditError(ValueError):
@@ -94,6 +91,11 @@ def finished_record(out: Path, name: str, expected: dict) -> dict | None:
     return rec
 
 
+def _queries(teachers: list) -> int:
+    """New queries the teachers have sent so far (CachedTeacher stats; plain teachers count 0)."""
+    return sum(t.stats.queries for t in teachers if getattr(t, "stats", None) is not None)
+
+
 def _row(name: str, rec: dict) -> dict:
     v = rec["verdict"]
     none = rec.get("none_of_the_candidates") or {}
@@ -143,7 +145,7 @@ def audit(students: list[tuple[str, object]], teachers: list, dc, out: str | Pat
     sources = dict(students)
     log = log or (lambda _msg: None)
     started = time.perf_counter()
-    queries0 = sum(getattr(t, "stats", None).queries for t in teachers if getattr(t, "stats", None) is not None)
+    queries0 = _queries(teachers)
     skipped, failed, todo = [], {}, []
     for name in mine:
         if finished_record(out, name, expected) is not None:
@@ -155,7 +157,7 @@ def audit(students: list[tuple[str, object]], teachers: list, dc, out: str | Pat
     times = []
     for i, name in enumerate(todo):
         sdir = _student_dir(out, name)
-        spent = sum(t.stats.queries for t in teachers if getattr(t, "stats", None) is not None) - queries0
+        spent = _queries(teachers) - queries0
         eta = "" if not times else f", ETA {np.mean(times) * (len(todo) - i):.0f}s"
         log(f"[{i + 1}/{len(todo)}] {name}: elapsed {time.perf_counter() - started:.0f}s{eta}, "
             f"{spent} new queries so far")
@@ -180,7 +182,7 @@ def audit(students: list[tuple[str, object]], teachers: list, dc, out: str | Pat
         v = result.verdict
         log(f"  {name}: {result.answer} (margin {v.margin:.4f}, bootstrap p {v.p_value:.3g}, "
             f"{times[-1]:.1f}s)")
-    queries = sum(t.stats.queries for t in teachers if getattr(t, "stats", None) is not None) - queries0
+    queries = _queries(teachers) - queries0
     if barrier is not None:
         barrier()
     summary = AuditSummary([], failed, skipped, teacher_names, time.perf_counter() - started, queries)
@@ -210,6 +212,7 @@ def write_summary(out: Path, names: list[str], expected: dict, teachers: list[st
            "counts": {"students": len(names), "finished": len(rows), "failed": len(failed)},
            "answers": {t: sum(r["answer"] == t for r in rows) for t in [*teachers, "none of the candidates"]},
            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    from kdd_jax.report import render_audit_index, write_report
     from kdd_jax.versions import versions
 
     doc["versions"] = versions()
@@ -221,7 +224,7 @@ def write_summary(out: Path, names: list[str], expected: dict, teachers: list[st
         w.writerow([r["student"], r["answer"], r["winner"], r["runner_up"], _num(r["margin"]), _num(r["p_value"]),
                     _num(r["p_none"]), *[_num(r["scores"].get(t)) for t in teachers]])
     atomic_write_bytes(out / "summary.csv", buf.getvalue().encode())
-    atomic_write_bytes(out / "index.html", _html(doc).encode())
+    write_report(out / "index.html", render_audit_index(doc))
     return summary
 
 
@@ -229,43 +232,6 @@ def _num(x) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return ""
     return f"{x:.6g}"
-
-
-def _html(doc: dict) -> str:
-    """Self-contained page (no scripts, no network): the student x teacher score matrix with each
-    row's winner marked, the answer, margin and p-values, links to each student's report."""
-    e = html.escape
-    teachers = doc["teachers"]
-    head = "".join(f"<th>{e(t)}</th>" for t in teachers)
-    body = []
-    for r in doc["students"]:
-        vals = [r["scores"].get(t) for t in teachers]
-        finite = [v for v in vals if v is not None]
-        lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
-        cells = []
-        for t, v in zip(teachers, vals):
-            shade = 0.0 if v is None or hi == lo else (v - lo) / (hi - lo)
-            style = f"background:rgba(44,123,182,{0.1 + 0.5 * shade:.2f})" + (";font-weight:bold" if t == r["winner"] else "")
-            cells.append(f"<td style='{style}'>{_num(v)}</td>")
-        link = f"students/{e(r['student'])}/report.html"
-        body.append(f"<tr><td><a href='{link}'>{e(r['student'])}</a></td><td>{e(r['answer'])}</td>{''.join(cells)}"
-                    f"<td>{_num(r['margin'])}</td><td>{_num(r['p_value'])}</td><td>{_num(r['p_none'])}</td></tr>")
-    fails = "".join(f"<li><b>{e(n)}</b>: {e(m)}</li>" for n, m in sorted(doc["failed"].items()))
-    counts = ", ".join(f"{e(k)}: {v}" for k, v in doc["answers"].items() if v)
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>kdd-jax audit</title><style>"
-        "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
-        "padding:4px 8px;text-align:right}td:first-child,td:nth-child(2){text-align:left}</style></head><body>"
-        f"<h1>Distillation audit: {doc['counts']['finished']} of {doc['counts']['students']} students</h1>"
-        f"<p>Answers: {counts or 'none yet'}. Score: {e(str(doc['settings'].get('score')))} (higher = closer); "
-        f"the bold cell is each student's most likely teacher. Bootstrap p: the winner does not beat the runner-up; "
-        f"p none: the student is independent of every candidate (only with a calibration).</p>"
-        f"<table><tr><th>student</th><th>answer</th>{head}<th>margin</th><th>bootstrap p</th><th>p none</th></tr>"
-        f"{''.join(body)}</table>"
-        + (f"<h2>Failed ({len(doc['failed'])})</h2><ul>{fails}</ul>" if fails else "")
-        + f"<p>Settings: {e(json.dumps(doc['settings']))}<br>Versions: {e(json.dumps(doc['versions']))}<br>"
-        f"Written {e(doc['date'])}.</p></body></html>"
-    )
 
 
 def init_distributed(coordinator: str | None = None, num_processes: int | None = None,

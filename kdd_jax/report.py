@@ -268,5 +268,47 @@ def render_detect_report(report: dict, result, *, calibration=None) -> str:
     return "".join(parts)
 
 
+def _cell(v) -> str:
+    """A table number; blank for a missing or NaN value."""
+    return "" if v is None or v != v else f"{v:.4g}"
+
+
+def render_audit_index(doc: dict) -> str:
+    """index.html of a `kdd audit` (doc: its summary.json dict). Self-contained, no scripts, no
+    network: the student x teacher score matrix with each row's winner marked and shaded by
+    score, the answer, margin and p-values, links to each student's report, failures."""
+    e = html.escape
+    teachers = doc["teachers"]
+    head = "".join(f"<th>{e(t)}</th>" for t in teachers)
+    body = []
+    for r in doc["students"]:
+        vals = [r["scores"].get(t) for t in teachers]
+        finite = [v for v in vals if v is not None]
+        lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
+        cells = []
+        for t, v in zip(teachers, vals):
+            shade = 0.0 if v is None or hi == lo else (v - lo) / (hi - lo)
+            cls = " class='win'" if t == r["winner"] else ""
+            cells.append(f"<td{cls} style='background:rgba(44,123,182,{0.1 + 0.5 * shade:.2f})'>{_cell(v)}</td>")
+        link = f"students/{e(r['student'])}/report.html"
+        body.append(f"<tr><td><a href='{link}'>{e(r['student'])}</a></td><td>{e(r['answer'])}</td>{''.join(cells)}"
+                    f"<td>{_cell(r['margin'])}</td><td>{_cell(r['p_value'])}</td><td>{_cell(r['p_none'])}</td></tr>")
+    fails = "".join(f"<li><b>{e(n)}</b>: {e(m)}</li>" for n, m in sorted(doc["failed"].items()))
+    counts = ", ".join(f"{e(k)}: {v}" for k, v in doc["answers"].items() if v)
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>kdd-jax audit</title><style>{_CSS}</style>"
+        "</head><body>"
+        f"<h1>Distillation audit: {doc['counts']['finished']} of {doc['counts']['students']} students</h1>"
+        f"<p>Answers: {counts or 'none yet'}. Score: {e(str(doc['settings'].get('score')))} (higher = closer); "
+        f"the highlighted cell is each student's most likely teacher. Bootstrap p: the winner does not beat the runner-up; "
+        f"p none: the student is independent of every candidate (only with a calibration).</p>"
+        f"<table><tr><th>student</th><th>answer</th>{head}<th>margin</th><th>bootstrap p</th><th>p none</th></tr>"
+        f"{''.join(body)}</table>"
+        + (f"<h2>Failed ({len(doc['failed'])})</h2><ul>{fails}</ul>" if fails else "")
+        + f"<p>Settings: {e(json.dumps(doc['settings']))}<br>Versions: {e(json.dumps(doc['versions']))}<br>"
+        f"Written {e(doc['date'])}.</p></body></html>"
+    )
+
+
 def write_report(path: str | Path, page: str) -> None:
     atomic_write_bytes(path, page.encode("utf-8"))
