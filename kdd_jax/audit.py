@@ -9,7 +9,8 @@ verdict.json is written last, so it marks a finished student). A re-run with `re
 finished students made with the same settings and teachers, resumes a student's interrupted
 synthesis from its checkpoint, and retries failed ones: a crash loses at most the student in
 flight. The summary (OUT/summary.json, summary.csv, index.html: score matrix, answers, margins,
-p-values) is rebuilt from the per-student records, so it is always consistent with them.
+p-values) is rebuilt from the per-student records, so it is always consistent with them; a caller
+that knows more about each student (`kdd demo`: its true teacher) adds columns with `extra_columns`.
 
 Scale-out: with `process_count > 1` (JAX's multi-process runtime, `init_distributed`), process p
 audits students p, p + P, p + 2P, ... of the sorted list; all processes share the output folder
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdd_jax.calibration import settings_of
+from kdd_jax.calibration import recorded_setting, settings_of
 from kdd_jax.io import atomic_write_bytes, atomic_write_json
 
 
@@ -85,8 +86,8 @@ def finished_record(out: Path, name: str, expected: dict) -> dict | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     for k, v in expected.items():
-        if got.get(k) != v:
-            raise AuditError(f"{path}: made with {k}={got.get(k)!r}, this audit uses {k}={v!r}; use another --out "
+        if recorded_setting(got, k) != v:
+            raise AuditError(f"{path}: made with {k}={recorded_setting(got, k)!r}, this audit uses {k}={v!r}; use another --out "
                              "or delete that student's folder to redo it")
     return rec
 
@@ -106,23 +107,28 @@ def _row(name: str, rec: dict) -> dict:
 
 
 def audit(students: list[tuple[str, object]], teachers: list, dc, out: str | Path, *, calibration=None,
-          alpha: float = 0.05, pool_for: Callable | None = None, resume: bool = False, process_index: int = 0,
+          alpha: float = 0.05, pool_for: Callable | None = None, resume: bool = False, redo_stale: bool = False,
+          process_index: int = 0,
           process_count: int = 1, barrier: Callable[[], None] | None = None,
-          log: Callable[[str], None] | None = None, synthesis_progress: Callable | None = None) -> AuditSummary:
+          log: Callable[[str], None] | None = None, synthesis_progress: Callable | None = None,
+          extra_columns: Callable[[dict], dict] | None = None) -> AuditSummary:
     """Detect the teacher of every student in `students` ((name, source) pairs from
     `detect.find_students`) among `teachers` (CachedTeacher objects sharing one ResponseCache).
 
     `pool_for(config)` gives the image pool of the real-image methods. Without `resume`, an output
-    folder that already holds student records is refused (nothing is overwritten by accident).
+    folder that already holds student records is refused (nothing is overwritten by accident); with
+    it, a student finished with other settings is refused too, or redone with `redo_stale` (for a
+    folder that is the caller's own, like `kdd demo`'s).
     A student that fails (bad file, teacher error) is recorded in its folder's error.json and the
     audit goes on; the summary lists it. `barrier()` is called before process 0 writes the
     summary (multi-process runs); `log` gets progress lines (overall and per student, ETA,
     queries spent). `barrier` is also called once before any work, after the output folder
-    check, so no process sees another's first results as an existing audit."""
+    check, so no process sees another's first results as an existing audit. `extra_columns`: see
+    `write_summary`."""
     from kdd_jax.detect import detect, load_student_source, save_detection
     from kdd_jax.synthesis import SynthesisError
     from kdd_jax.teachers import QueryBudgetExceeded, TeacherError
-    from kdd_jax.config import ConfigError
+    from kdd_jax.config import ConfigError, to_json_dict
 
     out = Path(out)
     names = [n for n, _ in students]
@@ -148,10 +154,14 @@ def audit(students: list[tuple[str, object]], teachers: list, dc, out: str | Pat
     queries0 = _queries(teachers)
     skipped, failed, todo = [], {}, []
     for name in mine:
-        if finished_record(out, name, expected) is not None:
-            skipped.append(name)
-        else:
-            todo.append(name)
+        try:
+            done = finished_record(out, name, expected) is not None
+        except AuditError:
+            if not redo_stale:
+                raise
+            (_student_dir(out, name) / "verdict.json").unlink()  # no longer a finished student
+            done = False
+        (skipped if done else todo).append(name)
     if skipped:
         log(f"resume: {len(skipped)} of {len(mine)} student(s) already finished, {len(todo)} to go")
     times = []
@@ -175,6 +185,7 @@ def audit(students: list[tuple[str, object]], teachers: list, dc, out: str | Pat
             continue
         report = {"command": "audit", "student": name, "source": str(sources[name]),
                   "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **result.to_dict(),
+                  "preprocessing": to_json_dict(config.preprocessing),  # the report's probe grid needs the value range
                   "audit_settings": expected}
         save_detection(sdir, report, result, calibration)
         (sdir / "error.json").unlink(missing_ok=True)
@@ -187,15 +198,18 @@ def audit(students: list[tuple[str, object]], teachers: list, dc, out: str | Pat
         barrier()
     summary = AuditSummary([], failed, skipped, teacher_names, time.perf_counter() - started, queries)
     if process_index == 0:
-        summary = write_summary(out, names, expected, teacher_names, summary)
+        summary = write_summary(out, names, expected, teacher_names, summary, extra_columns)
     return summary
 
 
-def write_summary(out: Path, names: list[str], expected: dict, teachers: list[str], summary: AuditSummary) -> AuditSummary:
+def write_summary(out: Path, names: list[str], expected: dict, teachers: list[str], summary: AuditSummary,
+                  extra_columns: Callable[[dict], dict] | None = None) -> AuditSummary:
     """Rebuild summary.json / summary.csv / index.html from every student's record (all processes'),
     atomically. Students without a record are listed as failed (with their error.json message) or
-    missing."""
-    rows, failed = [], dict(summary.failed)
+    missing. `extra_columns(row)` gives more {column: value} for a finished student's row (values:
+    str, bool, number or None); they join the row in summary.json and get their own columns in
+    summary.csv (last) and index.html (after the answer)."""
+    rows, failed, extra = [], dict(summary.failed), {}
     for name in sorted(names):
         rec = finished_record(out, name, expected)
         if rec is None:
@@ -206,9 +220,16 @@ def write_summary(out: Path, names: list[str], expected: dict, teachers: list[st
                     failed[name] = "no result (not run yet, or interrupted)"
             continue
         failed.pop(name, None)
-        rows.append(_row(name, rec))
+        row = _row(name, rec)
+        if extra_columns is not None:
+            more = extra_columns(row)
+            if set(more) & set(row):
+                raise AuditError(f"extra columns {sorted(set(more) & set(row))} would overwrite the audit's own")
+            row.update(more)
+            extra.update(dict.fromkeys(more))  # every column, in first-seen order
+        rows.append(row)
     summary = dataclasses.replace(summary, rows=rows, failed=failed, out=out)
-    doc = {"teachers": teachers, "settings": expected, "students": rows, "failed": failed,
+    doc = {"teachers": teachers, "settings": expected, "students": rows, "extra_columns": list(extra), "failed": failed,
            "counts": {"students": len(names), "finished": len(rows), "failed": len(failed)},
            "answers": {t: sum(r["answer"] == t for r in rows) for t in [*teachers, "none of the candidates"]},
            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -219,10 +240,10 @@ def write_summary(out: Path, names: list[str], expected: dict, teachers: list[st
     atomic_write_json(out / "summary.json", doc)
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["student", "answer", "winner", "runner_up", "margin", "bootstrap_p", "p_none", *teachers])
+    w.writerow(["student", "answer", "winner", "runner_up", "margin", "bootstrap_p", "p_none", *teachers, *extra])
     for r in rows:
         w.writerow([r["student"], r["answer"], r["winner"], r["runner_up"], _num(r["margin"]), _num(r["p_value"]),
-                    _num(r["p_none"]), *[_num(r["scores"].get(t)) for t in teachers]])
+                    _num(r["p_none"]), *[_num(r["scores"].get(t)) for t in teachers], *[_text(r.get(c)) for c in extra]])
     atomic_write_bytes(out / "summary.csv", buf.getvalue().encode())
     write_report(out / "index.html", render_audit_index(doc))
     return summary
@@ -232,6 +253,13 @@ def _num(x) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return ""
     return f"{x:.6g}"
+
+
+def _text(x) -> str:
+    """An extra column's CSV cell: blank for None, true/false for booleans."""
+    if isinstance(x, bool):
+        return "true" if x else "false"
+    return _num(x) if x is None or isinstance(x, (int, float)) else str(x)
 
 
 def init_distributed(coordinator: str | None = None, num_processes: int | None = None,

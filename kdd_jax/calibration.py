@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from kdd_jax.io import atomic_write_json
+from kdd_jax.synthesis.probes import SynthesisConfig
 from kdd_jax.versions import versions
 
 CALIBRATION_FORMAT = 1
@@ -41,7 +42,7 @@ MATCHED_FIELDS = ("score", "direction", "temperature", "synthesis.method", "synt
                   "synthesis.steps", "synthesis.lr", "synthesis.restarts", "synthesis.bn_weight",
                   "synthesis.ce_weight", "synthesis.tv_weight", "synthesis.l2_weight", "synthesis.mix_labels",
                   "synthesis.batch_size", "synthesis.z_dim", "synthesis.generator_width", "synthesis.init",
-                  "synthesis.init_scale", "synthesis.jitter", "synthesis.flip")
+                  "synthesis.init_scale", "synthesis.jitter", "synthesis.flip", "synthesis.pixel_scale")
 
 
 _TOL = 1 + 1e-9  # k * (1/(m+1)) must compare equal to alpha when it is, despite rounding
@@ -61,6 +62,22 @@ def settings_of(detect_config) -> dict:
             v = v[part]
         out[f] = v
     return out
+
+
+_MISSING = object()
+
+
+def recorded_setting(recorded: dict, field: str):
+    """A MATCHED_FIELDS value as a calibration or audit record states it. A record made before a
+    synthesis setting existed lacks it; it was made with what is now that setting's default (a new
+    setting's default always keeps the old behaviour), so old records stay usable."""
+    if field in recorded:
+        return recorded[field]
+    if field.startswith("synthesis."):
+        default = {f.name: f.default for f in dataclasses.fields(SynthesisConfig)}.get(field[len("synthesis."):], _MISSING)
+        if default is not _MISSING:
+            return default
+    return None
 
 
 @dataclasses.dataclass
@@ -115,8 +132,8 @@ class Calibration:
             raise CalibrationError(f"{source}: has no reference scores for teacher(s) {missing}; "
                                    f"it covers {self.teachers}")
         for f in MATCHED_FIELDS:
-            if f in settings and self.settings.get(f) != settings[f]:
-                raise CalibrationError(f"{source}: was made with {f}={self.settings.get(f)!r} but this detection "
+            if f in settings and recorded_setting(self.settings, f) != settings[f]:
+                raise CalibrationError(f"{source}: was made with {f}={recorded_setting(self.settings, f)!r} but this detection "
                                        f"uses {f}={settings[f]!r}; re-run `kdd calibrate` with the same settings")
 
     def null(self, teachers: list[str]) -> np.ndarray:

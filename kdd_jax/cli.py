@@ -315,15 +315,16 @@ def cmd_demo(args) -> int:
     try:
         summary = run_demo(args.out, zoo=args.zoo or DEMO_ZOO, probes=args.probes, steps=args.steps, seed=args.seed,
                            quiet=args.quiet)
-    except (DemoError, *_detect_errors()) as e:
+    except (DemoError, *_detect_errors()) as e:  # AuditError is a ValueError
         _eprint(f"kdd demo: {e}")
         return EXIT_ERROR
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
         print(verdict_table(summary))
-    _eprint(f"report: {Path(args.out) / 'index.html'} (one report.html per student under {Path(args.out) / 'students'})")
-    return EXIT_OK
+    _eprint(f"report: {Path(args.out) / 'index.html'} (one report.html per student under {Path(args.out) / 'students'}"
+            "; summary.json, summary.csv)")
+    return EXIT_ERROR if summary["failed"] else EXIT_OK
 
 
 def cmd_serve(args) -> int:

@@ -201,7 +201,8 @@ def render_detect_report(report: dict, result, *, calibration=None) -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>kdd-jax report: {esc(str(report.get('student', '')))}"
              f"</title><style>{_CSS}</style></head><body>",
              f"<h1>Distillation detection report</h1><p class='small'>student <code>{esc(str(report.get('student')))}</code>"
-             f" &middot; teachers <code>{esc(str(report.get('teachers_file')))}</code> &middot; kdd-jax "
+             f" &middot; teachers <code>{esc(str(report.get('teachers_file') or ', '.join(v.teachers)))}</code>"  # audits: no file
+             f" &middot; kdd-jax "
              f"{esc(str(report.get('versions', {}).get('kdd_jax', '')))} &middot; {esc(str(report.get('date', '')))}</p>",
              f"<p class='answer'>Answer: <b>{esc(result.answer)}</b></p>"]
     none = result.none
@@ -273,12 +274,21 @@ def _cell(v) -> str:
     return "" if v is None or v != v else f"{v:.4g}"
 
 
+def _extra_cell(v) -> str:
+    """A caller's extra column (e.g. kdd demo's true teacher): text, yes/no, a number or blank."""
+    if isinstance(v, bool):
+        return "yes" if v else "<b>no</b>"
+    return _cell(v) if v is None or isinstance(v, (int, float)) else html.escape(str(v))
+
+
 def render_audit_index(doc: dict) -> str:
-    """index.html of a `kdd audit` (doc: its summary.json dict). Self-contained, no scripts, no
-    network: the student x teacher score matrix with each row's winner marked and shaded by
-    score, the answer, margin and p-values, links to each student's report, failures."""
+    """index.html of a `kdd audit` or `kdd demo` (doc: its summary.json dict). Self-contained, no
+    scripts, no network: the student x teacher score matrix with each row's winner marked and
+    shaded by score, the answer (and the caller's extra columns), margin and p-values, links to
+    each student's report, failures."""
     e = html.escape
     teachers = doc["teachers"]
+    extra = doc.get("extra_columns", [])
     head = "".join(f"<th>{e(t)}</th>" for t in teachers)
     body = []
     for r in doc["students"]:
@@ -291,7 +301,8 @@ def render_audit_index(doc: dict) -> str:
             cls = " class='win'" if t == r["winner"] else ""
             cells.append(f"<td{cls} style='background:rgba(44,123,182,{0.1 + 0.5 * shade:.2f})'>{_cell(v)}</td>")
         link = f"students/{e(r['student'])}/report.html"
-        body.append(f"<tr><td><a href='{link}'>{e(r['student'])}</a></td><td>{e(r['answer'])}</td>{''.join(cells)}"
+        more = "".join(f"<td>{_extra_cell(r.get(c))}</td>" for c in extra)
+        body.append(f"<tr><td><a href='{link}'>{e(r['student'])}</a></td><td>{e(r['answer'])}</td>{more}{''.join(cells)}"
                     f"<td>{_cell(r['margin'])}</td><td>{_cell(r['p_value'])}</td><td>{_cell(r['p_none'])}</td></tr>")
     fails = "".join(f"<li><b>{e(n)}</b>: {e(m)}</li>" for n, m in sorted(doc["failed"].items()))
     counts = ", ".join(f"{e(k)}: {v}" for k, v in doc["answers"].items() if v)
@@ -302,7 +313,8 @@ def render_audit_index(doc: dict) -> str:
         f"<p>Answers: {counts or 'none yet'}. Score: {e(str(doc['settings'].get('score')))} (higher = closer); "
         f"the highlighted cell is each student's most likely teacher. Bootstrap p: the winner does not beat the runner-up; "
         f"p none: the student is independent of every candidate (only with a calibration).</p>"
-        f"<table><tr><th>student</th><th>answer</th>{head}<th>margin</th><th>bootstrap p</th><th>p none</th></tr>"
+        f"<table><tr><th>student</th><th>answer</th>{''.join(f'<th>{e(c)}</th>' for c in extra)}{head}"
+        "<th>margin</th><th>bootstrap p</th><th>p none</th></tr>"
         f"{''.join(body)}</table>"
         + (f"<h2>Failed ({len(doc['failed'])})</h2><ul>{fails}</ul>" if fails else "")
         + f"<p>Settings: {e(json.dumps(doc['settings']))}<br>Versions: {e(json.dumps(doc['versions']))}<br>"

@@ -1,6 +1,7 @@
 """`kdd audit` / kdd_jax.audit: many students against the same teachers, resumable, split across
 processes. Runs on the session's toy zoo (tests/toyzoo.py): the distilled student plus three
-independent references audited against teacher-a and teacher-b."""
+independent references audited against teacher-a and teacher-b. Every audit here uses the same
+settings (SETTINGS, also tests/test_demo.py's), so the synthesis compiles once per session."""
 
 from __future__ import annotations
 
@@ -103,6 +104,29 @@ def test_interrupted_student_is_redone_from_cache_and_checkpoint(setup, capsys):
     assert strip(redone) == strip(first)  # the same verdicts, to the last digit
 
 
+def test_redo_stale_redoes_a_student_made_with_other_settings(setup):
+    """kdd demo's mode: its folder is its own, so a record made with other settings is redone, not refused."""
+    from kdd_jax.audit import audit
+    from kdd_jax.cli import _detect_config, _open_teachers, build_parser
+    from kdd_jax.detect import find_students
+
+    def args_for(*extra):
+        return build_parser().parse_args(["audit", "--students", setup["students"][0], "--out", str(setup["out"]),
+                                          *setup["common"], *extra])
+
+    args = args_for()
+    students, teachers = find_students(args.students), _open_teachers(args)  # the distilled student alone
+    assert audit(students, teachers, _detect_config(args), args.out).queries == 2 * 32
+    other = _detect_config(args_for("--steps", "21"))
+    with pytest.raises(AuditError, match="synthesis.steps"):
+        audit(students, teachers, other, args.out, resume=True)
+    again = audit(students, teachers, other, args.out, resume=True, redo_stale=True)
+    assert again.skipped == [] and [r["student"] for r in again.rows] == ["student"] and again.failed == {}
+    assert again.queries == 2 * 32  # new probes, so new answers
+    rec = json.loads((setup["out"] / "students" / "student" / "verdict.json").read_text())
+    assert rec["audit_settings"]["synthesis.steps"] == 21
+
+
 def test_a_broken_student_is_reported_and_the_others_finish(setup, capsys):
     broken = setup["tmp"] / "more" / "broken"
     broken.mkdir(parents=True)
@@ -123,6 +147,48 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_process_shares_meet_at_the_barrier_and_process_0_summarises_both(setup):
+    """The multi-process protocol in one process: two threads stand in for the processes (a
+    threading barrier for JAX's), each with its own teachers over the shared cache file. Each
+    audits its share of the students in the shared folder; only process 0 writes the summary, and
+    it covers both shares. The real runtime is the slow test below."""
+    import threading
+
+    import jax
+
+    from kdd_jax.audit import audit
+    from kdd_jax.cli import _detect_config, _open_teachers, build_parser
+    from kdd_jax.detect import find_students
+
+    args = build_parser().parse_args(["audit", "--students", *setup["students"], "--out", str(setup["out"]),
+                                      *setup["common"]])
+    students, dc = find_students(args.students), _detect_config(args)
+    barrier = threading.Barrier(2, timeout=300)
+    results = {}
+
+    def process(i):
+        try:
+            with jax.default_matmul_precision("highest"):  # the session's setting (a thread-local context)
+                results[i] = audit(students, _open_teachers(args), dc, args.out, process_index=i, process_count=2,
+                                   barrier=barrier.wait)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            results[i] = e
+            barrier.abort()
+
+    threads = [threading.Thread(target=process, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not any(isinstance(r, BaseException) for r in results.values()), results
+    assert results[1].rows == [] and results[1].out is None  # process 1 writes no summary
+    assert sorted(r["student"] for r in results[0].rows) == ["ref0", "ref1", "ref2", "student"]
+    assert results[0].failed == {} and (setup["out"] / "summary.json").is_file()
+    # disjoint shares over one cache: each process paid for its own two students only
+    assert results[0].queries == results[1].queries == 2 * 2 * 32
+
+
+@pytest.mark.slow  # two fresh interpreters import JAX and compile everything: ~25 s on 2 cores
 def test_two_processes_split_the_students_and_process_0_writes_the_summary(setup):
     """JAX's multi-process runtime on loopback (2 CPU processes, gloo): each audits half the
     students; they share the output folder and response cache; process 0 writes the summary."""
@@ -154,3 +220,20 @@ def test_audit_scaling_benchmark_smoke(tmp_path):
     assert all(r["finished"] == r["students"] and r["failed"] == 0 for r in doc["audit"])
     assert all(r["queries"] == r["students"] * 2 * 16 for r in doc["audit"])  # students x teachers x probes
     assert doc["audit"][1]["per_student_s_mean"] > 0 and "| 3 |" in (tmp_path / "smoke.md").read_text()
+
+
+def test_a_record_older_than_a_setting_is_reused_at_its_default(tmp_path):
+    """Records from before a synthesis setting existed lack it; they were made with its default."""
+    from kdd_jax.audit import finished_record, record_settings
+    from kdd_jax.detect import DetectConfig
+    from kdd_jax.synthesis import SynthesisConfig
+
+    expected = record_settings(DetectConfig(), ["t1", "t2"])
+    old = {k: v for k, v in expected.items() if k != "synthesis.pixel_scale"}
+    d = _student_dir(tmp_path, "s")
+    d.mkdir(parents=True)
+    (d / "verdict.json").write_text(json.dumps({"audit_settings": old, "answer": "t1"}))
+    assert finished_record(tmp_path, "s", expected)["answer"] == "t1"
+    coarse = record_settings(DetectConfig(synthesis=SynthesisConfig(pixel_scale=2)), ["t1", "t2"])
+    with pytest.raises(AuditError, match="synthesis.pixel_scale=1, this audit uses synthesis.pixel_scale=2"):
+        finished_record(tmp_path, "s", coarse)

@@ -4,6 +4,7 @@ zoo itself is exercised by the README's main command (tests/test_readme.py check
 
 from __future__ import annotations
 
+import csv
 import json
 
 from kdd_jax.cli import main
@@ -12,27 +13,47 @@ from kdd_jax.demo import DEMO_ZOO
 
 def test_demo_serves_teachers_over_http_and_audits_every_student(toy_zoo, tmp_path, capsys):
     root = toy_zoo["root"]
-    (root / "manifest.json").write_text(json.dumps({
-        "teachers": [{"name": "teacher-b", "dir": "teacher-b", "output": "probs"},
-                     {"name": "teacher-a", "dir": "teacher-a", "output": "probs"}],
-        "students": [{"name": "student", "dir": "student", "teacher": "teacher-a", "description": "KD from teacher-a"},
-                     {"name": "ref0", "dir": "references/ref0", "teacher": None, "description": "independent"}]}))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model.safetensors").write_bytes(b"not a checkpoint")
+    (broken / "config.json").write_text("{}")
+    zoo = tmp_path / "zoo"  # absolute model dirs: the session's toy zoo is left as it is
+    zoo.mkdir()
+    (zoo / "manifest.json").write_text(json.dumps({
+        "teachers": [{"name": "teacher-b", "dir": str(root / "teacher-b"), "output": "probs"},
+                     {"name": "teacher-a", "dir": str(root / "teacher-a"), "output": "probs"}],
+        "students": [{"name": "student", "dir": str(root / "student"), "teacher": "teacher-a",
+                      "description": "KD from teacher-a"},
+                     {"name": "ref0", "dir": str(root / "references" / "ref0"), "teacher": None,
+                      "description": "independent"},
+                     {"name": "broken", "dir": str(broken), "teacher": "teacher-b", "description": "unreadable"}]}))
     out = tmp_path / "demo"
-    assert main(["demo", "--zoo", str(root), "--out", str(out), "--probes", "48", "--steps", "60", "-q"]) == 0
+    # a broken student is reported (exit 1) and the others finish. The settings are test_audit.py's:
+    # the synthesis compiled for one is reused by the other in the same session
+    assert main(["demo", "--zoo", str(zoo), "--out", str(out), "--probes", "32", "--steps", "20", "-q"]) == 1
     captured = capsys.readouterr()
     table = captured.out.splitlines()
     assert table[0].split()[:3] == ["student", "trained", "as"]
     assert table[1].startswith("student") and "teacher-a" in table[1] and "correct" in table[1]
     assert table[2].startswith("ref0") and "WRONG" not in table[2]  # no true teacher: never marked
+    assert table[3].startswith("broken") and "FAILED" in table[3]
+    # the audit's summary, with the demo's provenance columns
     summary = json.loads((out / "summary.json").read_text())
-    rows = {r["student"]: r for r in summary["rows"]}
+    rows = {r["student"]: r for r in summary["students"]}
     assert rows["student"]["answer"] == "teacher-a" and rows["student"]["correct"] is True
-    assert rows["student"]["queries"] == 2 * 48  # both teachers answered over HTTP, every probe once
+    assert rows["student"]["truth"] == "teacher-a" and rows["ref0"]["truth"] == "none" and rows["ref0"]["correct"] is None
+    assert rows["student"]["queries"] == 2 * 32  # both teachers answered over HTTP, every probe once
+    assert summary["teachers"] == ["teacher-b", "teacher-a"] and summary["settings"]["synthesis.n_probes"] == 32
+    assert list(summary["failed"]) == ["broken"] and (out / "students" / "broken" / "error.json").is_file()
+    table_csv = list(csv.DictReader((out / "summary.csv").read_text().splitlines()))
+    assert list(table_csv[0])[-3:] == ["description", "truth", "correct"]
+    assert [(r["student"], r["correct"]) for r in table_csv] == [("ref0", ""), ("student", "true")]
     entries = json.loads((out / "teachers.json").read_text())["teachers"]
     assert all(e["kind"] == "http" and e["url"].startswith("http://127.0.0.1:") for e in entries)
     for name in rows:
         assert "Answer:" in (out / "students" / name / "report.html").read_text()
-    assert "students/student/report.html" in (out / "index.html").read_text()
+    page = (out / "index.html").read_text()
+    assert "students/student/report.html" in page and "<th>truth</th>" in page and "Failed (1)" in page
     assert "report:" in captured.err
 
 

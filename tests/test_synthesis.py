@@ -92,6 +92,26 @@ def test_jitter_flip_and_low_init(student):
     np.testing.assert_array_equal(np.asarray(_augment(jax.random.key(1), x, 0, False)), np.asarray(x))
 
 
+def test_coarse_pixel_grid_gives_smooth_valid_probes(student):
+    """pixel_scale=s optimises an (H/s x W/s) grid and shows the student its bilinear upsampling:
+    at s = H every probe is one flat colour; at s = 2 the probes are smoother than at s = 1; all
+    stay valid and deterministic."""
+    model, cfg = student
+    h, w = cfg.preprocessing.input_size
+    lo, hi = cfg.preprocessing.value_range
+    flat = synthesize(model, cfg, SynthesisConfig(n_probes=4, steps=5, pixel_scale=max(h, w), seed=1))
+    assert flat.raw.shape[-2:] == (h, w)
+    np.testing.assert_allclose(flat.raw, flat.raw[..., :1, :1] * np.ones_like(flat.raw), atol=1e-6)
+    fine, coarse = (synthesize(model, cfg, SynthesisConfig(n_probes=4, steps=5, pixel_scale=s, seed=1)) for s in (1, 2))
+    tv = lambda x: np.abs(np.diff(x, axis=-1)).mean() + np.abs(np.diff(x, axis=-2)).mean()  # noqa: E731
+    assert tv(coarse.raw) < 0.7 * tv(fine.raw)
+    again = synthesize(model, cfg, SynthesisConfig(n_probes=4, steps=5, pixel_scale=2, seed=1))
+    assert again.sha256 == coarse.sha256 != fine.sha256
+    assert coarse.raw.min() >= lo and coarse.raw.max() <= hi
+    with pytest.raises(SynthesisError, match="pixel_scale"):
+        SynthesisConfig(pixel_scale=0)
+
+
 def test_student_without_batchnorm_is_refused_with_a_reason():
     cfg = parse_config(full_config("vgg_plain_nested"))
     with pytest.raises(SynthesisError, match="no BatchNorm"):

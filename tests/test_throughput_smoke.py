@@ -1,5 +1,6 @@
-"""benchmarks/throughput.py runs end to end in --quick mode, its PyTorch reference does the same
-synthesis as ours (loss trajectories agree), and the reference scores equal kdd_jax's."""
+"""benchmarks/throughput.py runs end to end in --quick mode (slow: `pytest -m slow`), its PyTorch
+reference does the same synthesis as ours (loss trajectories agree), and the reference scores
+equal kdd_jax's."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 
+@pytest.mark.slow  # compiles every workload in JAX and runs eager PyTorch beside it: 16-40 s on 2 cores
 def test_throughput_quick(tmp_path):
     from benchmarks import throughput
 

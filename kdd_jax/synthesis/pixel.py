@@ -60,14 +60,23 @@ def _augment(key, xs, jitter: int, flip: bool):
     return jax.vmap(one)(xs, shifts, flips)
 
 
+def _render(xs, hw: tuple[int, int]):
+    """Probes at the student's resolution from parameters at a coarser one: bilinear upsampling
+    (a convex combination of valid pixels, so clipped parameters give valid probes). Optimising a
+    coarse grid is a smoothness prior: the probes cannot carry pixel-level adversarial texture."""
+    if xs.shape[-3:-1] == hw:
+        return xs
+    return jax.image.resize(xs, (*xs.shape[:-3], *hw, xs.shape[-1]), "linear", antialias=False)
+
+
 def _step(static, carry, consts):
     """One Adam step on every restart's probes (restarts vmapped, shared student weights)."""
-    graphdef, use_bn, jitter, flip = static
+    graphdef, use_bn, jitter, flip, hw = static
     xs, opt_state, key = carry
     key, sub = jax.random.split(key)
 
     def total(xs):
-        seen = _augment(sub, xs, jitter, flip)
+        seen = _augment(sub, _render(xs, hw), jitter, flip)
         losses = jax.vmap(lambda xg, tg: _group_loss(graphdef, use_bn, consts, xg, tg))(seen, consts["targets"])
         return losses.sum(), losses
 
@@ -95,7 +104,8 @@ def synthesize_pixels(model: nnx.Module, config, sc: SynthesisConfig,
     lo, hi = normalised_bounds(pre)
 
     k_init, k_lab, k_aug = jax.random.split(jax.random.key(sc.seed), 3)
-    x = jax.random.normal(k_init, (groups, per_group, h, w, pre.channels)) * sc.init_scale
+    ph, pw = math.ceil(h / sc.pixel_scale), math.ceil(w / sc.pixel_scale)
+    x = jax.random.normal(k_init, (groups, per_group, ph, pw, pre.channels)) * sc.init_scale
     if sc.init == "low":  # start near the darkest valid pixel (e.g. a black background)
         x = lo + jnp.abs(x)
     x = jnp.clip(x, lo, hi)
@@ -105,8 +115,8 @@ def synthesize_pixels(model: nnx.Module, config, sc: SynthesisConfig,
     consts = {"state": state, "running": bn_running_stats(model), "targets": targets, "lo": lo, "hi": hi,
               "w": jnp.asarray([sc.bn_weight, sc.ce_weight, sc.tv_weight, sc.l2_weight], jnp.float32),
               "lr": jnp.float32(sc.lr if sc.lr is not None else 0.05)}
-    (x, _, _), history = run_loop(_step, (graphdef, use_bn, sc.jitter, sc.flip),
+    (x, _, _), history = run_loop(_step, (graphdef, use_bn, sc.jitter, sc.flip, (h, w)),
                                (x, _adam(consts["lr"]).init(x), k_aug), consts, sc.steps,
                                sc.loop, progress, checkpoint)
-    probes = np.asarray(x).reshape(groups * per_group, h, w, pre.channels)[: sc.n_probes]
+    probes = np.asarray(_render(x, (h, w))).reshape(groups * per_group, h, w, pre.channels)[: sc.n_probes]
     return ProbeSet.from_normalised(probes, np.asarray(targets).reshape(-1, num_classes)[: sc.n_probes], pre, sc, history)

@@ -37,6 +37,7 @@ class SynthesisConfig:
     init_scale: float = 0.5
     jitter: int = 0  # pixel: random shift (pixels) of the probes the student sees each step
     flip: bool = False  # pixel: random left-right flips too
+    pixel_scale: int = 1  # pixel: optimise a grid this many times coarser, upsampled bilinearly (smoothness prior)
     batch_size: int = 64  # generator training batch
     z_dim: int = 100  # generator: noise dimension
     generator_width: int = 64  # generator: channels of the last hidden conv (the first two have 2x)
@@ -46,8 +47,8 @@ class SynthesisConfig:
     loop: Literal["python", "scan"] = "python"
 
     def __post_init__(self):
-        if self.n_probes < 1 or self.steps < 0 or self.restarts < 1 or self.batch_size < 1:
-            raise SynthesisError("n_probes, restarts and batch_size must be >= 1 and steps >= 0")
+        if self.n_probes < 1 or self.steps < 0 or self.restarts < 1 or self.batch_size < 1 or self.pixel_scale < 1:
+            raise SynthesisError("n_probes, restarts, batch_size and pixel_scale must be >= 1 and steps >= 0")
 
 
 def require_batchnorm(model, method: str) -> None:
