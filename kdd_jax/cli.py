@@ -314,7 +314,7 @@ def cmd_demo(args) -> int:
 
     try:
         summary = run_demo(args.out, zoo=args.zoo or DEMO_ZOO, probes=args.probes, steps=args.steps, seed=args.seed,
-                           quiet=args.quiet)
+                           method=args.method, quiet=args.quiet)
     except (DemoError, *_detect_errors()) as e:  # AuditError is a ValueError
         _eprint(f"kdd demo: {e}")
         return EXIT_ERROR
@@ -401,7 +401,8 @@ def _add_detection_options(p) -> None:
     p.add_argument("--steps", type=int, default=200, help="synthesis optimisation steps (default 200)")
     p.add_argument("--method", default="pixel", choices=sorted(METHODS), help="synthesis method (default pixel)")
     p.add_argument("--restarts", type=int, default=1, help="independent probe groups optimised in parallel")
-    p.add_argument("--score", default="neg_kl", choices=sorted(SCORES), help="agreement score (default neg_kl)")
+    p.add_argument("--score", default="dark_corr", choices=sorted(SCORES),
+                   help="agreement score (default dark_corr; neg_kl is the paper's KL; label-only teachers need top1)")
     p.add_argument("--seed", type=int, default=0, help="fixes the probes and the verdict (default 0)")
     p.add_argument("--cache", default="~/.cache/kdd-jax", help="response cache directory (default ~/.cache/kdd-jax)")
     p.add_argument("--budget", type=int, default=None, help="most new teacher queries this run may send, per teacher")
@@ -495,6 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     a.set_defaults(func=cmd_audit)
 
+    from kdd_jax.synthesis import METHODS
+
     dm = sub.add_parser(
         "demo",
         help="audit the bundled zoo end to end (nothing downloaded, no GPU)",
@@ -504,6 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--out", default="runs/demo", help="report directory (default runs/demo)")
     dm.add_argument("--probes", type=int, default=64, help="probes per student (default 64)")
     dm.add_argument("--steps", type=int, default=60, help="synthesis steps (default 60)")
+    dm.add_argument("--method", default="mia", choices=sorted(METHODS),
+                    help="probe method (default mia: filter the zoo's unlabelled image pool; pixel: data-free)")
     dm.add_argument("--seed", type=int, default=0, help="fixes probes and verdicts (default 0)")
     dm.add_argument("--zoo", help="another demo zoo directory (default: the bundled one)")
     dm.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")

@@ -3,7 +3,10 @@
 The bundled zoo (kdd_jax/demo_zoo/, a few MB) holds real Fashion-MNIST teachers and students
 taken from the benchmark zoo (benchmarks/zoo/, made by benchmarks/zoo/make_demo_zoo.py):
 students distilled from known teachers with different recipes, and one trained without any
-teacher. The demo serves every teacher over HTTP on loopback with `kdd serve` (one subprocess
+teacher, plus a pool of unlabelled Fashion-MNIST test images that no zoo model trained on. The
+probes are chosen from that pool by the membership-inference filter (`mia`, the best method on
+the benchmark zoo, where data-free synthesis is at chance); `--method pixel` runs the paper's
+data-free synthesis instead. The demo serves every teacher over HTTP on loopback with `kdd serve` (one subprocess
 each, the Open Inference Protocol v2) and audits every student through the HTTP client and the
 response cache with `kdd_jax.audit.audit` (per-student reports, summary.json/csv, index.html),
 adding what only the demo knows: each student's true teacher and whether the answer is right.
@@ -73,11 +76,17 @@ def _read_manifest(path: Path) -> dict:
                 raise DemoError(f"{path}: {role}[{i}] lacks {missing}")
             if not (path.parent / entry["dir"]).is_dir():
                 raise DemoError(f"{path}: {role}[{i}] ({entry['name']}): directory {entry['dir']!r} not found")
+    pool = manifest.get("pool")
+    if pool is not None and not (isinstance(pool, dict) and isinstance(pool.get("file"), str)):
+        raise DemoError(f"{path}: 'pool' must be an object with a 'file' name")
     return manifest
 
 
+POOL_METHODS = ("real", "ood", "mia")
+
+
 def run_demo(out: str | Path, *, zoo: str | Path = DEMO_ZOO, probes: int = 64, steps: int = 60, seed: int = 0,
-             method: str = "pixel", quiet: bool = False) -> dict:
+             method: str = "mia", quiet: bool = False) -> dict:
     """Serve the zoo's teachers, audit every student (kdd_jax.audit), return the summary dict
     (`students`: the audit's rows plus description / truth / correct; `failed`: name -> error)."""
     from kdd_jax.audit import audit
@@ -98,6 +107,17 @@ def run_demo(out: str | Path, *, zoo: str | Path = DEMO_ZOO, probes: int = 64, s
         raise DemoError(f"{zoo}: no demo zoo here (missing manifest.json)")
     manifest = _read_manifest(manifest_path)
     known = {s["name"]: s for s in manifest["students"]}
+    pool_for = None
+    if method in POOL_METHODS:
+        if manifest.get("pool") is None:
+            raise DemoError(f"{manifest_path}: method {method!r} chooses probes from an image pool and this zoo "
+                            "has none (no 'pool' entry); use --method pixel")
+        pool_path = zoo / manifest["pool"]["file"]
+        if not pool_path.is_file():
+            raise DemoError(f"{manifest_path}: pool file {manifest['pool']['file']!r} not found")
+        from kdd_jax.synthesis import ImagePool
+
+        pool_for = lambda config: ImagePool.from_file(pool_path, config)  # noqa: E731  (checked per student)
 
     def provenance(row: dict) -> dict:  # the demo's columns in the audit summary
         s = known[row["student"]]
@@ -141,7 +161,8 @@ def run_demo(out: str | Path, *, zoo: str | Path = DEMO_ZOO, probes: int = 64, s
         say(f"auditing {len(known)} students -> {out}")
         # the folder is the demo's own: finished students are kept, ones made with other settings redone
         result = audit([(s["name"], zoo / s["dir"]) for s in manifest["students"]], teachers, dc, out, resume=True,
-                       redo_stale=True, log=say, synthesis_progress=progress, extra_columns=provenance)
+                       redo_stale=True, pool_for=pool_for, log=say, synthesis_progress=progress,
+                       extra_columns=provenance)
     finally:
         for p in procs:
             p.terminate()

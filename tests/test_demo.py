@@ -7,8 +7,12 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
+
 from kdd_jax.cli import main
 from kdd_jax.demo import DEMO_ZOO
+from kdd_jax.io import read_safetensors, write_safetensors
+from tests.toyzoo import task
 
 
 def test_demo_serves_teachers_over_http_and_audits_every_student(toy_zoo, tmp_path, capsys):
@@ -19,7 +23,10 @@ def test_demo_serves_teachers_over_http_and_audits_every_student(toy_zoo, tmp_pa
     (broken / "config.json").write_text("{}")
     zoo = tmp_path / "zoo"  # absolute model dirs: the session's toy zoo is left as it is
     zoo.mkdir()
+    # the unlabelled auxiliary pool the default method (mia) picks probes from: fresh task images
+    write_safetensors(zoo / "aux.safetensors", {"images": task(300, seed=4242)[0].numpy()})
     (zoo / "manifest.json").write_text(json.dumps({
+        "pool": {"file": "aux.safetensors"},
         "teachers": [{"name": "teacher-b", "dir": str(root / "teacher-b"), "output": "probs"},
                      {"name": "teacher-a", "dir": str(root / "teacher-a"), "output": "probs"}],
         "students": [{"name": "student", "dir": str(root / "student"), "teacher": "teacher-a",
@@ -28,9 +35,8 @@ def test_demo_serves_teachers_over_http_and_audits_every_student(toy_zoo, tmp_pa
                       "description": "independent"},
                      {"name": "broken", "dir": str(broken), "teacher": "teacher-b", "description": "unreadable"}]}))
     out = tmp_path / "demo"
-    # a broken student is reported (exit 1) and the others finish. The settings are test_audit.py's:
-    # the synthesis compiled for one is reused by the other in the same session
-    assert main(["demo", "--zoo", str(zoo), "--out", str(out), "--probes", "32", "--steps", "20", "-q"]) == 1
+    # a broken student is reported (exit 1) and the others finish
+    assert main(["demo", "--zoo", str(zoo), "--out", str(out), "--probes", "32", "-q"]) == 1
     captured = capsys.readouterr()
     table = captured.out.splitlines()
     assert table[0].split()[:3] == ["student", "trained", "as"]
@@ -42,8 +48,14 @@ def test_demo_serves_teachers_over_http_and_audits_every_student(toy_zoo, tmp_pa
     rows = {r["student"]: r for r in summary["students"]}
     assert rows["student"]["answer"] == "teacher-a" and rows["student"]["correct"] is True
     assert rows["student"]["truth"] == "teacher-a" and rows["ref0"]["truth"] == "none" and rows["ref0"]["correct"] is None
-    assert rows["student"]["queries"] == 2 * 32  # both teachers answered over HTTP, every probe once
+    # both teachers answered over HTTP, every distinct probe once: the two students' filtered probes
+    # come from one pool and overlap, and an image answered for one is not paid again for the other
+    probes = [read_safetensors(out / "students" / n / "probes.safetensors")[0]["raw"] for n in rows]
+    assert all(len(p) == 32 for p in probes)
+    distinct = len(np.unique(np.concatenate(probes).reshape(64, -1), axis=0))
+    assert sum(r["queries"] for r in rows.values()) == 2 * distinct
     assert summary["teachers"] == ["teacher-b", "teacher-a"] and summary["settings"]["synthesis.n_probes"] == 32
+    assert summary["settings"]["synthesis.method"] == "mia" and summary["settings"]["score"] == "dark_corr"
     assert list(summary["failed"]) == ["broken"] and (out / "students" / "broken" / "error.json").is_file()
     table_csv = list(csv.DictReader((out / "summary.csv").read_text().splitlines()))
     assert list(table_csv[0])[-3:] == ["description", "truth", "correct"]
@@ -64,7 +76,16 @@ def test_demo_without_a_zoo_fails_clearly(tmp_path, capsys):
                              (json.dumps({"teachers": [{"name": "t"}], "students": [{}]}), "teachers[0] lacks ['dir']"),
                              (json.dumps({"teachers": [{"name": "t", "dir": "nope"}],
                                           "students": [{"name": "s", "dir": "x", "description": "d"}]}),
-                              "directory 'nope' not found")]:
+                              "directory 'nope' not found"),
+                             (json.dumps({"teachers": [{"name": "t", "dir": "."}], "pool": "x.npz",
+                                          "students": [{"name": "s", "dir": ".", "description": "d"}]}),
+                              "'pool' must be an object"),
+                             (json.dumps({"teachers": [{"name": "t", "dir": "."}],
+                                          "students": [{"name": "s", "dir": ".", "description": "d"}]}),
+                              "has none (no 'pool' entry); use --method pixel"),
+                             (json.dumps({"teachers": [{"name": "t", "dir": "."}], "pool": {"file": "gone.npz"},
+                                          "students": [{"name": "s", "dir": ".", "description": "d"}]}),
+                              "pool file 'gone.npz' not found")]:
         (tmp_path / "manifest.json").write_text(content)
         assert main(["demo", "--zoo", str(tmp_path), "--out", str(tmp_path / "o"), "-q"]) == 1
         assert message in capsys.readouterr().err
@@ -77,5 +98,12 @@ def test_bundled_demo_zoo_is_complete():
     assert any(s["teacher"] is None for s in manifest["students"])  # an independent student
     for m in manifest["teachers"] + manifest["students"]:
         assert (DEMO_ZOO / m["dir"] / "model.safetensors").is_file() and (DEMO_ZOO / m["dir"] / "config.json").is_file()
+    # the unlabelled pool of the default method loads for every bundled model
+    from kdd_jax.config import load_config
+    from kdd_jax.synthesis import ImagePool
+
+    for m in manifest["students"]:
+        pool = ImagePool.from_file(DEMO_ZOO / manifest["pool"]["file"], load_config(DEMO_ZOO / m["dir"] / "config.json"))
+        assert len(pool.images) >= 500 and pool.labels is None
     size = sum(p.stat().st_size for p in DEMO_ZOO.rglob("*") if p.is_file())
     assert size < 8 * 2**20, size  # "a few MB at most"

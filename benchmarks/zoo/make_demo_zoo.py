@@ -4,8 +4,9 @@
     python benchmarks/zoo/make_demo_zoo.py
 
 Copies three teachers and a handful of students (distilled with different recipes, plus one
-trained without any teacher) as float16 safetensors + config.json, and writes the demo manifest
-with each model's provenance. Float16 halves the package size; the converter reads it and serves
+trained without any teacher) as float16 safetensors + config.json, a pool of unlabelled
+Fashion-MNIST test images (no zoo model trained on them) for the MIA/OOD probe filters, and
+writes the demo manifest with each model's provenance. Float16 halves the package size; the converter reads it and serves
 float32. Students are chosen from the cheaper families to synthesise on CPU (the demo must run in
 a few minutes on 2 cores); MobileNetV2's depthwise convolutions are slow on XLA:CPU.
 """
@@ -23,12 +24,14 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.zoo.fashion import load_fashion  # noqa: E402
 from kdd_jax.io import read_safetensors, write_safetensors  # noqa: E402
 
 TEACHERS = ["teacher-resnet", "teacher-vgg", "teacher-densenet"]
 # every student's teacher is among TEACHERS; no MobileNetV2 students (slowest to synthesise on CPU)
 STUDENTS = ["s01-resnet-kd-T4-a0.9", "s02-vgg-kd-T4-a0.9", "s04-densenet-kd-T4-a0.9", "s05-vgg-kd-T1-a0.5",
             "s08-resnet-kd-T1-a0.5", "c01-resnet"]
+POOL_SIZE, POOL_SEED = 1000, 7  # unlabelled test images: the auxiliary pool the probe filters choose from
 
 
 def describe(m: dict) -> str:
@@ -67,6 +70,12 @@ def main(zoo: Path = HERE / "cache", manifest_path: Path = HERE / "manifest.json
             demo["teachers"].append({**entry, "output": "probs"})
         else:
             demo["students"].append({**entry, "teacher": m["teacher"], "description": describe(m)})
+    x_test, _ = load_fashion("test")
+    pick = np.sort(np.random.default_rng(POOL_SEED).choice(len(x_test), POOL_SIZE, replace=False))
+    write_safetensors(out / "pool.safetensors", {"images": np.ascontiguousarray(x_test[pick])},  # uint8, no labels
+                      metadata={"source": f"fashion-mnist t10k, {POOL_SIZE} random images (seed {POOL_SEED}), unlabelled"})
+    demo["pool"] = {"file": "pool.safetensors", "images": POOL_SIZE,
+                    "source": "Fashion-MNIST test images, unlabelled; no zoo model trained on them"}
     (out / "manifest.json").write_text(json.dumps(demo, indent=2) + "\n")
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"wrote {out}: {len(TEACHERS)} teachers, {len(STUDENTS)} students, {size / 2**20:.2f} MiB")
