@@ -38,6 +38,9 @@ LAYER_RULES = {
         ("running_mean", "mean", "identity"),
         ("running_var", "var", "identity"),
     ],
+    # diffusers' UNet2DModel (kdd_jax/models/unet.py): torch GroupNorm and Embedding
+    nnx.GroupNorm: [("weight", "scale", "identity"), ("bias", "bias", "identity")],
+    nnx.Embed: [("weight", "embedding", "identity")],
 }
 
 

@@ -209,18 +209,23 @@ def parse_config(data: Any, source: str = "config") -> StudentConfig:
 MAX_CONFIG_BYTES = 1 << 20
 
 
-def load_config(path: str | Path) -> StudentConfig:
+def read_json_config(path: str | Path, what: str = "config"):
+    """A small JSON file (at most MAX_CONFIG_BYTES), parsed; every failure is a ConfigError naming
+    the file (unreadable, too large, invalid or absurdly deep JSON)."""
     path = Path(path)
     try:
         size = path.stat().st_size
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
+        raise ConfigError(f"{path}: cannot read {what} ({e.strerror})") from None
     if size > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path}: config is {size} bytes, more than the {MAX_CONFIG_BYTES} allowed")
+        raise ConfigError(f"{path}: {what} is {size} bytes, more than the {MAX_CONFIG_BYTES} allowed")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
+        raise ConfigError(f"{path}: cannot read {what} ({e.strerror})") from None
     except (ValueError, RecursionError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    return parse_config(data, str(path))
+
+
+def load_config(path: str | Path) -> StudentConfig:
+    return parse_config(read_json_config(path), str(path))

@@ -3,6 +3,8 @@
 Every model maps an NHWC float32 batch, already normalised as the config's preprocessing says,
 to logits. `build_model` makes a randomly initialised model; the converters fill it from a
 PyTorch checkpoint. BatchNorm statistics for synthesis: `forward_with_bn_stats`, `bn_running_stats`.
+Generative students: `UNet2DModel` (diffusers' UNet2DModel, its own `UNet2DConfig`; not a classifier
+family, so not in FAMILIES).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from kdd_jax.models.batchnorm import BatchNorm2d, BNStats, bn_running_stats, for
 from kdd_jax.models.densenet import DenseNet, DenseNetArch
 from kdd_jax.models.mobilenetv2 import MobileNetV2, MobileNetV2Arch
 from kdd_jax.models.resnet import ResNet, ResNetArch
+from kdd_jax.models.unet import UNet2DConfig, UNet2DModel, abstract_unet, build_unet
 from kdd_jax.models.vgg import VGG, VGGArch
 
 
@@ -73,10 +76,14 @@ __all__ = [
     "DenseNet",
     "MobileNetV2",
     "ResNet",
+    "UNet2DConfig",
+    "UNet2DModel",
     "VGG",
     "abstract_model",
+    "abstract_unet",
     "bn_running_stats",
     "build_model",
+    "build_unet",
     "forward_with_bn_stats",
     "predict_logits",
 ]
