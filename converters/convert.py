@@ -52,6 +52,10 @@ def convert_student(
     if not tensors:
         raise CheckpointError(f"{src.weights}: the checkpoint holds no tensors")
     cfg, config_source, inferred = _resolve_config(src, tensors, config)
+    layers = _layer_count(cfg)
+    if layers > len(tensors):  # before building it: model construction time grows faster than linearly with depth
+        raise ConversionError(f"{src.weights}: the config asks for {layers} layers but the checkpoint holds only "
+                              f"{len(tensors)} tensors: config and weights do not belong together")
     abstract, entries = model_structure(cfg)
     pure, facts = apply_keymap(tensors, entries, str(src.weights))
     graphdef, state = nnx.split(abstract)  # fresh state each time: the cached model stays abstract
@@ -89,6 +93,14 @@ def model_structure(cfg: StudentConfig) -> tuple[nnx.Module, list]:
     hold many students of one architecture, so it is done once per distinct config."""
     abstract = abstract_model(cfg)
     return abstract, build_keymap(abstract)
+
+
+def _layer_count(cfg: StudentConfig) -> int:
+    """Layers (or blocks) the config asks for; each needs at least one tensor of the checkpoint."""
+    a = cfg.arch
+    return {"resnet": lambda: sum(a.layers), "vgg": lambda: sum(v != "M" for v in a.cfg),
+            "mobilenetv2": lambda: sum(n for _, _, n, _ in a.inverted_residual_setting),
+            "densenet": lambda: sum(a.block_config)}.get(cfg.family, lambda: 0)()
 
 
 def _resolve_config(src: StudentSource, tensors, override) -> tuple[StudentConfig, str, list[str]]:

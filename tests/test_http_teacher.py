@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import http.client
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -20,7 +18,6 @@ from kdd_jax.config import ConfigError, parse_config
 from kdd_jax.models import build_model
 from kdd_jax.teachers import (
     CachedTeacher,
-    CallableTeacher,
     HttpTeacher,
     InputSpec,
     ResponseCache,
@@ -29,6 +26,7 @@ from kdd_jax.teachers import (
 )
 from kdd_jax.teachers.config import load_teachers_file, open_teacher
 from kdd_jax.teachers.server import serve_in_thread
+from tests.fault_server import LIN, FaultServer
 
 TINY = {"format_version": 1, "family": "vgg",
         "arch": {"cfg": [4, "M"], "num_classes": 7, "in_channels": 1, "avgpool": None, "classifier_hidden": [],
@@ -107,100 +105,7 @@ def test_cached_http_teacher_rerun_makes_zero_requests(serve, tmp_path):
         np.testing.assert_array_equal(getattr(b, f), v)
 
 
-# -- a fault-injecting OIP server ---------------------------------------------------------------
-
-LIN_W = np.random.default_rng(5).normal(size=(16, 5)).astype(np.float32)
-LIN = CallableTeacher("lin", lambda x: x.reshape(len(x), -1) @ LIN_W, num_classes=5, spec=InputSpec((4, 4), 1))
-
-
-class FaultServer(ThreadingHTTPServer):
-    """Plays `script` in order, one action per request (then 'ok' forever):
-    ok | 500 | 429:<seconds> | drop | truncate | badjson | nan | wrongbatch | slow | echo500"""
-
-    daemon_threads = True
-
-    def __init__(self, script):
-        self.script, self.seen, self.lock = list(script), [], threading.Lock()
-        self.inflight = self.peak = 0
-        self.delay = 0.0
-        super().__init__(("127.0.0.1", 0), FaultHandler)
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server_address[1]}"
-
-    def handle_error(self, request, client_address):
-        pass  # broken pipes after 'slow' are expected
-
-    def close(self):
-        self.shutdown()
-        self.server_close()
-
-
-class FaultHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args):
-        pass
-
-    def do_POST(self):  # noqa: N802
-        s = self.server
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        with s.lock:
-            action = s.script.pop(0) if s.script else "ok"
-            s.seen.append({"path": self.path, "auth": self.headers.get("Authorization"), "action": action,
-                           "n": body["inputs"][0]["shape"][0]})
-            s.inflight += 1
-            s.peak = max(s.peak, s.inflight)
-        try:
-            time.sleep(s.delay)
-            self.act(action, body)
-        finally:
-            with s.lock:
-                s.inflight -= 1
-
-    def reply(self, status, payload: bytes, headers=(), declared=None):
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload) if declared is None else declared))
-        for k, v in headers:
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def act(self, action, body):
-        inp = body["inputs"][0]
-        x = np.asarray(inp["data"], np.float32).reshape(inp["shape"])
-        logits = LIN.query(x).values
-        good = json.dumps({"outputs": [{"name": "logits", "datatype": "FP32", "shape": list(logits.shape),
-                                        "data": logits.ravel().tolist()}]}).encode()
-        if action == "ok":
-            self.reply(200, good)
-        elif action == "500":
-            self.reply(500, b'{"error": "boom"}')
-        elif action == "echo500":  # a hostile server echoing the credentials back
-            self.reply(500, json.dumps({"error": f"bad auth {self.headers.get('Authorization')}"}).encode())
-        elif action.startswith("429:"):
-            self.reply(429, b'{"error": "slow down"}', headers=[("Retry-After", action[4:])])
-        elif action == "drop":
-            self.close_connection = True  # no answer at all
-        elif action == "truncate":
-            self.reply(200, good[: len(good) // 2], declared=len(good))
-            self.close_connection = True
-        elif action == "badjson":
-            self.reply(200, good[: len(good) // 2])
-        elif action == "nan":
-            bad = logits.copy()
-            bad[0, 0] = np.nan
-            self.reply(200, json.dumps({"outputs": [{"name": "logits", "datatype": "FP32", "shape": list(bad.shape),
-                                                     "data": bad.ravel().tolist()}]}).encode())
-        elif action == "wrongbatch":
-            self.reply(200, json.dumps({"outputs": [{"name": "logits", "datatype": "FP32",
-                                                     "shape": [len(x) - 1, 5],
-                                                     "data": logits[1:].ravel().tolist()}]}).encode())
-        elif action == "slow":
-            time.sleep(0.6)
-            self.reply(200, good)
-        else:
-            raise AssertionError(action)
+# -- a fault-injecting OIP server (tests/fault_server.py) ------------------------------------------
 
 
 @pytest.fixture
@@ -227,7 +132,8 @@ def small(n=6, seed=0):
     return images(n, seed, shape=(1, 4, 4))
 
 
-@pytest.mark.parametrize("script", [["500"], ["500", "500"], ["drop"], ["truncate"], ["slow"], ["drop", "500", "truncate"]])
+@pytest.mark.parametrize("script", [["500"], ["500", "500"], ["drop"], ["truncate"], ["slow"], ["loris"], ["lorisbody"],
+                                    ["drop", "500", "truncate"]])
 def test_transient_failures_are_retried(fault, script):
     s = fault(*script)
     t = lin_http(s.url, timeout_s=0.3, max_retries=3)
@@ -235,6 +141,26 @@ def test_transient_failures_are_retried(fault, script):
     np.testing.assert_array_equal(out.values, LIN.query(small()).values)
     assert [r["action"] for r in s.seen] == [*script, "ok"] and t.retries == len(script)
     assert s.seen[0]["path"] == "/v2/models/lin/infer"
+
+
+def test_slow_loris_is_cut_off_at_the_request_deadline(fault):
+    """timeout_s bounds the whole request: a server trickling its answer a byte at a time (each
+    read well within the socket timeout) is abandoned at the deadline and the request retried."""
+    s = fault("loris", "lorisbody")
+    t = lin_http(s.url, timeout_s=0.4, max_retries=2)
+    start = time.monotonic()
+    out = t.query(small())
+    elapsed = time.monotonic() - start
+    np.testing.assert_array_equal(out.values, LIN.query(small()).values)
+    assert [r["action"] for r in s.seen] == ["loris", "lorisbody", "ok"] and t.retries == 2
+    assert elapsed < 2.0, elapsed  # two deadlines of 0.4 s plus backoff; the trickle alone lasts 5 s each
+
+
+def test_latency_spike_below_the_timeout_is_waited_for(fault):
+    s = fault("spike:0.3")
+    t = lin_http(s.url, timeout_s=2.0)
+    np.testing.assert_array_equal(t.query(small()).values, LIN.query(small()).values)
+    assert [r["action"] for r in s.seen] == ["spike:0.3"] and t.retries == 0
 
 
 def test_retry_after_is_honoured(fault):
@@ -266,8 +192,8 @@ def test_connection_refused_is_retried_then_fails(fault):
     assert t.requests == 2
 
 
-@pytest.mark.parametrize("action, message", [("badjson", "not valid JSON"), ("nan", "non-finite"),
-                                             ("wrongbatch", "shape")])
+@pytest.mark.parametrize("action, message", [("badjson", "not valid JSON"), ("nan", "non-finite"), ("inf", "non-finite"),
+                                             ("wrongshape", "shape"), ("wrongbatch", "shape")])
 def test_wrong_answers_raise_and_are_never_cached(fault, tmp_path, action, message):
     s = fault(action)
     cache = ResponseCache(tmp_path / "c.sqlite")
@@ -280,6 +206,22 @@ def test_wrong_answers_raise_and_are_never_cached(fault, tmp_path, action, messa
     out = cached.query(small())  # the server behaves now
     np.testing.assert_array_equal(out.values, LIN.query(small()).values)
     assert cache.count() == 6
+
+
+@pytest.mark.parametrize("concurrency", [1, 3])
+def test_answers_received_before_a_failure_are_kept(fault, tmp_path, concurrency):
+    """Each HTTP batch is stored as soon as it is validated: when a later batch of the same query
+    fails, the answers already paid for are in the cache, and the re-run asks only for the rest."""
+    s = fault("ok", "ok", "badjson")
+    cache = ResponseCache(tmp_path / "c.sqlite")
+    cached = CachedTeacher(lin_http(s.url, batch_size=4, concurrency=concurrency), cache)
+    with pytest.raises(TeacherError, match="not valid JSON"):
+        cached.query(small(12))
+    assert cache.count() == 8 and cached.stats.queries == 8
+    out = cached.query(small(12))
+    np.testing.assert_array_equal(out.values, LIN.query(small(12)).values)
+    assert sum(r["n"] for r in s.seen if r["action"] == "ok") == 12  # no probe answered twice
+    assert cache.count() == 12 and cached.stats.queries == 12
 
 
 def test_client_side_batching_concurrency_is_bounded(fault):

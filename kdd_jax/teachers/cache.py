@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdd_jax.teachers.base import TeacherOutput
+from kdd_jax.teachers.base import TeacherError, TeacherOutput
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
@@ -146,9 +146,12 @@ def cached_query(
     stats: CacheStats,
     batch_size: int = 256,
     budget: int | None = None,
+    streams: bool = False,
 ) -> TeacherOutput:
     """Answers for every probe in `inputs`: from the cache where present, else from `ask` in
-    batches, each batch stored (one transaction) as soon as it is answered."""
+    batches, each batch stored (one transaction) as soon as it is answered. With `streams`,
+    `ask(x, on_part=cb)` hands over the parts of a batch as they arrive (an HTTP teacher's
+    requests) and each is stored at once."""
     keys = [probe_key(teacher_name, kind, p) for p in inputs]
     found = cache.get_many(list(dict.fromkeys(keys)))
     missing = [i for i, k in enumerate(keys) if k not in found]
@@ -163,14 +166,25 @@ def cached_query(
         raise QueryBudgetExceeded(
             f"teacher {teacher_name!r}: {len(to_ask)} new queries needed, {budget - stats.queries} left of the budget {budget}"
         )
+    lock = threading.Lock()
     for start in range(0, len(to_ask), batch_size):
         rows = to_ask[start : start + batch_size]
-        out = ask(inputs[rows])
-        stats.queries += len(rows)
-        stats.batches += 1
-        items = [(keys[r], *_row_bytes(out, j)) for j, r in enumerate(rows)]
-        cache.put_many(teacher_name, kind, items)
-        found.update({k: (kind, v, x) for k, v, x in items})
+
+        def store(offset: int, out: TeacherOutput, rows=rows) -> None:
+            part = rows[offset : offset + len(out)]
+            items = [(keys[r], *_row_bytes(out, j)) for j, r in enumerate(part)]
+            cache.put_many(teacher_name, kind, items)
+            with lock:  # streamed parts arrive on the teacher's worker threads
+                stats.queries += len(part)
+                stats.batches += 1
+                found.update({k: (kind, v, x) for k, v, x in items})
+
+        if streams:  # each request's answers are stored as they arrive: a later failure loses none
+            ask(inputs[rows], on_part=store)
+            if any(keys[r] not in found for r in rows):
+                raise TeacherError(f"teacher {teacher_name!r} returned without handing over every part")
+        else:
+            store(0, ask(inputs[rows]))
     return _from_rows(kind, [found[k][1:] for k in keys])
 
 
@@ -187,4 +201,5 @@ class CachedTeacher:
 
     def query(self, inputs: np.ndarray) -> TeacherOutput:
         return cached_query(self.cache, self.name, self.output, np.asarray(inputs, np.float32), self.teacher.query,
-                            stats=self.stats, batch_size=self.batch_size, budget=self.budget)
+                            stats=self.stats, batch_size=self.batch_size, budget=self.budget,
+                            streams=getattr(self.teacher, "streams_parts", False))

@@ -84,6 +84,9 @@ def load_teachers_file(path: str | Path) -> list[TeacherEntry]:
             data = json.loads(text)
     except Exception as e:  # yaml.YAMLError / JSONDecodeError / RecursionError: all mean "unparseable"
         raise ConfigError(f"{path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'} ({e})") from None
+    limit = 2 * len(text) + 10_000
+    if _expanded_nodes(data, limit) > limit:  # YAML aliases: a 400-byte file can expand to gigabytes
+        raise ConfigError(f"{path}: expands to more than {limit} values (YAML aliases nested in aliases?)")
     if not isinstance(data, dict) or set(data) != {"teachers"} or not isinstance(data["teachers"], list):
         raise ConfigError(f'{path}: expected an object {{"teachers": [...]}}')
     if not data["teachers"]:
@@ -98,6 +101,21 @@ def load_teachers_file(path: str | Path) -> list[TeacherEntry]:
         if e.kind == "local" and not p.is_absolute():  # relative to the teachers file, so a file travels with its zoo
             entries[i] = dataclasses.replace(e, path=str((path.parent / p)))
     return entries
+
+
+def _expanded_nodes(obj, limit: int) -> int:
+    """Values in `obj` counted as if every YAML alias were a copy, as anything that walks or prints
+    it (error messages included) would see them; stops counting past `limit` (aliases may cycle)."""
+    n, stack = 0, [obj]
+    while stack and n <= limit:
+        o = stack.pop()
+        n += 1
+        if isinstance(o, dict):
+            stack.extend(o.keys())
+            stack.extend(o.values())
+        elif isinstance(o, list):
+            stack.extend(o)
+    return n
 
 
 def open_teacher(entry: TeacherEntry):

@@ -8,24 +8,31 @@ Outputs are read by name, per kind: logits/probs -> one FP32 tensor [n, C] (name
 kind, or the only output); topk -> "topk_indices" (INT32/INT64 [n, k]) and "topk_probs"
 (FP32 [n, k]); labels -> "labels" (INT32/INT64 [n]).
 
-Batches of `batch_size` are sent with at most `concurrency` requests in flight. Each request
-has a timeout; 429, 5xx, timeouts and connection errors are retried up to `max_retries` times
-with exponential backoff and jitter, honouring Retry-After (seconds). Answers that are not JSON,
-have the wrong shape, batch size or datatype, or are non-finite raise TeacherError (not retried:
-a server that answers wrongly once will again). Every answer goes through validate_output, so a
-CachedTeacher in front never stores a wrong one.
+Batches of `batch_size` are sent with at most `concurrency` requests in flight. `timeout_s`
+bounds each request as a whole (connect, send, the complete answer): a watchdog shuts the socket
+down when it runs out, so a server that trickles its answer (slow-loris) cannot stall a run, as
+it could with socket timeouts alone (they bound each read). 429, 5xx, timeouts and connection
+errors are retried up to `max_retries` times with exponential backoff and jitter, honouring
+Retry-After (seconds). Answers that are not JSON, have the wrong shape, batch size or datatype,
+or are non-finite raise TeacherError (not retried: a server that answers wrongly once will
+again). Every answer goes through validate_output, so a CachedTeacher in front never stores a
+wrong one; and each batch is handed to `on_part` as soon as it is validated, so a CachedTeacher
+stores it at once: a later batch's failure (or a crash) never loses answers already paid for.
 
 An optional bearer token is read from the environment variable named by `token_env` at each
-request; it is never stored on the object, logged, or put into an error message.
+request; it is never stored on the object, logged, or put into an error message. Redirects are
+not followed (urllib would forward the token to the new location): a 3xx is an error.
 """
 
 from __future__ import annotations
 
+import functools
 import http.client
 import json
 import os
 import random
 import socket
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -49,6 +56,94 @@ class _Retryable(Exception):
         self.retry_after = retry_after
 
 
+class _Deadline:
+    """Shuts down every socket of one request when its time is up. Why: socket timeouts bound
+    each read, so a server sending a byte per (timeout - epsilon) would hold a request forever."""
+
+    def __init__(self, seconds: float):
+        self.fired = False
+        self._socks: list = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def watch(self, sock) -> None:
+        with self._lock:
+            self._socks.append(sock)
+            fired = self.fired
+        if fired:
+            _shutdown(sock)
+
+    def _fire(self) -> None:
+        with self._lock:
+            self.fired = True
+            socks = list(self._socks)
+        for sock in socks:
+            _shutdown(sock)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+def _shutdown(sock) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)  # a blocked recv returns at once; the owner closes it
+    except OSError:
+        pass
+
+
+class _Watched:
+    """Connection mixin: the socket (TLS-wrapped for HTTPS) is handed to the request's deadline."""
+
+    def __init__(self, *args, deadline: _Deadline, **kw):
+        super().__init__(*args, **kw)
+        self._deadline = deadline
+
+    def connect(self):
+        super().connect()
+        self._deadline.watch(self.sock)
+
+
+class _WatchedHTTP(_Watched, http.client.HTTPConnection):
+    pass
+
+
+class _WatchedHTTPS(_Watched, http.client.HTTPSConnection):
+    pass
+
+
+class _WatchedHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, deadline: _Deadline):
+        super().__init__()
+        self._deadline = deadline
+
+    def http_open(self, req):
+        return self.do_open(functools.partial(_WatchedHTTP, deadline=self._deadline), req)
+
+
+class _WatchedHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: _Deadline):
+        super().__init__()
+        self._deadline = deadline
+
+    def https_open(self, req):
+        return self.do_open(functools.partial(_WatchedHTTPS, deadline=self._deadline), req, context=self._context)
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        # urllib would follow a 301/302/303 (as a GET) with every header, the bearer token included,
+        # to wherever it points: refused, so it surfaces as an HTTP 3xx error naming the teacher
+        return None
+
+
+def _opener(deadline: _Deadline) -> urllib.request.OpenerDirector:
+    """urllib's default opener (proxies from the environment included) that follows no redirects,
+    its connections watched by `deadline`."""
+    return urllib.request.build_opener(_WatchedHTTPHandler(deadline), _WatchedHTTPSHandler(deadline), _NoRedirects)
+
+
 def _retry_after(value: str | None) -> float | None:
     if not value:
         return None
@@ -61,6 +156,8 @@ def _retry_after(value: str | None) -> float | None:
 
 class HttpTeacher:
     """A black-box teacher behind an Open Inference Protocol v2 REST endpoint."""
+
+    streams_parts = True  # query(..., on_part=) hands over each batch as it arrives (CachedTeacher stores it)
 
     def __init__(self, name: str, url: str, *, num_classes: int, spec: InputSpec, model: str | None = None,
                  output: str = "probs", k: int = 5, timeout_s: float = 30.0, max_retries: int = 4,
@@ -97,22 +194,31 @@ class HttpTeacher:
         return f"{self.url}/v2/models/{urllib.parse.quote(self.model, safe='')}/infer"
 
     # -- the Teacher protocol ---------------------------------------------------------------
-    def query(self, inputs: np.ndarray) -> TeacherOutput:
+    def query(self, inputs: np.ndarray, on_part=None) -> TeacherOutput:
+        """Answers for `inputs`. `on_part(start, output)`, if given, gets each validated batch (rows
+        start .. start + len(output)) as soon as it arrives, from the thread that received it."""
         inputs = np.asarray(inputs, np.float32)
         self.spec.check(inputs, self.name)
         if not np.isfinite(inputs).all():
             raise TeacherError(f"teacher {self.name!r}: non-finite inputs")
-        batches = [inputs[i : i + self.batch_size] for i in range(0, len(inputs), self.batch_size)]
-        if not batches:
+        starts = range(0, len(inputs), self.batch_size)
+        if not starts:
             return validate_output(self._empty(), 0, self.num_classes, self.name)
-        if len(batches) == 1 or self.concurrency == 1:
-            parts = [self._query_batch(b) for b in batches]
+
+        def one(start: int) -> TeacherOutput:
+            out = self._query_batch(inputs[start : start + self.batch_size])
+            if on_part is not None:
+                on_part(start, out)
+            return out
+
+        if len(starts) == 1 or self.concurrency == 1:
+            parts = [one(s) for s in starts]
         else:
-            pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(batches)), thread_name_prefix=f"teacher-{self.name}")
+            pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(starts)), thread_name_prefix=f"teacher-{self.name}")
             try:
-                futures = [pool.submit(self._query_batch, b) for b in batches]
+                futures = [pool.submit(one, s) for s in starts]
                 parts = [f.result() for f in futures]
-            finally:
+            finally:  # batches already sent finish (and are handed over) before an error propagates
                 pool.shutdown(wait=True, cancel_futures=True)
         return TeacherOutput.concat(parts)
 
@@ -166,10 +272,19 @@ class HttpTeacher:
     def _post(self, body: bytes, headers: dict) -> bytes:
         self.requests += 1
         req = urllib.request.Request(self.infer_url, data=body, headers=headers, method="POST")
+        deadline = _Deadline(self.timeout_s)
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                return resp.read()
+            try:
+                with _opener(deadline).open(req, timeout=self.timeout_s) as resp:
+                    raw = resp.read()
+            finally:
+                deadline.cancel()
+            if deadline.fired:  # a close-delimited answer cut short reads as complete
+                raise OSError("deadline")
+            return raw
         except urllib.error.HTTPError as e:
+            if deadline.fired:
+                raise self._too_slow() from None
             try:
                 detail = e.read(500).decode("utf-8", "replace").strip()
             except Exception:  # noqa: BLE001 - the status is what matters
@@ -182,11 +297,18 @@ class HttpTeacher:
             raise _Retryable(f"timed out after {self.timeout_s:g}s ({e})") from None
         except urllib.error.URLError as e:
             reason = e.reason
+            if deadline.fired:
+                raise self._too_slow() from None
             if isinstance(reason, (TimeoutError, socket.timeout)):
                 raise _Retryable(f"timed out after {self.timeout_s:g}s") from None
             raise _Retryable(f"connection error: {reason}") from None
         except (http.client.HTTPException, ConnectionError, OSError) as e:  # dropped / truncated transfers
+            if deadline.fired:
+                raise self._too_slow() from None
             raise _Retryable(f"connection error: {type(e).__name__}: {e}") from None
+
+    def _too_slow(self) -> _Retryable:
+        return _Retryable(f"no complete answer within {self.timeout_s:g}s (timeout_s; a stalled or trickling server)")
 
     def _parse(self, raw: bytes, n: int) -> TeacherOutput:
         try:
@@ -196,7 +318,7 @@ class HttpTeacher:
         outputs = doc.get("outputs") if isinstance(doc, dict) else None
         if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
             raise self._fail('answer has no "outputs" list')
-        by_name = {o.get("name"): o for o in outputs}
+        by_name = {o["name"]: o for o in outputs if isinstance(o.get("name"), str)}
         if self.output in ("logits", "probs"):
             o = by_name.get(self.output) or (outputs[0] if len(outputs) == 1 else None)
             if o is None:
@@ -215,6 +337,8 @@ class HttpTeacher:
 
     def _tensor(self, o: dict, want: tuple, kind: type) -> np.ndarray:
         name, dt, shape, data = o.get("name"), o.get("datatype"), o.get("shape"), o.get("data")
+        if not isinstance(dt, str):
+            raise self._fail(f"output {name!r} has no valid datatype ({dt!r})")
         if kind is float and dt not in FLOAT_TYPES:
             raise self._fail(f"output {name!r} has datatype {dt!r}, expected FP32")
         if kind is int and dt not in INT_TYPES:
@@ -225,7 +349,7 @@ class HttpTeacher:
             raise self._fail(f"output {name!r} of shape {shape}, expected {list(want)}")
         try:
             arr = np.asarray(data, dtype=np.float64)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an integer beyond float range
             raise self._fail(f"output {name!r}: data is not a list of numbers") from None
         if arr.size != int(np.prod(want)):
             raise self._fail(f"output {name!r}: {arr.size} values for shape {list(want)}")
@@ -233,8 +357,11 @@ class HttpTeacher:
         if kind is int:
             if not np.isfinite(arr).all() or (arr != np.round(arr)).any():
                 raise self._fail(f"output {name!r}: {dt} data holds non-integers")
+            if (np.abs(arr) > np.iinfo(np.int32).max).any():  # before the cast, which would wrap
+                raise self._fail(f"output {name!r}: class index out of range")
             return arr.astype(np.int64)
-        return arr.astype(np.float32) if np.isfinite(arr).all() else arr  # validate_output reports non-finite
+        with np.errstate(over="ignore", invalid="ignore"):
+            return arr.astype(np.float32)  # beyond float32's range: inf; validate_output reports non-finite
 
 
 def http_teacher_from_entry(entry) -> HttpTeacher:

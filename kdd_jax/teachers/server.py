@@ -21,7 +21,9 @@ from __future__ import annotations
 import hmac
 import json
 import re
+import socket
 import threading
+import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -106,11 +108,16 @@ class OipServer(ThreadingHTTPServer):
         if not isinstance(data, list):
             raise _BadRequest(400, "input data must be a list of numbers")
         flat = data
-        while flat and isinstance(flat[0], list):  # nested (row-major) data is allowed
-            flat = [v for row in flat for v in (row if isinstance(row, list) else [row])]
+        while flat and isinstance(flat[0], list):  # nested (row-major) data is allowed, ragged nesting is not
+            if not all(isinstance(row, list) for row in flat):
+                raise _BadRequest(400, "input data is ragged: mixes numbers and lists at one nesting level")
+            flat = [v for row in flat for v in row]
         if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in flat):
             raise _BadRequest(400, "input data must hold only numbers")
-        x = np.asarray(flat, np.float64)
+        try:
+            x = np.asarray(flat, np.float64)
+        except OverflowError:  # a JSON integer beyond float range
+            raise _BadRequest(400, "input data holds values beyond float32 range") from None
         if x.size != int(np.prod(shape)):
             raise _BadRequest(400, f"{x.size} values for shape {shape}")
         if not np.isfinite(x).all() or (np.abs(x) > np.finfo(np.float32).max).any():
@@ -124,7 +131,9 @@ class OipServer(ThreadingHTTPServer):
         requested = doc.get("outputs")
         names = None
         if isinstance(requested, list) and requested:
-            names = {o.get("name") for o in requested if isinstance(o, dict)}
+            if not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in requested):
+                raise _BadRequest(400, 'requested "outputs" must be objects with a string "name"')
+            names = {o["name"] for o in requested}
         n = shape[0]
         tensors = []
         if t.output in ("logits", "probs"):
@@ -168,6 +177,22 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         self.end_headers()
         self.wfile.write(body)
+        if close:
+            self._linger()
+
+    def _linger(self, seconds: float = 2.0) -> None:
+        """Closing with a request body still arriving makes the kernel reset the connection, and
+        the client loses our answer (a 413 would read as a dropped connection, which clients
+        retry). So: stop sending, then read and discard what the client sends, for a short while."""
+        try:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(0.25)
+            stop = time.monotonic() + seconds
+            while time.monotonic() < stop and self.connection.recv(1 << 16):
+                pass
+        except OSError:
+            pass
 
     def _error(self, status: int, message: str, **kw) -> None:
         self.server.count("errors")
