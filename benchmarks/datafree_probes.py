@@ -104,6 +104,11 @@ def main(argv=None) -> int:
     if not args.render:
         if not args.config:
             ap.error("give a CONFIG (JSON object) or --render")
+        try:  # refuse a bad CONFIG before loading the zoo
+            over = json.loads(args.config)
+            SynthesisConfig(**{"n_probes": 100, **over})
+        except (ValueError, TypeError) as e:  # bad JSON, unknown field, invalid value
+            ap.error(f"CONFIG {args.config!r}: {e}")
         run(args)
     rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
     atomic_write_bytes(RESULTS.with_suffix(".md"), render(rows).encode())

@@ -1412,13 +1412,22 @@ def run_kills(cfg: dict, args, work: Path, fleet: Fleet) -> dict:
 
 # =============================================================================== concurrency
 
-def cache_writer(path: Path, seed: int, log_path: Path, seconds: float) -> None:
-    """Worker: random overlapping queries through one shared cache; logs the keys it got back."""
-    from kdd_jax.teachers import CachedTeacher, CallableTeacher, InputSpec, ResponseCache, probe_key
+def writer_task():
+    """The cache writers' teacher (a fixed linear map named "lin") and probe pool; tests check
+    stored rows against the same pair."""
+    from kdd_jax.teachers import CallableTeacher, InputSpec
 
     pool = np.random.default_rng(12345).uniform(size=(600, 1, 4, 4)).astype(np.float32)
     w = np.random.default_rng(5).normal(size=(16, 5)).astype(np.float32)
-    teacher = CallableTeacher("lin", lambda x: x.reshape(len(x), -1) @ w, num_classes=5, spec=InputSpec((4, 4), 1))
+    return CallableTeacher("lin", lambda x: x.reshape(len(x), -1) @ w, num_classes=5, spec=InputSpec((4, 4), 1)), pool
+
+
+def cache_writer(path: Path, seed: int, log_path: Path, seconds: float) -> None:
+    """Worker: random overlapping queries through one shared cache; logs the keys it got back
+    (exit status 3 if an answer differs from the teacher's)."""
+    from kdd_jax.teachers import CachedTeacher, ResponseCache, probe_key
+
+    teacher, pool = writer_task()
     rng = np.random.default_rng(seed)
     cached = CachedTeacher(teacher, ResponseCache(path), batch_size=int(rng.integers(8, 64)))
     stop = time.monotonic() + seconds

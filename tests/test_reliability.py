@@ -37,7 +37,7 @@ from kdd_jax.teachers import (
 from kdd_jax.teachers.base import validate_output
 from kdd_jax.teachers.config import load_teachers_file
 from tests.conftest import CONFIGS, full_config
-from benchmarks.reliability import yaml_bomb  # shared with the benchmark's fuzzer
+from benchmarks.reliability import cache_writer, writer_task, yaml_bomb  # shared with the benchmark
 from tests.fault_server import FaultServer
 
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,
@@ -480,32 +480,9 @@ def test_detection_interrupted_by_a_wrong_answer_then_rerun_pays_nothing_twice(t
 # --------------------------------------------------------------------- processes and the cache
 
 
-# A cache writer: random overlapping queries through the shared cache, logging the keys it got
-# back. Child processes run it with `python -c`, so that they import only what it uses.
-WRITER = """
-import sys, time
-import numpy as np
-from kdd_jax.teachers import CachedTeacher, CallableTeacher, InputSpec, ResponseCache, probe_key
-
-
-def write(path, seed, log, seconds):
-    w = np.random.default_rng(5).normal(size=(16, 5)).astype(np.float32)
-    teacher = CallableTeacher("lin", lambda x: x.reshape(len(x), -1) @ w, num_classes=5, spec=InputSpec((4, 4), 1))
-    pool = np.random.default_rng(1).uniform(size=(400, 1, 4, 4)).astype(np.float32)
-    rng = np.random.default_rng(seed)
-    cached = CachedTeacher(teacher, ResponseCache(path), batch_size=int(rng.integers(4, 32)))
-    stop = time.monotonic() + seconds
-    with open(log, "a") as f:
-        while time.monotonic() < stop:
-            idx = rng.choice(len(pool), size=int(rng.integers(5, 60)), replace=False)
-            cached.query(pool[idx])
-            f.write("".join(probe_key("lin", "logits", pool[i]) + "\\n" for i in idx))
-            f.flush()
-
-
-if __name__ == "__main__":
-    write(sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4]))
-"""
+# Child processes run the benchmark's cache writer with `python -c`, importing only what it uses.
+WRITER = "import sys; from pathlib import Path; from benchmarks.reliability import cache_writer; " \
+         "cache_writer(Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), float(sys.argv[4]))"
 
 
 def test_a_writer_killed_mid_transaction_corrupts_nothing_and_loses_nothing(tmp_path):
@@ -523,9 +500,7 @@ def test_a_writer_killed_mid_transaction_corrupts_nothing_and_loses_nothing(tmp_
     while not (tmp_path / "log0").exists() or (tmp_path / "log0").stat().st_size == 0:  # writing has begun
         assert time.monotonic() < deadline and procs[0].poll() is None
         time.sleep(0.02)
-    ns = {"__name__": "writer"}
-    exec(WRITER, ns)  # noqa: S102 - this file's own code
-    me = threading.Thread(target=ns["write"], args=(path, 2, str(tmp_path / "log2"), 1.0))
+    me = threading.Thread(target=cache_writer, args=(Path(path), 2, tmp_path / "log2", 1.0))
     me.start()
     time.sleep(random.Random(0).uniform(0.1, 0.4))
     procs[0].kill()
@@ -538,9 +513,8 @@ def test_a_writer_killed_mid_transaction_corrupts_nothing_and_loses_nothing(tmp_
     conn.close()
     logged = {line for s in range(3) for line in (tmp_path / f"log{s}").read_text().split("\n") if len(line) == 64}
     assert logged and logged <= set(rows)
-    w = np.random.default_rng(5).normal(size=(16, 5)).astype(np.float32)
-    pool = np.random.default_rng(1).uniform(size=(400, 1, 4, 4)).astype(np.float32)
-    truth = {probe_key("lin", "logits", p): (p.reshape(1, -1) @ w)[0] for p in pool}
+    teacher, pool = writer_task()
+    truth = {probe_key("lin", "logits", p): v for p, v in zip(pool, teacher.query(pool).values)}
     assert set(rows) <= set(truth)
     for k, v in rows.items():
         np.testing.assert_allclose(np.frombuffer(v, np.float32), truth[k], rtol=1e-5, atol=1e-6)
