@@ -3,8 +3,10 @@
 The synthesis loss (paper: L_BNS) compares, per BN layer, the batch mean/variance of the layer's
 input with the stored running statistics. `forward_with_bn_stats(model, x)` returns the logits and
 those batch statistics in one pass, keyed by the layer's PyTorch name ("layer1.0.bn1");
-`bn_running_stats(model)` returns the stored statistics under the same keys. Both are plain
-functions of arrays and trace cleanly under `jax.jit` / `jax.grad` / `jax.vmap`.
+`bn_running_stats(model)` returns the stored statistics under the same keys.
+`forward_with_bn_outputs(model, x)` likewise returns each BN layer's *output* (the feature maps
+used by perceptual image distances, `kdd_jax.scores.images`). All are plain functions of arrays
+and trace cleanly under `jax.jit` / `jax.grad` / `jax.vmap`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ class BNStats(NamedTuple):
 # Where BatchNorm2d layers report their input statistics during `capture_bn_stats`. A context
 # variable (not module state) keeps the forward pass pure: nothing is written into the model.
 _BN_SINK: contextvars.ContextVar[list | None] = contextvars.ContextVar("kdd_bn_sink", default=None)
+# Where they report their outputs during `forward_with_bn_outputs` (same mechanism).
+_BN_OUT_SINK: contextvars.ContextVar[list | None] = contextvars.ContextVar("kdd_bn_out_sink", default=None)
 
 
 class BatchNorm2d(nnx.Module):
@@ -53,19 +57,27 @@ class BatchNorm2d(nnx.Module):
             # Two-pass variance: E[x^2]-E[x]^2 loses digits on large activations.
             sink.append((self, BNStats(mu, jnp.mean(jnp.square(x - mu), axis=axes))))
         mult = self.scale[...] * jax.lax.rsqrt(self.var[...] + self.eps)
-        return (x - self.mean[...]) * mult + self.bias[...]
+        y = (x - self.mean[...]) * mult + self.bias[...]
+        out_sink = _BN_OUT_SINK.get()
+        if out_sink is not None:
+            out_sink.append((self, y))
+        return y
 
 
 class _BNCapture:
-    """Context manager collecting (layer, BNStats) pairs from BatchNorm2d calls."""
+    """Context manager collecting (layer, value) pairs from BatchNorm2d calls: (layer, BNStats)
+    of the input with the default sink, (layer, output) with `_BN_OUT_SINK`."""
+
+    def __init__(self, sink: contextvars.ContextVar = _BN_SINK):
+        self._sink = sink
 
     def __enter__(self) -> list:
         self._records: list = []
-        self._token = _BN_SINK.set(self._records)
+        self._token = self._sink.set(self._records)
         return self._records
 
     def __exit__(self, *exc) -> None:
-        _BN_SINK.reset(self._token)
+        self._sink.reset(self._token)
 
 
 def _bn_layers(model: nnx.Module) -> dict[str, BatchNorm2d]:
@@ -81,12 +93,25 @@ def bn_running_stats(model: nnx.Module) -> dict[str, BNStats]:
     return {name: BNStats(bn.mean[...], bn.var[...]) for name, bn in _bn_layers(model).items()}
 
 
+def _forward_capturing(model: nnx.Module, x: jax.Array, sink: contextvars.ContextVar) -> tuple[jax.Array, dict]:
+    names = {id(bn): name for name, bn in _bn_layers(model).items()}
+    with _BNCapture(sink) as records:
+        logits = model(x)
+    captured = {names[id(bn)]: v for bn, v in records}
+    if len(captured) != len(records):
+        raise RuntimeError("a BatchNorm layer ran more than once in one forward pass; unsupported")
+    return logits, captured
+
+
 def forward_with_bn_stats(model: nnx.Module, x: jax.Array) -> tuple[jax.Array, dict[str, BNStats]]:
     """Logits plus each BN layer's batch statistics of its input, keyed like `bn_running_stats`."""
-    names = {id(bn): name for name, bn in _bn_layers(model).items()}
-    with _BNCapture() as records:
-        logits = model(x)
-    stats = {names[id(bn)]: s for bn, s in records}
-    if len(stats) != len(records):
-        raise RuntimeError("a BatchNorm layer ran more than once in one forward pass; unsupported")
-    return logits, stats
+    return _forward_capturing(model, x, _BN_SINK)
+
+
+def forward_with_bn_outputs(model: nnx.Module, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Logits plus each BN layer's output [N, h, w, c], keyed by PyTorch layer name.
+
+    The dict is in call order (the order the forward pass ran the layers); a `jax.jit` caller
+    receives it back with sorted keys, as for any dict pytree. Outputs are taken before any
+    following activation or residual add (exactly what BatchNorm2d returns)."""
+    return _forward_capturing(model, x, _BN_OUT_SINK)

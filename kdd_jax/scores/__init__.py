@@ -11,6 +11,10 @@ decision stage can loop over names. Many teachers: `jax.vmap(fn, in_axes=(None, 
 leading teacher axis. `jitted(name, **opts)` returns one jitted callable per (name, options),
 cached, so repeated audits never recompile for a shape already seen (big_vision's distance
 evaluator pattern). No sharding here: the mesh stage wraps these functions.
+
+Images (generative students, `kdd_jax.scores.images`): `IMAGE_PAIR_SCORES` maps a name to
+fn(a [N,H,W,C], b [N,H,W,C], *, net=None) -> [N] (neg_lpips, ssim, neg_pixel_mse); set scores
+on images are the set SCORES above applied to `FeatureNet.embedding(images)`.
 """
 
 from __future__ import annotations
@@ -32,6 +36,17 @@ from kdd_jax.scores.pointwise import (
     neg_kl_scores,
     top1_agreement,
     top1_scores,
+)
+from kdd_jax.scores.images import (
+    IMAGE_PAIR_SCORES,
+    FeatureNet,
+    classifier_feature_net,
+    default_feature_layers,
+    load_lpips_heads,
+    lpips_distance,
+    neg_lpips,
+    neg_pixel_mse,
+    ssim,
 )
 from kdd_jax.scores.setlevel import (
     aligned_cosine_similarity,
@@ -85,4 +100,7 @@ __all__ = [
     "aligned_cosine_similarity", "dark_knowledge_corr", "inverse_kl_scores", "jitted", "kl_per_probe", "linear_cka",
     "log_probs_from", "median_heuristic_sigma", "mmd2_rbf", "mmd_permutation_test",
     "neg_kl_scores", "neg_mmd2_rbf", "rbf_cka", "top1_agreement", "top1_scores",
+    # images
+    "FeatureNet", "IMAGE_PAIR_SCORES", "classifier_feature_net", "default_feature_layers",
+    "load_lpips_heads", "lpips_distance", "neg_lpips", "neg_pixel_mse", "ssim",
 ]

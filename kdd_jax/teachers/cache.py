@@ -147,12 +147,16 @@ def cached_query(
     batch_size: int = 256,
     budget: int | None = None,
     streams: bool = False,
+    keys: list[str] | None = None,
 ) -> TeacherOutput:
     """Answers for every probe in `inputs`: from the cache where present, else from `ask` in
     batches, each batch stored (one transaction) as soon as it is answered. With `streams`,
     `ask(x, on_part=cb)` hands over the parts of a batch as they arrive (an HTTP teacher's
-    requests) and each is stored at once."""
-    keys = [probe_key(teacher_name, kind, p) for p in inputs]
+    requests) and each is stored at once. `keys` (one per probe) replace `probe_key` for probes
+    that are not one array (a generative request: prompt + noise); `inputs[rows]` must then
+    select rows by a list of indices. Rows come back as stored: flat float32 / int32."""
+    if keys is None:
+        keys = [probe_key(teacher_name, kind, p) for p in inputs]
     found = cache.get_many(list(dict.fromkeys(keys)))
     missing = [i for i, k in enumerate(keys) if k not in found]
     # identical probes in one request are asked once

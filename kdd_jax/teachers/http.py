@@ -154,83 +154,85 @@ def _retry_after(value: str | None) -> float | None:
     return min(max(s, 0.0), MAX_RETRY_AFTER_S) if np.isfinite(s) else None
 
 
-class HttpTeacher:
-    """A black-box teacher behind an Open Inference Protocol v2 REST endpoint."""
+class OipClient:
+    """What every Open Inference Protocol client here shares: URL checks, the bearer token, one
+    request with a whole-request deadline, retries with backoff, batches with bounded concurrency,
+    and strict reading of answer tensors. Subclasses build request bodies and parse answers."""
 
-    streams_parts = True  # query(..., on_part=) hands over each batch as it arrives (CachedTeacher stores it)
+    streams_parts = True  # query(..., on_part=) hands over each batch as it arrives (the cache stores it)
 
-    def __init__(self, name: str, url: str, *, num_classes: int, spec: InputSpec, model: str | None = None,
-                 output: str = "probs", k: int = 5, timeout_s: float = 30.0, max_retries: int = 4,
-                 batch_size: int = 64, concurrency: int = 4, token_env: str | None = None,
-                 backoff_s: float = 0.5, max_backoff_s: float = 30.0, input_name: str = "input"):
-        if output not in OUTPUT_KINDS:
-            raise ValueError(f"teacher {name!r}: unknown output kind {output!r}; expected one of {OUTPUT_KINDS}")
+    def _setup(self, name: str, url: str, *, model: str | None, timeout_s: float, max_retries: int, batch_size: int,
+               concurrency: int, token_env: str | None, backoff_s: float, max_backoff_s: float) -> None:
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise ValueError(f"teacher {name!r}: url must be http(s)://host[:port][/prefix], got {url!r}")
         if parsed.username or parsed.password:
             raise ValueError(f"teacher {name!r}: put credentials in token_env, not in the url")
-        for what, v in (("batch_size", batch_size), ("concurrency", concurrency), ("k", k), ("num_classes", num_classes)):
+        for what, v in (("batch_size", batch_size), ("concurrency", concurrency)):
             if v < 1:
                 raise ValueError(f"teacher {name!r}: {what} must be >= 1")
         if max_retries < 0 or timeout_s <= 0:
             raise ValueError(f"teacher {name!r}: max_retries must be >= 0 and timeout_s > 0")
-        self.name, self.output, self.k, self.num_classes, self.spec = name, output, k, num_classes, spec
+        self.name = name
         self.url = url.rstrip("/")
         self.model = model or name
         self.timeout_s, self.max_retries = float(timeout_s), int(max_retries)
         self.batch_size, self.concurrency = int(batch_size), int(concurrency)
         self.token_env = token_env
         self.backoff_s, self.max_backoff_s = float(backoff_s), float(max_backoff_s)
-        self.input_name = input_name
         self.requests = 0  # HTTP requests sent, retries included
         self.retries = 0
-
-    def __repr__(self) -> str:
-        return f"HttpTeacher(name={self.name!r}, url={self.url!r}, model={self.model!r}, output={self.output!r})"
 
     @property
     def infer_url(self) -> str:
         return f"{self.url}/v2/models/{urllib.parse.quote(self.model, safe='')}/infer"
 
-    # -- the Teacher protocol ---------------------------------------------------------------
-    def query(self, inputs: np.ndarray, on_part=None) -> TeacherOutput:
-        """Answers for `inputs`. `on_part(start, output)`, if given, gets each validated batch (rows
-        start .. start + len(output)) as soon as it arrives, from the thread that received it."""
-        inputs = np.asarray(inputs, np.float32)
-        self.spec.check(inputs, self.name)
-        if not np.isfinite(inputs).all():
-            raise TeacherError(f"teacher {self.name!r}: non-finite inputs")
-        starts = range(0, len(inputs), self.batch_size)
-        if not starts:
-            return validate_output(self._empty(), 0, self.num_classes, self.name)
+    def _batches(self, n: int, one) -> list:
+        """`one(start)` for every batch start in [0, n), at most `concurrency` at once, in order."""
+        starts = range(0, n, self.batch_size)
+        if len(starts) <= 1 or self.concurrency == 1:
+            return [one(s) for s in starts]
+        pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(starts)), thread_name_prefix=f"teacher-{self.name}")
+        try:
+            futures = [pool.submit(one, s) for s in starts]
+            return [f.result() for f in futures]
+        finally:  # batches already sent finish (and are handed over) before an error propagates
+            pool.shutdown(wait=True, cancel_futures=True)
 
-        def one(start: int) -> TeacherOutput:
-            out = self._query_batch(inputs[start : start + self.batch_size])
-            if on_part is not None:
-                on_part(start, out)
-            return out
-
-        if len(starts) == 1 or self.concurrency == 1:
-            parts = [one(s) for s in starts]
-        else:
-            pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(starts)), thread_name_prefix=f"teacher-{self.name}")
+    def _send(self, doc: dict) -> bytes:
+        """POST `doc` to the infer URL, retrying what is worth retrying; the raw answer body."""
+        body = json.dumps(doc).encode()
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        token = self._token()
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        last = "no attempt made"
+        for attempt in range(self.max_retries + 1):
             try:
-                futures = [pool.submit(one, s) for s in starts]
-                parts = [f.result() for f in futures]
-            finally:  # batches already sent finish (and are handed over) before an error propagates
-                pool.shutdown(wait=True, cancel_futures=True)
-        return TeacherOutput.concat(parts)
+                return self._post(body, headers)
+            except _Retryable as e:
+                last = str(e)
+                if attempt == self.max_retries:
+                    raise self._fail(f"gave up after {attempt + 1} attempt(s) to {self.infer_url}; last error: {last}") from None
+                self.retries += 1
+                delay = min(self.max_backoff_s, self.backoff_s * 2**attempt) * (0.5 + random.random() / 2)
+                if e.retry_after is not None:
+                    delay = max(delay, e.retry_after)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
 
-    def _empty(self) -> TeacherOutput:
-        c = self.num_classes
-        kk = min(self.k, c)
-        return {"logits": TeacherOutput("logits", values=np.zeros((0, c), np.float32)),
-                "probs": TeacherOutput("probs", values=np.zeros((0, c), np.float32)),
-                "topk": TeacherOutput("topk", values=np.zeros((0, kk), np.float32), indices=np.zeros((0, kk), np.int32)),
-                "labels": TeacherOutput("labels", indices=np.zeros((0,), np.int32))}[self.output]
+    def _outputs(self, raw: bytes) -> tuple[list, dict]:
+        """(outputs list, outputs by name) of an answer body, or TeacherError."""
+        try:
+            doc = json.loads(raw)
+        except (ValueError, RecursionError) as e:
+            raise self._fail(f"answer is not valid JSON ({e})") from None
+        outputs = doc.get("outputs") if isinstance(doc, dict) else None
+        if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
+            raise self._fail('answer has no "outputs" list')
+        return outputs, {o["name"]: o for o in outputs if isinstance(o.get("name"), str)}
 
-    # -- one batch: request, retries, parsing ----------------------------------------------
+    # -- one request: token, deadline, errors, answer tensors --------------------------------
     def _fail(self, message: str) -> TeacherError:
         return TeacherError(self._scrub(f"teacher {self.name!r}: {message}"))
 
@@ -245,29 +247,6 @@ class HttpTeacher:
         if not token and required:
             raise TeacherError(f"teacher {self.name!r}: environment variable {self.token_env} (token_env) is not set")
         return token or None
-
-    def _query_batch(self, x: np.ndarray) -> TeacherOutput:
-        body = json.dumps({"inputs": [{"name": self.input_name, "shape": list(x.shape), "datatype": "FP32",
-                                       "data": x.ravel().tolist()}]}).encode()
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        token = self._token()
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        last = "no attempt made"
-        for attempt in range(self.max_retries + 1):
-            try:
-                raw = self._post(body, headers)
-                break
-            except _Retryable as e:
-                last = str(e)
-                if attempt == self.max_retries:
-                    raise self._fail(f"gave up after {attempt + 1} attempt(s) to {self.infer_url}; last error: {last}") from None
-                self.retries += 1
-                delay = min(self.max_backoff_s, self.backoff_s * 2**attempt) * (0.5 + random.random() / 2)
-                if e.retry_after is not None:
-                    delay = max(delay, e.retry_after)
-                time.sleep(delay)
-        return validate_output(self._parse(raw, len(x)), len(x), self.num_classes, self.name)
 
     def _post(self, body: bytes, headers: dict) -> bytes:
         self.requests += 1
@@ -310,26 +289,6 @@ class HttpTeacher:
     def _too_slow(self) -> _Retryable:
         return _Retryable(f"no complete answer within {self.timeout_s:g}s (timeout_s; a stalled or trickling server)")
 
-    def _parse(self, raw: bytes, n: int) -> TeacherOutput:
-        try:
-            doc = json.loads(raw)
-        except (ValueError, RecursionError) as e:
-            raise self._fail(f"answer is not valid JSON ({e})") from None
-        outputs = doc.get("outputs") if isinstance(doc, dict) else None
-        if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
-            raise self._fail('answer has no "outputs" list')
-        by_name = {o["name"]: o for o in outputs if isinstance(o.get("name"), str)}
-        if self.output in ("logits", "probs"):
-            o = by_name.get(self.output) or (outputs[0] if len(outputs) == 1 else None)
-            if o is None:
-                raise self._fail(f"no output named {self.output!r} among {sorted(map(str, by_name))}")
-            return TeacherOutput(self.output, values=self._tensor(o, (n, self.num_classes), float))
-        if self.output == "topk":
-            kk = min(self.k, self.num_classes)
-            idx, vals = (self._need(by_name, "topk_indices"), self._need(by_name, "topk_probs"))
-            return TeacherOutput("topk", values=self._tensor(vals, (n, kk), float), indices=self._tensor(idx, (n, kk), int))
-        return TeacherOutput("labels", indices=self._tensor(self._need(by_name, "labels"), (n,), int))
-
     def _need(self, by_name: dict, name: str) -> dict:
         if name not in by_name:
             raise self._fail(f"no output named {name!r} among {sorted(map(str, by_name))}")
@@ -362,6 +321,129 @@ class HttpTeacher:
             return arr.astype(np.int64)
         with np.errstate(over="ignore", invalid="ignore"):
             return arr.astype(np.float32)  # beyond float32's range: inf; validate_output reports non-finite
+
+
+class HttpTeacher(OipClient):
+    """A black-box classifier teacher behind an Open Inference Protocol v2 REST endpoint."""
+
+    def __init__(self, name: str, url: str, *, num_classes: int, spec: InputSpec, model: str | None = None,
+                 output: str = "probs", k: int = 5, timeout_s: float = 30.0, max_retries: int = 4,
+                 batch_size: int = 64, concurrency: int = 4, token_env: str | None = None,
+                 backoff_s: float = 0.5, max_backoff_s: float = 30.0, input_name: str = "input"):
+        if output not in OUTPUT_KINDS:
+            raise ValueError(f"teacher {name!r}: unknown output kind {output!r}; expected one of {OUTPUT_KINDS}")
+        for what, v in (("k", k), ("num_classes", num_classes)):
+            if v < 1:
+                raise ValueError(f"teacher {name!r}: {what} must be >= 1")
+        self._setup(name, url, model=model, timeout_s=timeout_s, max_retries=max_retries, batch_size=batch_size,
+                    concurrency=concurrency, token_env=token_env, backoff_s=backoff_s, max_backoff_s=max_backoff_s)
+        self.output, self.k, self.num_classes, self.spec = output, k, num_classes, spec
+        self.input_name = input_name
+
+    def __repr__(self) -> str:
+        return f"HttpTeacher(name={self.name!r}, url={self.url!r}, model={self.model!r}, output={self.output!r})"
+
+    # -- the Teacher protocol ---------------------------------------------------------------
+    def query(self, inputs: np.ndarray, on_part=None) -> TeacherOutput:
+        """Answers for `inputs`. `on_part(start, output)`, if given, gets each validated batch (rows
+        start .. start + len(output)) as soon as it arrives, from the thread that received it."""
+        inputs = np.asarray(inputs, np.float32)
+        self.spec.check(inputs, self.name)
+        if not np.isfinite(inputs).all():
+            raise TeacherError(f"teacher {self.name!r}: non-finite inputs")
+        if not len(inputs):
+            return validate_output(self._empty(), 0, self.num_classes, self.name)
+
+        def one(start: int) -> TeacherOutput:
+            out = self._query_batch(inputs[start : start + self.batch_size])
+            if on_part is not None:
+                on_part(start, out)
+            return out
+
+        return TeacherOutput.concat(self._batches(len(inputs), one))
+
+    def _empty(self) -> TeacherOutput:
+        c = self.num_classes
+        kk = min(self.k, c)
+        return {"logits": TeacherOutput("logits", values=np.zeros((0, c), np.float32)),
+                "probs": TeacherOutput("probs", values=np.zeros((0, c), np.float32)),
+                "topk": TeacherOutput("topk", values=np.zeros((0, kk), np.float32), indices=np.zeros((0, kk), np.int32)),
+                "labels": TeacherOutput("labels", indices=np.zeros((0,), np.int32))}[self.output]
+
+    def _query_batch(self, x: np.ndarray) -> TeacherOutput:
+        raw = self._send({"inputs": [{"name": self.input_name, "shape": list(x.shape), "datatype": "FP32",
+                                      "data": x.ravel().tolist()}]})
+        return validate_output(self._parse(raw, len(x)), len(x), self.num_classes, self.name)
+
+    def _parse(self, raw: bytes, n: int) -> TeacherOutput:
+        outputs, by_name = self._outputs(raw)
+        if self.output in ("logits", "probs"):
+            o = by_name.get(self.output) or (outputs[0] if len(outputs) == 1 else None)
+            if o is None:
+                raise self._fail(f"no output named {self.output!r} among {sorted(map(str, by_name))}")
+            return TeacherOutput(self.output, values=self._tensor(o, (n, self.num_classes), float))
+        if self.output == "topk":
+            kk = min(self.k, self.num_classes)
+            idx, vals = (self._need(by_name, "topk_indices"), self._need(by_name, "topk_probs"))
+            return TeacherOutput("topk", values=self._tensor(vals, (n, kk), float), indices=self._tensor(idx, (n, kk), int))
+        return TeacherOutput("labels", indices=self._tensor(self._need(by_name, "labels"), (n,), int))
+
+class HttpGenerativeTeacher(OipClient):
+    """A black-box generative teacher over OIP v2: (prompt, x_T) rows -> images.
+
+    Request: "prompt" BYTES [n] (UTF-8 strings; "" = the empty prompt) and either "noise" FP32
+    [n, C, H, W] (x_T in PyTorch's latents layout; `send="noise"`, the default: exact whatever the
+    server's RNG) or "seed" INT64 [n] (`send="seed"`: the server rebuilds x_T with the documented
+    recipe of kdd_jax/generative/noise.py; rows without seeds cannot be sent this way). Answer:
+    "images" FP32 [n, H, W, C] in [0, 1]."""
+
+    output = "images"
+
+    def __init__(self, name: str, url: str, *, spec, model: str | None = None, send: str = "noise",
+                 timeout_s: float = 120.0, max_retries: int = 4, batch_size: int = 16, concurrency: int = 2,
+                 token_env: str | None = None, backoff_s: float = 0.5, max_backoff_s: float = 30.0):
+        if send not in ("noise", "seed"):
+            raise ValueError(f"teacher {name!r}: send must be 'noise' or 'seed', got {send!r}")
+        self._setup(name, url, model=model, timeout_s=timeout_s, max_retries=max_retries, batch_size=batch_size,
+                    concurrency=concurrency, token_env=token_env, backoff_s=backoff_s, max_backoff_s=max_backoff_s)
+        self.spec, self.send = spec, send
+
+    def __repr__(self) -> str:
+        return f"HttpGenerativeTeacher(name={self.name!r}, url={self.url!r}, model={self.model!r}, send={self.send!r})"
+
+    def generate(self, req, on_part=None) -> np.ndarray:
+        """Images for a GenerationRequest; `on_part(start, images)` gets each validated batch as it arrives."""
+        from kdd_jax.teachers.generative import _check_request
+
+        _check_request(req, self.spec, self.name)
+        if self.send == "seed" and req.seeds is None:
+            raise TeacherError(f"teacher {self.name!r} takes seeds (send: seed) but the request carries none")
+        if not len(req):
+            return np.zeros((0, *self.spec.image_shape), np.float32)
+
+        def one(start: int) -> np.ndarray:
+            images = self._generate_batch(req[start : start + self.batch_size])
+            if on_part is not None:
+                on_part(start, images)
+            return images
+
+        return np.concatenate(self._batches(len(req), one))
+
+    def _generate_batch(self, req) -> np.ndarray:
+        from kdd_jax.teachers.generative import validate_images
+
+        n = len(req)
+        inputs = [{"name": "prompt", "datatype": "BYTES", "shape": [n], "data": list(req.prompts)}]
+        if self.send == "seed":
+            inputs.append({"name": "seed", "datatype": "INT64", "shape": [n], "data": req.seeds.tolist()})
+        else:
+            x = np.transpose(req.noise, (0, 3, 1, 2))
+            inputs.append({"name": "noise", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()})
+        outputs, by_name = self._outputs(self._send({"inputs": inputs}))
+        o = by_name.get("images") or (outputs[0] if len(outputs) == 1 else None)
+        if o is None:
+            raise self._fail(f"no output named 'images' among {sorted(map(str, by_name))}")
+        return validate_images(self._tensor(o, (n, *self.spec.image_shape), float), n, self.spec, self.name)
 
 
 def http_teacher_from_entry(entry) -> HttpTeacher:

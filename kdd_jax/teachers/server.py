@@ -9,7 +9,13 @@ library only (http.server.ThreadingHTTPServer).
 The request carries one FP32 input of shape [n, C, H, W] (raw pixels in the model's value range;
 normalisation happens inside, as for any served model), JSON data flat or nested. Outputs by
 kind: logits/probs -> one FP32 output named after the kind, [n, C]; topk -> "topk_indices" INT32
-[n, k] and "topk_probs" FP32 [n, k]; labels -> "labels" INT32 [n]. Binds 127.0.0.1 unless told
+[n, k] and "topk_probs" FP32 [n, k]; labels -> "labels" INT32 [n].
+
+A generative teacher (a diffusion model, kdd_jax/teachers/generative.py) takes "prompt" BYTES [n]
+and either "noise" FP32 [n, C, H, W] (x_T, PyTorch latents layout) or "seed" INT64 [n] (x_T rebuilt
+with kdd_jax/generative/noise.py's recipe), and answers "images" FP32 [n, H, W, C] in [0, 1].
+
+Binds 127.0.0.1 unless told
 otherwise. With a token every request but the health checks needs `Authorization: Bearer <token>`
 (else 401). Bodies
 over the limit get 413; malformed JSON, wrong shape or datatype, non-finite data get 400 with a
@@ -70,8 +76,22 @@ class OipServer(ThreadingHTTPServer):
             return False
         return hmac.compare_digest(header[len("Bearer "):].strip().encode(), self._token)
 
+    @property
+    def generative(self) -> bool:
+        return getattr(self.teacher, "output", None) == "images"
+
     def metadata(self) -> dict:
         t = self.teacher
+        if self.generative:
+            (h, w, c), image = t.spec.noise_shape, list(t.spec.image_shape)
+            return {"name": self.model_name, "versions": ["1"], "platform": "kdd-jax",
+                    "inputs": [{"name": "prompt", "datatype": "BYTES", "shape": [-1]},
+                               {"name": "noise", "datatype": "FP32", "shape": [-1, c, h, w]},
+                               {"name": "seed", "datatype": "INT64", "shape": [-1]}],
+                    "outputs": [{"name": "images", "datatype": "FP32", "shape": [-1, *image]}],
+                    "parameters": {"output_kind": "images", "noise_layout": "NCHW", "image_layout": "NHWC",
+                                   "value_range": [0.0, 1.0], "noise_recipe": "kdd_jax.generative.noise (Philox)",
+                                   "max_batch_size": MAX_BATCH}}
         c, (h, w) = t.spec.channels, t.spec.input_size
         k = min(getattr(t, "k", 5), t.num_classes)
         outputs = {
@@ -87,53 +107,18 @@ class OipServer(ThreadingHTTPServer):
                                "value_range": list(t.spec.value_range), "layout": "NCHW", "max_batch_size": MAX_BATCH}}
 
     def infer(self, doc) -> dict:
+        if self.generative:
+            return self._infer_images(doc)
         t = self.teacher
         if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or len(doc["inputs"]) != 1:
             raise _BadRequest(400, 'expected {"inputs": [one tensor]}')
         inp = doc["inputs"][0]
         if not isinstance(inp, dict):
             raise _BadRequest(400, "input tensor must be an object")
-        if inp.get("datatype") != "FP32":
-            raise _BadRequest(400, f"input datatype {inp.get('datatype')!r}, expected 'FP32'")
-        shape = inp.get("shape")
-        want = [t.spec.channels, *t.spec.input_size]
-        if (not isinstance(shape, list) or len(shape) != 4
-                or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape)
-                or shape[1:] != want or not 1 <= shape[0] <= MAX_BATCH):
-            raise _BadRequest(400, f"input shape {shape!r}, expected [n, {', '.join(map(str, want))}] with 1 <= n <= {MAX_BATCH}")
-        if "data" not in inp:
-            raise _BadRequest(400, "input has no JSON data (binary tensor data is not supported)")
-        data = inp["data"]
-        if not isinstance(data, list):
-            raise _BadRequest(400, "input data must be a list of numbers")
-        flat = data
-        while flat and isinstance(flat[0], list):  # nested (row-major) data is allowed, ragged nesting is not
-            if not all(isinstance(row, list) for row in flat):
-                raise _BadRequest(400, "input data is ragged: mixes numbers and lists at one nesting level")
-            flat = [v for row in flat for v in row]
-        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in flat):
-            raise _BadRequest(400, "input data must hold only numbers")
-        try:
-            x = np.asarray(flat, np.float64)
-        except OverflowError:  # a JSON integer beyond float range
-            raise _BadRequest(400, "input data holds values beyond float32 range") from None
-        if x.size != int(np.prod(shape)):
-            raise _BadRequest(400, f"{x.size} values for shape {shape}")
-        if not np.isfinite(x).all() or (np.abs(x) > np.finfo(np.float32).max).any():
-            raise _BadRequest(400, "input data holds non-finite values")
-        x = x.astype(np.float32).reshape(shape)
-        with self.lock:
-            try:
-                out = t.query(x)
-            except TeacherError as e:
-                raise _BadRequest(400, str(e)) from None
-        requested = doc.get("outputs")
-        names = None
-        if isinstance(requested, list) and requested:
-            if not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in requested):
-                raise _BadRequest(400, 'requested "outputs" must be objects with a string "name"')
-            names = {o["name"] for o in requested}
-        n = shape[0]
+        x = _read_fp32(inp, [t.spec.channels, *t.spec.input_size])
+        out = self._run(t.query, x)
+        names = _requested(doc)
+        n = len(x)
         tensors = []
         if t.output in ("logits", "probs"):
             tensors.append({"name": t.output, "datatype": "FP32", "shape": [n, t.num_classes], "data": out.values.ravel().tolist()})
@@ -143,6 +128,51 @@ class OipServer(ThreadingHTTPServer):
             tensors.append({"name": "topk_probs", "datatype": "FP32", "shape": [n, k], "data": out.values.ravel().tolist()})
         else:
             tensors.append({"name": "labels", "datatype": "INT32", "shape": [n], "data": out.indices.tolist()})
+        return self._answer(doc, names, tensors, n)
+
+    def _infer_images(self, doc) -> dict:
+        """prompt BYTES [n] + (noise FP32 [n, C, H, W] or seed INT64 [n]) -> images FP32 [n, H, W, C]."""
+        from kdd_jax.teachers.generative import GenerationRequest
+
+        t = self.teacher
+        if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list):
+            raise _BadRequest(400, 'expected {"inputs": [prompt, noise or seed]}')
+        by_name = {}
+        for inp in doc["inputs"]:
+            if not isinstance(inp, dict) or not isinstance(inp.get("name"), str):
+                raise _BadRequest(400, "every input tensor must be an object with a string name")
+            if inp["name"] in by_name:
+                raise _BadRequest(400, f"input {inp['name']!r} given twice")
+            by_name[inp["name"]] = inp
+        unknown = set(by_name) - {"prompt", "noise", "seed"}
+        if unknown or "prompt" not in by_name or ("noise" in by_name) == ("seed" in by_name):
+            raise _BadRequest(400, "inputs must be 'prompt' (BYTES [n]) and exactly one of 'noise' (FP32 [n, C, H, W]) "
+                                   f"or 'seed' (INT64 [n]); got {sorted(map(str, by_name))}")
+        prompts = _read_strings(by_name["prompt"])
+        h, w, c = t.spec.noise_shape
+        if "noise" in by_name:
+            x = _read_fp32(by_name["noise"], [c, h, w])
+            if len(x) != len(prompts):
+                raise _BadRequest(400, f"{len(prompts)} prompts but {len(x)} noise tensors")
+            req = GenerationRequest(prompts, np.transpose(x, (0, 2, 3, 1)))
+        else:
+            seeds = _read_ints(by_name["seed"], len(prompts))
+            req = GenerationRequest.from_seeds(prompts, seeds, t.spec.noise_shape)
+        images = self._run(t.generate, req)
+        n = len(req)
+        tensors = [{"name": "images", "datatype": "FP32", "shape": [n, *t.spec.image_shape],
+                    "data": np.asarray(images, np.float32).ravel().tolist()}]
+        return self._answer(doc, _requested(doc), tensors, n)
+
+    def _run(self, fn, arg):
+        """One forward pass at a time; a teacher's refusal of the input is the client's 400."""
+        with self.lock:
+            try:
+                return fn(arg)
+            except TeacherError as e:
+                raise _BadRequest(400, str(e)) from None
+
+    def _answer(self, doc: dict, names: set | None, tensors: list, n: int) -> dict:
         if names is not None:
             unknown = names - {o["name"] for o in tensors}
             if unknown:
@@ -153,6 +183,82 @@ class OipServer(ThreadingHTTPServer):
         if isinstance(doc.get("id"), str):
             answer["id"] = doc["id"]
         return answer
+
+
+def _requested(doc: dict) -> set | None:
+    requested = doc.get("outputs")
+    if isinstance(requested, list) and requested:
+        if not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in requested):
+            raise _BadRequest(400, 'requested "outputs" must be objects with a string "name"')
+        return {o["name"] for o in requested}
+    return None
+
+
+def _shape(inp: dict, ndim: int) -> list:
+    shape = inp.get("shape")
+    if (not isinstance(shape, list) or len(shape) != ndim
+            or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape) or not 1 <= shape[0] <= MAX_BATCH):
+        raise _BadRequest(400, f"input {inp.get('name')!r}: shape {shape!r}, expected {ndim} dimensions with "
+                               f"1 <= n <= {MAX_BATCH}")
+    return shape
+
+
+def _flat_data(inp: dict) -> list:
+    if "data" not in inp:
+        raise _BadRequest(400, f"input {inp.get('name')!r} has no JSON data (binary tensor data is not supported)")
+    flat = inp["data"]
+    if not isinstance(flat, list):
+        raise _BadRequest(400, f"input {inp.get('name')!r}: data must be a list")
+    while flat and isinstance(flat[0], list):  # nested (row-major) data is allowed, ragged nesting is not
+        if not all(isinstance(row, list) for row in flat):
+            raise _BadRequest(400, "input data is ragged: mixes numbers and lists at one nesting level")
+        flat = [v for row in flat for v in row]
+    return flat
+
+
+def _read_fp32(inp: dict, tail: list) -> np.ndarray:
+    """An FP32 input of shape [n, *tail], finite, as float32."""
+    if inp.get("datatype") != "FP32":
+        raise _BadRequest(400, f"input datatype {inp.get('datatype')!r}, expected 'FP32'")
+    shape = _shape(inp, 1 + len(tail))
+    if shape[1:] != tail:
+        raise _BadRequest(400, f"input shape {shape!r}, expected [n, {', '.join(map(str, tail))}] with 1 <= n <= {MAX_BATCH}")
+    flat = _flat_data(inp)
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in flat):
+        raise _BadRequest(400, "input data must hold only numbers")
+    try:
+        x = np.asarray(flat, np.float64)
+    except OverflowError:  # a JSON integer beyond float range
+        raise _BadRequest(400, "input data holds values beyond float32 range") from None
+    if x.size != int(np.prod(shape)):
+        raise _BadRequest(400, f"{x.size} values for shape {shape}")
+    if not np.isfinite(x).all() or (np.abs(x) > np.finfo(np.float32).max).any():
+        raise _BadRequest(400, "input data holds non-finite values")
+    return x.astype(np.float32).reshape(shape)
+
+
+def _read_strings(inp: dict) -> list[str]:
+    if inp.get("datatype") != "BYTES":
+        raise _BadRequest(400, f"input {inp.get('name')!r}: datatype {inp.get('datatype')!r}, expected 'BYTES'")
+    shape = _shape(inp, 1)
+    data = _flat_data(inp)
+    if len(data) != shape[0] or not all(isinstance(v, str) for v in data):
+        raise _BadRequest(400, f"input {inp.get('name')!r}: expected {shape[0]} strings")
+    if any(len(v) > 4096 for v in data):
+        raise _BadRequest(400, f"input {inp.get('name')!r}: a prompt longer than 4096 characters")
+    return data
+
+
+def _read_ints(inp: dict, n: int) -> list[int]:
+    if inp.get("datatype") not in ("INT64", "INT32", "UINT64", "UINT32"):
+        raise _BadRequest(400, f"input {inp.get('name')!r}: datatype {inp.get('datatype')!r}, expected 'INT64'")
+    shape = _shape(inp, 1)
+    data = _flat_data(inp)
+    if shape[0] != n or len(data) != n:
+        raise _BadRequest(400, f"input {inp.get('name')!r}: expected {n} values (one per prompt), got {len(data)}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63 for v in data):
+        raise _BadRequest(400, f"input {inp.get('name')!r}: seeds must be integers in [0, 2**63)")
+    return data
 
 
 class _Handler(BaseHTTPRequestHandler):
