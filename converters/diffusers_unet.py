@@ -7,7 +7,7 @@
 A UNet folder is what `UNet2DModel.save_pretrained(dir, safe_serialization=True)` writes: `config.json`
 (`_class_name: "UNet2DModel"`) and `diffusion_pytorch_model.safetensors` (float32/float16/bfloat16; a
 `variant="fp16"` save is `diffusion_pytorch_model.fp16.safetensors`). A pipeline folder (`model_index.json`
-and a `unet/` subfolder) is accepted too. Pickle weights (`.bin`) and sharded checkpoints are refused.
+and a `unet/` subfolder), or a folder holding `unet/` and no config.json of its own, is accepted too. Pickle weights (`.bin`) and sharded checkpoints are refused.
 
 The key map is the generic one (`converters/keymap.py`): the Flax model mirrors diffusers' module names,
 so every key maps 1:1 (conv OIHW -> HWIO, linear transposed, GroupNorm weight -> scale, Embedding
@@ -60,7 +60,9 @@ def find_unet(path: str | Path, variant: str | None = None) -> tuple[Path, Path]
     if path.is_file():
         weights, folder = path, path.parent
     elif path.is_dir():
-        folder = path / "unet" if (path / "model_index.json").is_file() and (path / "unet").is_dir() else path
+        # a pipeline folder (model_index.json), or any folder holding unet/ + scheduler/ and no config.json of its own
+        nested = (path / "unet" / CONFIG_NAME).is_file() and not (path / CONFIG_NAME).is_file()
+        folder = path / "unet" if nested or ((path / "model_index.json").is_file() and (path / "unet").is_dir()) else path
         name = f"{WEIGHTS_STEM}.{variant}.safetensors" if variant else f"{WEIGHTS_STEM}.safetensors"
         weights = folder / name
         if not weights.is_file():

@@ -109,9 +109,13 @@ def _detect_config(args):
     from kdd_jax.detect import DetectConfig
     from kdd_jax.synthesis import SynthesisConfig
 
-    sc = SynthesisConfig(method=args.method, n_probes=args.probes, steps=args.steps, seed=args.seed,
+    from kdd_jax.scores import SCORES
+
+    if args.score is not None and args.score not in SCORES:
+        raise ValueError(f"--score {args.score}: not a classifier score; choose from {sorted(SCORES)}")
+    sc = SynthesisConfig(method=args.method, n_probes=args.probes or 100, steps=args.steps, seed=args.seed,
                          restarts=args.restarts)
-    return DetectConfig(synthesis=sc, score=args.score)
+    return DetectConfig(synthesis=sc, score=args.score or "dark_corr")
 
 
 def _open_teachers(args):
@@ -128,7 +132,20 @@ def _open_teachers(args):
             raise ConfigError(f"{args.teachers}: no teacher named {unknown} (--teacher); it has {known}")
         entries = [e for e in entries if e.name in args.teacher]
     cache = ResponseCache(Path(args.cache).expanduser() / "responses.sqlite")
-    return [CachedTeacher(open_teacher(e), cache, budget=args.budget) for e in entries]
+    teachers = [open_teacher(e) for e in entries]
+    generative = [t.name for t in teachers if getattr(t, "output", None) == "images"]
+    if generative and not getattr(args, "generative", False):
+        raise ConfigError(f"{args.teachers}: teacher(s) {generative} answer images (generative); the student is a "
+                          "classifier. Detect a diffusion student (a diffusers folder) against them.")
+    if getattr(args, "generative", False):
+        others = [t.name for t in teachers if t.name not in generative]
+        if others:
+            raise ConfigError(f"{args.teachers}: teacher(s) {others} are classifiers; a diffusion student needs "
+                              "generative teachers (a diffusers folder, or http with output: images)")
+        from kdd_jax.teachers.generative import CachedGenerativeTeacher
+
+        return [CachedGenerativeTeacher(t, cache, budget=args.budget) for t in teachers]
+    return [CachedTeacher(t, cache, budget=args.budget) for t in teachers]
 
 
 def _pool(args, config):
@@ -145,7 +162,83 @@ def _synthesis_progress(args, steps):
     return progress
 
 
+def _sampling_overrides(args) -> dict:
+    return {k: v for k, v in (("num_inference_steps", args.num_inference_steps),
+                              ("guidance_scale", args.guidance_scale)) if v is not None}
+
+
+def _feature_net(args):
+    if not args.feature_net:
+        return None
+    from kdd_jax.detect import load_any_student
+    from kdd_jax.scores.images import classifier_feature_net
+
+    model, config = load_any_student(args.feature_net, what="feature network (--feature-net)")
+    return classifier_feature_net(model, config, name=Path(args.feature_net).name), (model, config)
+
+
+def _emit_detection(args, report: dict, result, save) -> int:
+    """Write the artefacts (with --out), then print the report (--json) or the verdict table."""
+    if args.out:
+        written = save()
+        if not args.quiet:
+            _eprint(f"report: {written['report']}")
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(_verdict_table(result))
+    return EXIT_OK
+
+
+def cmd_detect_generative(args) -> int:
+    """`kdd detect` for a diffusion student: shared-noise probes, image scores."""
+    from kdd_jax.generative.detect import (SET_SCORES, GenerativeDetectConfig, classifier_captioner,
+                                           detect_generative, save_generative_detection, score_names)
+    from kdd_jax.generative.pipeline import load_diffusion
+
+    args.generative = True
+    try:
+        if args.calibration:
+            raise ValueError("--calibration is not supported for generative students yet")
+        net = _feature_net(args)
+        score = args.score or ("neg_lpips" if net else "ssim")
+        if score not in score_names():
+            raise ValueError(f"--score {score}: not an image score; choose from {score_names()}")
+        if (score in SET_SCORES or score == "neg_lpips" or args.prompts == "caption") and net is None:
+            raise ValueError(f"--score {score} / --prompts {args.prompts} need --feature-net (a classifier directory, "
+                             "e.g. from the classifier zoo)")
+        teachers = _open_teachers(args)
+        student = load_diffusion(args.student, _sampling_overrides(args))
+        gc = GenerativeDetectConfig(probes=args.prompts, n=args.probes or 10, seed=args.seed, score=score)
+        if not args.quiet:
+            _eprint(f"student {args.student}: diffusion UNet ({student.scheduler.kind}, "
+                    f"{student.sampling.num_inference_steps} steps), {len(teachers)} candidate teacher(s); "
+                    f"{gc.n} {gc.probes}-prompt probes, seed {gc.seed}, score {score}")
+        result = detect_generative(student, teachers, gc, feature_net=None if net is None else net[0],
+                                   captioner=None if net is None else classifier_captioner(*net[1]),
+                                   progress=None if args.quiet else (lambda m: _eprint("  " + m)))
+    except _detect_errors() as e:
+        _eprint(f"kdd detect: {e}")
+        if args.json:
+            print(json.dumps({"command": "detect", "error": str(e)}, indent=2))
+        return EXIT_ERROR
+    import dataclasses
+
+    report = {"command": "detect", "kind": "generative", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "student": str(args.student), "teachers_file": str(args.teachers),
+              "feature_net": args.feature_net, "sampling": dataclasses.asdict(student.sampling), **result.to_dict()}
+    return _emit_detection(args, report, result, lambda: save_generative_detection(args.out, report, result))
+
+
 def cmd_detect(args) -> int:
+    from kdd_jax.generative.pipeline import is_diffusion_folder
+
+    if is_diffusion_folder(args.student):
+        return cmd_detect_generative(args)
+    return cmd_detect_classifier(args)
+
+
+def cmd_detect_classifier(args) -> int:
     from kdd_jax.calibration import Calibration
     from kdd_jax.config import to_json_dict
     from kdd_jax.detect import detect, load_any_student, save_detection
@@ -173,15 +266,7 @@ def cmd_detect(args) -> int:
     report = {"command": "detect", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "student": str(args.student), "teachers_file": str(args.teachers),
               "calibration_file": args.calibration, **result.to_dict(), "preprocessing": to_json_dict(config.preprocessing)}
-    if args.out:
-        written = save_detection(args.out, report, result, calibration)
-        if not args.quiet:
-            _eprint(f"report: {written['report']}")
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print(_verdict_table(result))
-    return EXIT_OK
+    return _emit_detection(args, report, result, lambda: save_detection(args.out, report, result, calibration))
 
 
 def cmd_calibrate(args) -> int:
@@ -346,8 +431,18 @@ def cmd_serve(args) -> int:
         return EXIT_USAGE
     name = args.name or Path(args.model_dir).resolve().name
     try:
-        model, config = load_any_student(args.model_dir, what="model")
-        teacher = flax_teacher(name, model, config, output=args.output, k=args.k)
+        from kdd_jax.generative.pipeline import is_diffusion_folder
+
+        if is_diffusion_folder(args.model_dir):
+            from kdd_jax.generative.pipeline import load_diffusion
+            from kdd_jax.teachers.generative import DiffusionTeacher
+
+            teacher = DiffusionTeacher(load_diffusion(args.model_dir, _sampling_overrides(args), name=name))
+            what = f"diffusion UNet, {teacher.model.sampling.num_inference_steps} {teacher.model.scheduler.kind} steps, images"
+        else:
+            model, config = load_any_student(args.model_dir, what="model")
+            teacher = flax_teacher(name, model, config, output=args.output, k=args.k)
+            what = f"{config.family}, {args.output}"
         server = make_server(teacher, name=name, host=args.host, port=args.port, token=token,
                              max_request_bytes=int(args.max_request_mb * 2**20), verbose=not args.quiet)
     except (ConfigError, ValueError, OSError) as e:
@@ -355,7 +450,7 @@ def cmd_serve(args) -> int:
         return EXIT_ERROR
     if args.host not in ("127.0.0.1", "localhost", "::1") and token is None:
         _eprint(f"warning: serving on {args.host} without a token: anyone who can reach it can query the model")
-    _eprint(f"serving {name!r} ({config.family}, {args.output}) at {server.url}/v2/models/{name} "
+    _eprint(f"serving {name!r} ({what}) at {server.url}/v2/models/{name} "
             f"(auth: {'bearer token' if token else 'none'}); Ctrl-C stops")
     try:
         server.serve_forever()
@@ -376,7 +471,7 @@ def _verdict_table(result) -> str:
     if v.runner_up is not None:
         lines.append(f"winner {v.winner!r} beats {v.runner_up!r} by {v.margin:.4f} (bootstrap p = {v.p_value:.3g}, "
                      f"{v.n_probes} probes, {result.config.score})")
-    n = result.none
+    n = getattr(result, "none", None)
     if n is not None:
         few = (f"; too few references: {n.min_references} needed to ever flag at this level"
                if n.n_references < n.min_references else "")
@@ -385,7 +480,10 @@ def _verdict_table(result) -> str:
     else:
         lines.append("not calibrated (--calibration): cannot answer 'none of the candidates'")
     lines.append(f"answer: {result.answer}")
-    lines.append(f"probe set sha256 {result.probes.sha256[:16]}..., seed {result.config.synthesis.seed}")
+    if hasattr(result, "probes"):
+        lines.append(f"probe set sha256 {result.probes.sha256[:16]}..., seed {result.config.synthesis.seed}")
+    else:
+        lines.append(f"{len(result.request)} {result.config.probes}-prompt probes from noise seeds of seed {result.config.seed}")
     return "\n".join(lines)
 
 
@@ -397,12 +495,16 @@ def _add_detection_options(p) -> None:
     p.add_argument("--teachers", required=True, help="teachers file (.json or .yaml)")
     p.add_argument("--teacher", action="append", metavar="NAME",
                    help="use only this teacher from the file (repeatable; one teacher: binary mode)")
-    p.add_argument("--probes", type=int, default=100, help="number of probes N (default 100)")
+    p.add_argument("--probes", type=int, default=None, help="number of probes N (default 100; 10 for a diffusion student)")
     p.add_argument("--steps", type=int, default=200, help="synthesis optimisation steps (default 200)")
     p.add_argument("--method", default="pixel", choices=sorted(METHODS), help="synthesis method (default pixel)")
     p.add_argument("--restarts", type=int, default=1, help="independent probe groups optimised in parallel")
-    p.add_argument("--score", default="dark_corr", choices=sorted(SCORES),
-                   help="agreement score (default dark_corr; neg_kl is the paper's KL; label-only teachers need top1)")
+    from kdd_jax.generative.detect import score_names
+
+    p.add_argument("--score", default=None, choices=sorted(set(SCORES) | set(score_names())),
+                   help="agreement score (classifiers: default dark_corr; neg_kl is the paper's KL; label-only teachers "
+                        "need top1. Diffusion students: neg_lpips with --feature-net, else ssim; also neg_pixel_mse and "
+                        "the set scores linear_cka, rbf_cka, acs, neg_mmd2 on --feature-net embeddings)")
     p.add_argument("--seed", type=int, default=0, help="fixes the probes and the verdict (default 0)")
     p.add_argument("--cache", default="~/.cache/kdd-jax", help="response cache directory (default ~/.cache/kdd-jax)")
     p.add_argument("--budget", type=int, default=None, help="most new teacher queries this run may send, per teacher")
@@ -451,6 +553,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="level of the none-of-the-candidates test: its false-positive rate bound (default 0.05)")
     d.add_argument("--out", help="write verdict.json, report.html and probes.safetensors here; synthesis "
                    "checkpoints go here too, so an interrupted run resumes")
+    g = d.add_argument_group("diffusion students (a diffusers folder: unet/ + scheduler/)")
+    g.add_argument("--prompts", default="empty", choices=["empty", "caption", "random"],
+                   help="probe prompts given with the shared noise: empty (the paper's; default), caption (the class "
+                        "--feature-net assigns to the student's empty-prompt image), random (a random class)")
+    g.add_argument("--feature-net", metavar="DIR", help="classifier directory whose BatchNorm features drive neg_lpips, "
+                   "the set scores and caption prompts")
+    g.add_argument("--num-inference-steps", type=int, help="the student's sampling steps (default: its "
+                   "kdd_sampling.json, else 50)")
+    g.add_argument("--guidance-scale", type=float, help="the student's guidance scale for class prompts")
     d.add_argument("--json", action="store_true", help="print the full result as JSON on stdout")
     d.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     d.set_defaults(func=cmd_detect)
@@ -520,14 +631,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve a model over the Open Inference Protocol (KServe v2)",
         description="Serve a converted model (or student-format directory) as an Open Inference Protocol v2 "
         "model: GET /v2/health/ready, GET /v2/models/NAME, POST /v2/models/NAME/infer. Inputs are FP32 "
-        "[n, C, H, W] raw pixels in the model's value range.",
+        "[n, C, H, W] raw pixels in the model's value range. A diffusers folder (unet/ + scheduler/) is served as a "
+        "generative model: prompt BYTES [n] + noise FP32 [n, C, H, W] or seed INT64 [n] -> images FP32 [n, H, W, C].",
     )
-    sv.add_argument("model_dir", metavar="MODEL_DIR", help="kdd convert output or model.safetensors + config.json directory")
+    sv.add_argument("model_dir", metavar="MODEL_DIR", help="kdd convert output, model.safetensors + config.json "
+                    "directory, or a diffusers folder")
     sv.add_argument("--port", type=int, required=True, help="TCP port (0: any free port)")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
     sv.add_argument("--output", default="logits", choices=["logits", "probs", "topk", "labels"],
                     help="what the API answers (default logits)")
     sv.add_argument("--k", type=int, default=5, help="k for --output topk (default 5)")
+    sv.add_argument("--num-inference-steps", type=int, help="diffusion folders: sampling steps (default: its "
+                    "kdd_sampling.json, else 50)")
+    sv.add_argument("--guidance-scale", type=float, help="diffusion folders: guidance scale for class prompts")
     sv.add_argument("--name", help="model name in URLs (default: the directory name)")
     sv.add_argument("--token-env", help="require 'Authorization: Bearer <token>' with the token read from this "
                     "environment variable")

@@ -193,6 +193,22 @@ td:first-child,th:first-child{text-align:left}.win{font-weight:bold;background:#
 .small{color:#666;font-size:.9em}pre{background:#f6f6f6;padding:8px;overflow-x:auto;font-size:.85em}"""
 
 
+def _teacher_table(v, stats: dict, none=None) -> str:
+    """The verdict's teachers, best score first: score, interval, [p independent], queries, cache hits."""
+    esc = html.escape
+    head = "<tr><th>teacher</th><th>score</th><th>interval</th>" + ("<th>p (independent)</th>" if none else "") + \
+           "<th>queries sent</th><th>cache hits</th></tr>"
+    rows = []
+    for i in np.argsort(-np.asarray(v.scores), kind="stable"):
+        t = v.teachers[i]
+        st = stats.get(t, {})
+        lo, hi = v.intervals[i]
+        rows.append(f"<tr class='{'win' if t == v.winner else ''}'><td>{esc(t)}</td><td>{_fmt(v.scores[i])}</td>"
+                    f"<td>[{_fmt(lo)}, {_fmt(hi)}]</td>" + (f"<td>{none.p_per_teacher[t]:.3g}</td>" if none else "")
+                    + f"<td>{st.get('queries', '-')}</td><td>{st.get('hits', '-')}</td></tr>")
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
 def render_detect_report(report: dict, result, *, calibration=None) -> str:
     """HTML for one `kdd detect` run. `report` is the verdict.json dict; `result` the DetectionResult
     (for the arrays the JSON summarises); `calibration` the Calibration used, if any."""
@@ -222,17 +238,7 @@ def render_detect_report(report: dict, result, *, calibration=None) -> str:
         parts.append("<p class='small'>Not calibrated: the verdict names the best candidate but cannot say "
                      "&ldquo;none of the candidates&rdquo;. Pass <code>--calibration</code> (see <code>kdd calibrate</code>).</p>")
     # table
-    head = "<tr><th>teacher</th><th>score</th><th>interval</th>" + ("<th>p (independent)</th>" if none else "") + \
-           "<th>queries sent</th><th>cache hits</th></tr>"
-    rows = []
-    for i in np.argsort(-np.asarray(v.scores), kind="stable"):
-        t = v.teachers[i]
-        st = result.teacher_stats.get(t, {})
-        lo, hi = v.intervals[i]
-        rows.append(f"<tr class='{'win' if t == v.winner else ''}'><td>{esc(t)}</td><td>{_fmt(v.scores[i])}</td>"
-                    f"<td>[{_fmt(lo)}, {_fmt(hi)}]</td>" + (f"<td>{none.p_per_teacher[t]:.3g}</td>" if none else "")
-                    + f"<td>{st.get('queries', '-')}</td><td>{st.get('hits', '-')}</td></tr>")
-    parts.append(f"<table>{head}{''.join(rows)}</table>")
+    parts.append(_teacher_table(v, result.teacher_stats, none))
     # score distributions
     if result.per_probe is not None:
         dist = [(t, result.per_probe[k]) for k, t in enumerate(v.teachers)]
@@ -265,6 +271,43 @@ def render_detect_report(report: dict, result, *, calibration=None) -> str:
                  f"<code>{result.probes.sha256}</code></p><img alt='probe grid' src='{data_uri_png(probe_grid(raw, vr))}'/>")
     parts.append("<h2>Run record</h2><pre>" + esc(json.dumps(
         {k: report[k] for k in ("config", "seed", "timings_s", "versions", "probes") if k in report}, indent=2))
+        + "</pre></body></html>")
+    return "".join(parts)
+
+
+def render_generative_report(report: dict, result) -> str:
+    """HTML for one generative detection: the verdict table, per-probe score distributions, and the
+    student's images next to every teacher's from the same x_T."""
+    v = result.verdict
+    esc = html.escape
+    score = result.config.score
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>kdd-jax report: {esc(str(report.get('student', '')))}"
+             f"</title><style>{_CSS}</style></head><body>",
+             f"<h1>Distillation detection report (generative)</h1><p class='small'>student "
+             f"<code>{esc(str(report.get('student')))}</code> &middot; kdd-jax "
+             f"{esc(str(report.get('versions', {}).get('kdd_jax', '')))} &middot; {esc(str(report.get('date', '')))}</p>",
+             f"<p class='answer'>Answer: <b>{esc(result.answer)}</b></p>"]
+    if v.runner_up is not None:
+        parts.append(f"<p>Highest score: <b>{esc(v.winner)}</b>, ahead of {esc(v.runner_up)} by {_fmt(v.margin)} ({esc(score)}); "
+                     f"bootstrap p-value that the winner does not truly beat the runner-up: <b>{v.p_value:.3g}</b> "
+                     f"({v.n_bootstrap} paired resamples of {v.n_probes} probes). Not calibrated: the verdict names the "
+                     "closest candidate and cannot say &ldquo;none of the candidates&rdquo;.</p>")
+    parts.append(_teacher_table(v, result.teacher_stats))
+    if result.per_probe is not None:
+        parts.append(f"<h2>Score distributions</h2><p class='small'>per-probe {esc(score)}; the black line is each "
+                     "teacher's mean.</p>" + svg_histogram_rows([(t, result.per_probe[k]) for k, t in enumerate(v.teachers)],
+                                                               x_label=score, markers=dict(zip(v.teachers, v.scores))))
+    n = min(16, len(result.student_images))
+    prompts = ", ".join(repr(p) for p in result.request.prompts[:n])
+    parts.append(f"<h2>Images from the same initial noise</h2><p class='small'>First {n} of {len(result.student_images)} "
+                 f"probes ({esc(result.config.probes)} prompts: {esc(prompts)}; seeds in the run record). "
+                 "Row 1: the student; then each teacher, best score first.</p>")
+    order = [v.teachers[i] for i in np.argsort(-np.asarray(v.scores), kind="stable")]
+    for who, images in [("student", result.student_images), *[(t, result.teacher_images[t]) for t in order]]:
+        grid = probe_grid(np.transpose(images[:n], (0, 3, 1, 2)), (0.0, 1.0), max_images=n, cols=n)
+        parts.append(f"<p class='small'>{esc(who)}</p><img alt='{esc(who)}' src='{data_uri_png(grid)}'/>")
+    parts.append("<h2>Run record</h2><pre>" + esc(json.dumps(
+        {k: report[k] for k in ("config", "seed", "probes", "timings_s", "versions", "sampling") if k in report}, indent=2))
         + "</pre></body></html>")
     return "".join(parts)
 

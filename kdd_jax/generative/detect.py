@@ -22,6 +22,7 @@ are the classifier path's (`kdd_jax.verdict`).
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Callable
 
@@ -203,3 +204,23 @@ def detect_generative(student, teachers: list, gc: GenerativeDetectConfig = Gene
     timings["scoring"] = time.perf_counter() - t0
     return GenerativeDetectionResult(verdict, req, s_images, t_images, stats, timings, gc,
                                      None if per_probe is None else np.asarray(per_probe))
+
+
+def save_generative_detection(out_dir, report: dict, result: GenerativeDetectionResult) -> dict:
+    """verdict.json (last, atomically: its presence means the rest is complete), images.safetensors (the
+    student's and every teacher's images, NHWC [0, 1], with the probe seeds) and report.html."""
+    from pathlib import Path
+
+    from kdd_jax.io import atomic_write_json, write_safetensors
+    from kdd_jax.report import render_generative_report, write_report
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"verdict": out / "verdict.json", "images": out / "images.safetensors", "report": out / "report.html"}
+    tensors = {"student": result.student_images, "seeds": result.request.seeds,
+               **{f"teacher/{k}": v for k, v in result.teacher_images.items()}}
+    write_safetensors(paths["images"], tensors, metadata={"prompts": json.dumps(list(result.request.prompts)),
+                                                          "probes": result.config.probes, "seed": str(result.config.seed)})
+    write_report(paths["report"], render_generative_report(report, result))
+    atomic_write_json(paths["verdict"], report)
+    return paths

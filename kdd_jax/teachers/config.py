@@ -16,6 +16,14 @@ given in the entry, and a bearer token, if any, is read from the variable named 
      "num_classes": 10, "timeout_s": 30, "max_retries": 4, "batch_size": 64, "concurrency": 4,
      "token_env": "TEACHER_C_TOKEN"}
 
+Generative teachers (diffusion models, kdd_jax/teachers/generative.py): `kind: local` with the path
+of a diffusers folder (unet/ + scheduler/) is sampled in-process with its kdd_sampling.json settings,
+which `num_inference_steps`, `guidance_scale`, `eta`, `scheduler` and `timestep_spacing` override;
+`kind: http` with `output: images` queries an OIP v2 endpoint taking (prompt, noise or seed):
+
+    {"name": "sd-c", "kind": "http", "url": "http://127.0.0.1:8001", "output": "images",
+     "noise_shape": [32, 32, 1], "image_shape": [32, 32, 1], "send": "noise", "timeout_s": 120}
+
 Teacher names identify answers in the
 response cache, so they must be unique and stable.
 """
@@ -35,8 +43,18 @@ class TeacherEntry:
     name: str
     path: str = ""  # kind local: the model directory
     kind: Literal["local", "http"] = "local"
-    output: Literal["logits", "probs", "topk", "labels"] = "probs"
+    output: Literal["logits", "probs", "topk", "labels", "images"] = "probs"
     k: int = 5
+    # generative teachers: sampling settings of a local diffusion folder (None: its kdd_sampling.json) ...
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    eta: float | None = None
+    scheduler: str | None = None
+    timestep_spacing: str | None = None
+    # ... and the shapes and noise transport of an http one
+    noise_shape: tuple[int, int, int] | None = None
+    image_shape: tuple[int, int, int] | None = None
+    send: Literal["noise", "seed"] = "noise"
     # kind http (Open Inference Protocol v2, see kdd_jax/teachers/http.py)
     url: str = ""
     model: str = ""  # model name on the server; default: name
@@ -57,14 +75,21 @@ class TeacherEntry:
             raise ConfigError("k must be >= 1")
         if self.kind == "local" and not self.path:
             raise ConfigError("path: required for kind 'local'")
-        if self.kind == "http":
+        if self.kind == "http" and self.output == "images":
+            missing = [f for f in ("url", "noise_shape", "image_shape") if getattr(self, f) in (None, "")]
+            if missing:
+                raise ConfigError(f"kind 'http' with output 'images' needs {missing}")
+            if min(*self.noise_shape, *self.image_shape, self.batch_size, self.concurrency) < 1:
+                raise ConfigError("noise_shape, image_shape, batch_size and concurrency must be >= 1")
+        elif self.kind == "http":
             missing = [f for f in ("url", "input_size", "channels", "num_classes") if getattr(self, f) in (None, "")]
             if missing:
                 raise ConfigError(f"kind 'http' needs {missing}")
-            if not self.url.startswith(("http://", "https://")):
-                raise ConfigError(f"url {self.url!r} must start with http:// or https://")
             if min(*self.input_size, self.channels, self.num_classes, self.batch_size, self.concurrency) < 1:
                 raise ConfigError("input_size, channels, num_classes, batch_size and concurrency must be >= 1")
+        if self.kind == "http":
+            if not self.url.startswith(("http://", "https://")):
+                raise ConfigError(f"url {self.url!r} must start with http:// or https://")
             if self.max_retries < 0 or self.timeout_s <= 0 or not self.value_range[0] < self.value_range[1]:
                 raise ConfigError("need max_retries >= 0, timeout_s > 0 and value_range [lo, hi] with lo < hi")
 
@@ -118,8 +143,27 @@ def _expanded_nodes(obj, limit: int) -> int:
     return n
 
 
+SAMPLING_FIELDS = ("num_inference_steps", "guidance_scale", "eta", "scheduler", "timestep_spacing")
+
+
 def open_teacher(entry: TeacherEntry):
-    """A black-box teacher object for one entry."""
+    """A black-box teacher object for one entry: a classifier, or a generative teacher (output "images")."""
+    from kdd_jax.generative.pipeline import is_diffusion_folder
+
+    if entry.kind == "http" and entry.output == "images":
+        from kdd_jax.teachers.generative import ImageSpec
+        from kdd_jax.teachers.http import HttpGenerativeTeacher
+
+        return HttpGenerativeTeacher(entry.name, entry.url, model=entry.model or entry.name,
+                                     spec=ImageSpec(tuple(entry.noise_shape), tuple(entry.image_shape)), send=entry.send,
+                                     timeout_s=entry.timeout_s, max_retries=entry.max_retries,
+                                     batch_size=entry.batch_size, concurrency=entry.concurrency, token_env=entry.token_env)
+    if entry.kind == "local" and is_diffusion_folder(entry.path):
+        from kdd_jax.generative.pipeline import load_diffusion
+        from kdd_jax.teachers.generative import DiffusionTeacher
+
+        sampling = {f: getattr(entry, f) for f in SAMPLING_FIELDS if getattr(entry, f) is not None}
+        return DiffusionTeacher(load_diffusion(entry.path, sampling, name=entry.name))
     if entry.kind == "http":
         from kdd_jax.teachers.http import http_teacher_from_entry
 

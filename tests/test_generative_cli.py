@@ -1,0 +1,122 @@
+"""`kdd detect` / `kdd serve` on diffusion students: diffusers folders written by diffusers itself
+(tiny random UNets), teachers in-process and over OIP v2, artefacts on disk."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+
+from kdd_jax.cli import main
+from kdd_jax.generative.pipeline import is_diffusion_folder, load_diffusion
+from kdd_jax.teachers.generative import DiffusionTeacher
+from kdd_jax.teachers.server import make_server
+
+diffusers = pytest.importorskip("diffusers")
+torch = pytest.importorskip("torch")
+
+UNET = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+            norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+
+
+def write_folder(path, seed, *, base=None, steps=3, classes=3):
+    """A diffusers folder (unet/, scheduler/, kdd_sampling.json) with a random class-conditional UNet
+    (`classes` + the null class); with `base`, base's weights slightly moved."""
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DModel(**UNET, num_class_embeds=classes + 1)
+    with torch.no_grad():
+        if base is not None:  # a "student": the base's weights, slightly moved
+            unet.load_state_dict(base.state_dict())
+            for p in unet.parameters():
+                p.add_(0.02 * (p.std(correction=0) + 1e-3) * torch.randn_like(p))
+    unet.save_pretrained(str(path / "unet"), safe_serialization=True)
+    diffusers.DDIMScheduler(beta_schedule="squaredcos_cap_v2").save_pretrained(str(path / "scheduler"))
+    names = ["x", "y", "z"] if classes == 3 else None
+    (path / "kdd_sampling.json").write_text(json.dumps({"num_inference_steps": steps, **({"class_names": names} if names else {})}))
+    return unet
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("diffusion-zoo")
+    units = {}
+    for name, seed in (("a", 1), ("b", 2), ("c", 3)):
+        (root / name).mkdir()
+        units[name] = write_folder(root / name, seed)
+    (root / "student").mkdir()
+    write_folder(root / "student", 9, base=units["c"])
+    return root
+
+
+def test_diffusers_folders_are_recognised(zoo, tmp_path):
+    assert is_diffusion_folder(zoo / "a") and is_diffusion_folder(zoo / "a" / "unet")
+    assert not is_diffusion_folder(tmp_path)
+    m = load_diffusion(zoo / "a")
+    assert m.sampling.num_inference_steps == 3 and m.class_names == ("x", "y", "z") and m.num_classes == 3
+
+
+def test_kdd_detect_names_the_teacher_of_a_diffusion_student_local_and_over_http(zoo, tmp_path, capsys):
+    # teacher c (the true one) answers over HTTP; a and b run in-process
+    server = make_server(DiffusionTeacher(load_diffusion(zoo / "c", name="c")), name="c")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        teachers = tmp_path / "teachers.json"
+        teachers.write_text(json.dumps({"teachers": [
+            {"name": "a", "path": str(zoo / "a")},
+            {"name": "b", "path": str(zoo / "b")},
+            {"name": "c", "kind": "http", "url": server.url, "output": "images", "noise_shape": [8, 8, 1],
+             "image_shape": [8, 8, 1], "send": "seed"},
+        ]}))
+        out = tmp_path / "out"
+        argv = ["detect", "--student", str(zoo / "student"), "--teachers", str(teachers), "--score", "neg_pixel_mse",
+                "--probes", "6", "--cache", str(tmp_path / "cache"), "--out", str(out), "--json", "-q"]
+        assert main(argv) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["answer"] == "c" and report["kind"] == "generative"
+        assert report["probes"]["prompts"] == [""] * 6 and report["sampling"]["num_inference_steps"] == 3
+        assert report["teachers"]["c"]["queries"] == 6
+        assert {p.name for p in out.iterdir()} >= {"verdict.json", "images.safetensors", "report.html"}
+        assert "Images from the same initial noise" in (out / "report.html").read_text()
+        from kdd_jax.io import read_safetensors
+
+        arrays, meta = read_safetensors(out / "images.safetensors")
+        assert arrays["student"].shape == (6, 8, 8, 1) and set(arrays) >= {"teacher/a", "teacher/b", "teacher/c", "seeds"}
+        assert json.loads(meta["prompts"]) == [""] * 6
+        # a second run is answered from the cache: no request reaches the server
+        before = server.stats["infer_requests"]
+        assert main(argv + ["--prompts", "random"]) == 0
+        again = json.loads(capsys.readouterr().out)
+        assert server.stats["infer_requests"] > before  # new prompts: paid
+        before = server.stats["infer_requests"]
+        assert main(argv + ["--prompts", "random"]) == 0
+        assert json.loads(capsys.readouterr().out)["verdict"] == again["verdict"]
+        assert server.stats["infer_requests"] == before
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--score", "neg_lpips"], "--feature-net"),
+    (["--prompts", "caption", "--score", "ssim"], "--feature-net"),
+    (["--score", "dark_corr"], "not an image score"),
+])
+def test_kdd_detect_diffusion_student_usage_errors(zoo, tmp_path, capsys, extra, needle):
+    teachers = tmp_path / "teachers.json"
+    teachers.write_text(json.dumps({"teachers": [{"name": "a", "path": str(zoo / "a")}]}))
+    assert main(["detect", "--student", str(zoo / "student"), "--teachers", str(teachers), "--cache",
+                 str(tmp_path / "cache"), "-q", *extra]) == 1
+    assert needle in capsys.readouterr().err
+
+
+def test_mixing_classifier_and_generative_teachers_is_refused(zoo, tmp_path, capsys):
+    teachers = tmp_path / "teachers.json"
+    teachers.write_text(json.dumps({"teachers": [
+        {"name": "a", "path": str(zoo / "a")},
+        {"name": "k", "kind": "http", "url": "http://127.0.0.1:9", "input_size": [8, 8], "channels": 1, "num_classes": 3},
+    ]}))
+    assert main(["detect", "--student", str(zoo / "student"), "--teachers", str(teachers), "--score", "ssim",
+                 "--cache", str(tmp_path / "cache"), "-q"]) == 1
+    assert "are classifiers" in capsys.readouterr().err
