@@ -61,9 +61,17 @@ def partition(names: list[str], process_index: int, process_count: int) -> list[
     return sorted(names)[process_index::process_count]
 
 
+def _generative(dc) -> bool:
+    from kdd_jax.generative.detect import GenerativeDetectConfig
+
+    return isinstance(dc, GenerativeDetectConfig)
+
+
 def record_settings(dc, teachers: list[str]) -> dict:
     """What a finished student's record must match to be reused: detection settings, the seed and
     the candidate teachers (a verdict among other candidates answers another question)."""
+    if _generative(dc):  # every field of a generative detection's config, the seed included
+        return {**{f"generative.{k}": v for k, v in dataclasses.asdict(dc).items()}, "teachers": list(teachers)}
     return {**settings_of(dc), "synthesis.seed": dc.synthesis.seed, "n_bootstrap": dc.n_bootstrap,
             "confidence": dc.confidence, "teachers": list(teachers)}
 
@@ -111,7 +119,8 @@ def audit(students: list[tuple[str, object]], teachers: list, dc, out: str | Pat
           process_index: int = 0,
           process_count: int = 1, barrier: Callable[[], None] | None = None,
           log: Callable[[str], None] | None = None, synthesis_progress: Callable | None = None,
-          extra_columns: Callable[[dict], dict] | None = None) -> AuditSummary:
+          extra_columns: Callable[[dict], dict] | None = None, feature_net=None,
+          captioner: Callable | None = None) -> AuditSummary:
     """Detect the teacher of every student in `students` ((name, source) pairs from
     `detect.find_students`) among `teachers` (CachedTeacher objects sharing one ResponseCache).
 
@@ -124,8 +133,15 @@ def audit(students: list[tuple[str, object]], teachers: list, dc, out: str | Pat
     summary (multi-process runs); `log` gets progress lines (overall and per student, ETA,
     queries spent). `barrier` is also called once before any work, after the output folder
     check, so no process sees another's first results as an existing audit. `extra_columns`: see
-    `write_summary`."""
+    `write_summary`.
+
+    Generative students (diffusers folders) are audited when `dc` is a GenerativeDetectConfig, against
+    generative teachers (CachedGenerativeTeacher), with `feature_net` / `captioner` as in
+    `detect_generative`; calibration is not supported for them yet."""
     from kdd_jax.detect import detect, load_student_source, save_detection
+    from kdd_jax.generative.detect import detect_generative, save_generative_detection
+    from kdd_jax.generative.pipeline import load_diffusion
+    from kdd_jax.generative.samplers import SamplingError
     from kdd_jax.synthesis import SynthesisError
     from kdd_jax.teachers import QueryBudgetExceeded, TeacherError
     from kdd_jax.config import ConfigError, to_json_dict
@@ -140,6 +156,9 @@ def audit(students: list[tuple[str, object]], teachers: list, dc, out: str | Pat
     for n in names:
         _student_dir(out, n)
     teacher_names = [t.name for t in teachers]
+    generative = _generative(dc)
+    if generative and calibration is not None:
+        raise AuditError("calibration ('none of the candidates') is not supported for generative students yet")
     if calibration is not None:  # before any work: a mismatch must not cost a synthesis or a query
         calibration.check_compatible(teacher_names, settings_of(dc))
     expected = record_settings(dc, teacher_names)
@@ -173,21 +192,30 @@ def audit(students: list[tuple[str, object]], teachers: list, dc, out: str | Pat
             f"{spent} new queries so far")
         t0 = time.perf_counter()
         try:
-            model, config = load_student_source(sources[name])
-            result = detect(model, config, teachers, dc, synthesis_progress, calibration=calibration, alpha=alpha,
-                            pool=None if pool_for is None else pool_for(config),
-                            checkpoint_dir=sdir / "synthesis-checkpoint")
-        except (ConfigError, TeacherError, SynthesisError, QueryBudgetExceeded, ValueError, OSError) as e:
+            if generative:
+                student = load_diffusion(sources[name], name=name)
+                result = detect_generative(student, teachers, dc, feature_net=feature_net, captioner=captioner)
+                extra = {"kind": "generative", "sampling": dataclasses.asdict(student.sampling)}
+            else:
+                model, config = load_student_source(sources[name])
+                result = detect(model, config, teachers, dc, synthesis_progress, calibration=calibration, alpha=alpha,
+                                pool=None if pool_for is None else pool_for(config),
+                                checkpoint_dir=sdir / "synthesis-checkpoint")
+                # the report's probe grid needs the value range
+                extra = {"preprocessing": to_json_dict(config.preprocessing)}
+        except (ConfigError, TeacherError, SynthesisError, SamplingError, QueryBudgetExceeded, ValueError, OSError) as e:
             failed[name] = f"{type(e).__name__}: {e}"
             sdir.mkdir(parents=True, exist_ok=True)
             atomic_write_json(sdir / "error.json", {"student": name, "error": failed[name]})
             log(f"  {name} FAILED: {failed[name]}")
             continue
         report = {"command": "audit", "student": name, "source": str(sources[name]),
-                  "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **result.to_dict(),
-                  "preprocessing": to_json_dict(config.preprocessing),  # the report's probe grid needs the value range
+                  "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **result.to_dict(), **extra,
                   "audit_settings": expected}
-        save_detection(sdir, report, result, calibration)
+        if generative:
+            save_generative_detection(sdir, report, result)
+        else:
+            save_detection(sdir, report, result, calibration)
         (sdir / "error.json").unlink(missing_ok=True)
         times.append(time.perf_counter() - t0)
         v = result.verdict

@@ -190,32 +190,51 @@ def _emit_detection(args, report: dict, result, save) -> int:
     return EXIT_OK
 
 
+def _all_diffusion(students) -> bool:
+    """True when every student found is a diffusers folder; mixing them with classifiers is an error."""
+    from kdd_jax.config import ConfigError
+    from kdd_jax.generative.pipeline import is_diffusion_folder
+
+    kinds = {isinstance(src, Path) and is_diffusion_folder(src) for _, src in students}
+    if len(kinds) > 1:
+        raise ConfigError("the students mix diffusion models (diffusers folders) and classifiers; audit them separately")
+    return kinds == {True}
+
+
+def _generative_setup(args):
+    """(GenerativeDetectConfig, {feature_net, captioner}) from the detection options."""
+    from kdd_jax.generative.detect import SET_SCORES, GenerativeDetectConfig, classifier_captioner, score_names
+
+    if getattr(args, "calibration", None):
+        raise ValueError("--calibration is not supported for generative students yet")
+    net = _feature_net(args)
+    score = args.score or ("neg_lpips" if net else "ssim")
+    if score not in score_names():
+        raise ValueError(f"--score {score}: not an image score; choose from {score_names()}")
+    if (score in SET_SCORES or score == "neg_lpips" or args.prompts == "caption") and net is None:
+        raise ValueError(f"--score {score} / --prompts {args.prompts} need --feature-net (a classifier directory, "
+                         "e.g. from the classifier zoo)")
+    gc = GenerativeDetectConfig(probes=args.prompts, n=args.probes or 10, seed=args.seed, score=score)
+    extra = {"feature_net": None if net is None else net[0],
+             "captioner": None if net is None else classifier_captioner(*net[1])}
+    return gc, extra
+
+
 def cmd_detect_generative(args) -> int:
     """`kdd detect` for a diffusion student: shared-noise probes, image scores."""
-    from kdd_jax.generative.detect import (SET_SCORES, GenerativeDetectConfig, classifier_captioner,
-                                           detect_generative, save_generative_detection, score_names)
+    from kdd_jax.generative.detect import detect_generative, save_generative_detection
     from kdd_jax.generative.pipeline import load_diffusion
 
     args.generative = True
     try:
-        if args.calibration:
-            raise ValueError("--calibration is not supported for generative students yet")
-        net = _feature_net(args)
-        score = args.score or ("neg_lpips" if net else "ssim")
-        if score not in score_names():
-            raise ValueError(f"--score {score}: not an image score; choose from {score_names()}")
-        if (score in SET_SCORES or score == "neg_lpips" or args.prompts == "caption") and net is None:
-            raise ValueError(f"--score {score} / --prompts {args.prompts} need --feature-net (a classifier directory, "
-                             "e.g. from the classifier zoo)")
+        gc, extra = _generative_setup(args)
         teachers = _open_teachers(args)
         student = load_diffusion(args.student, _sampling_overrides(args))
-        gc = GenerativeDetectConfig(probes=args.prompts, n=args.probes or 10, seed=args.seed, score=score)
         if not args.quiet:
             _eprint(f"student {args.student}: diffusion UNet ({student.scheduler.kind}, "
                     f"{student.sampling.num_inference_steps} steps), {len(teachers)} candidate teacher(s); "
-                    f"{gc.n} {gc.probes}-prompt probes, seed {gc.seed}, score {score}")
-        result = detect_generative(student, teachers, gc, feature_net=None if net is None else net[0],
-                                   captioner=None if net is None else classifier_captioner(*net[1]),
+                    f"{gc.n} {gc.probes}-prompt probes, seed {gc.seed}, score {gc.score}")
+        result = detect_generative(student, teachers, gc, **extra,
                                    progress=None if args.quiet else (lambda m: _eprint("  " + m)))
     except _detect_errors() as e:
         _eprint(f"kdd detect: {e}")
@@ -277,11 +296,13 @@ def cmd_calibrate(args) -> int:
     out = Path(args.out)
     partial = out.with_name(out.name + ".partial")
     try:
+        refs = find_students(args.references)
+        if _all_diffusion(refs):
+            raise ValueError("calibration of generative (diffusion) references is not supported yet")
         teachers = _open_teachers(args)
         dc = _detect_config(args)
         settings = settings_of(dc)
         names = [t.name for t in teachers]
-        refs = find_students(args.references)
     except _detect_errors() as e:
         _eprint(f"kdd calibrate: {e}")
         return EXIT_ERROR
@@ -370,15 +391,20 @@ def _run_audit(args, multi: bool):
 
     index, count = init_distributed(args.coordinator, args.num_processes, args.process_id) if multi else (0, 1)
     calibration = Calibration.load(args.calibration) if args.calibration else None
-    teachers = _open_teachers(args)
     students = find_students(args.students)
-    dc = _detect_config(args)
+    extra = {}
+    if _all_diffusion(students):
+        args.generative = True
+        dc, extra = _generative_setup(args)
+    teachers = _open_teachers(args)
+    if not extra:
+        dc = _detect_config(args)
     log = None if args.quiet else (lambda m: _eprint(m if count == 1 else f"[process {index}/{count}] {m}"))
     if log:
         log(f"auditing {len(students)} student(s) against {len(teachers)} teacher(s) -> {args.out}")
     summary = audit(students, teachers, dc, args.out, calibration=calibration, alpha=args.alpha,
                     pool_for=(lambda config: _pool(args, config)), resume=args.resume, process_index=index,
-                    process_count=count, barrier=global_barrier if count > 1 else None, log=log)
+                    process_count=count, barrier=global_barrier if count > 1 else None, log=log, **extra)
     return index, summary
 
 
@@ -510,6 +536,15 @@ def _add_detection_options(p) -> None:
     p.add_argument("--budget", type=int, default=None, help="most new teacher queries this run may send, per teacher")
     p.add_argument("--pool", metavar="FILE", help="real images for the methods real/ood/mia (.safetensors/.npz with "
                    "'images' [N,C,H,W] and optional 'labels', or .npy; uint8 or floats in the student's value range)")
+    g = p.add_argument_group("diffusion students (a diffusers folder: unet/ + scheduler/)")
+    g.add_argument("--prompts", default="empty", choices=["empty", "caption", "random"],
+                   help="probe prompts given with the shared noise: empty (the paper's; default), caption (the class "
+                        "--feature-net assigns to the student's empty-prompt image), random (a random class)")
+    g.add_argument("--feature-net", metavar="DIR", help="classifier directory whose BatchNorm features drive neg_lpips, "
+                   "the set scores and caption prompts")
+    g.add_argument("--num-inference-steps", type=int, help="the student's sampling steps (default: its "
+                   "kdd_sampling.json, else 50)")
+    g.add_argument("--guidance-scale", type=float, help="the student's guidance scale for class prompts")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -553,15 +588,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="level of the none-of-the-candidates test: its false-positive rate bound (default 0.05)")
     d.add_argument("--out", help="write verdict.json, report.html and probes.safetensors here; synthesis "
                    "checkpoints go here too, so an interrupted run resumes")
-    g = d.add_argument_group("diffusion students (a diffusers folder: unet/ + scheduler/)")
-    g.add_argument("--prompts", default="empty", choices=["empty", "caption", "random"],
-                   help="probe prompts given with the shared noise: empty (the paper's; default), caption (the class "
-                        "--feature-net assigns to the student's empty-prompt image), random (a random class)")
-    g.add_argument("--feature-net", metavar="DIR", help="classifier directory whose BatchNorm features drive neg_lpips, "
-                   "the set scores and caption prompts")
-    g.add_argument("--num-inference-steps", type=int, help="the student's sampling steps (default: its "
-                   "kdd_sampling.json, else 50)")
-    g.add_argument("--guidance-scale", type=float, help="the student's guidance scale for class prompts")
     d.add_argument("--json", action="store_true", help="print the full result as JSON on stdout")
     d.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     d.set_defaults(func=cmd_detect)

@@ -164,8 +164,8 @@ def load_any_student(path: str | Path, what: str = "student"):
 
 def find_students(paths: list[str | Path]) -> list[tuple[str, object]]:
     """(name, source) for every student under `paths`, in a stable order: a `kdd convert` output
-    directory (source: its Path), a directory of such outputs, or student-format checkpoints
-    (source: a converters StudentSource, converted on the fly). Raises ConfigError naming a path
+    directory or a diffusers folder (source: its Path), a directory of such, or student-format
+    checkpoints (source: a converters StudentSource, converted on the fly). Raises ConfigError naming a path
     that holds no student."""
     from kdd_jax.config import ConfigError
     from kdd_jax.io import CONVERTED_LAYOUT
@@ -173,18 +173,20 @@ def find_students(paths: list[str | Path]) -> list[tuple[str, object]]:
     def converted(d: Path) -> bool:
         return (d / CONVERTED_LAYOUT["state"]).is_dir() and (d / CONVERTED_LAYOUT["config"]).is_file()
 
+    from kdd_jax.generative.pipeline import is_diffusion_folder
+
     found: list[tuple[str, object]] = []
     for p in map(Path, paths):
         if not p.exists():
             raise ConfigError(f"{p}: no such file or directory")
-        if p.is_dir() and converted(p):
+        if p.is_dir() and (converted(p) or is_diffusion_folder(p)):
             found.append((p.name, p))
             continue
         before = len(found)
         raw: list[Path] = [p] if p.is_file() else []
         if p.is_dir():
             for d in sorted(p.iterdir()):
-                if d.is_dir() and converted(d):
+                if d.is_dir() and (converted(d) or is_diffusion_folder(d)):
                     found.append((d.name, d))
                 elif d.is_dir() or d.suffix == ".safetensors":
                     raw.append(d)
@@ -197,7 +199,7 @@ def find_students(paths: list[str | Path]) -> list[tuple[str, object]]:
                 if len(found) == before:
                     raise ConfigError(str(e)) from None
         if len(found) == before:
-            raise ConfigError(f"{p}: holds no students (kdd convert outputs or model.safetensors checkpoints)")
+            raise ConfigError(f"{p}: holds no students (kdd convert outputs, model.safetensors checkpoints or diffusers folders)")
     names = [n for n, _ in found]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:

@@ -120,3 +120,25 @@ def test_mixing_classifier_and_generative_teachers_is_refused(zoo, tmp_path, cap
     assert main(["detect", "--student", str(zoo / "student"), "--teachers", str(teachers), "--score", "ssim",
                  "--cache", str(tmp_path / "cache"), "-q"]) == 1
     assert "are classifiers" in capsys.readouterr().err
+
+
+def test_kdd_audit_of_diffusion_students_resumes_and_refuses_classifier_teachers(zoo, tmp_path, capsys):
+    students = tmp_path / "students"
+    students.mkdir()
+    for name in ("student", "a"):  # teacher a's own weights audited as a "student": the closest is a itself
+        (students / name).symlink_to(zoo / name, target_is_directory=True)
+    teachers = tmp_path / "teachers.json"
+    teachers.write_text(json.dumps({"teachers": [{"name": n, "path": str(zoo / n)} for n in ("a", "b", "c")]}))
+    argv = ["audit", "--students", str(students), "--teachers", str(teachers), "--score", "neg_pixel_mse",
+            "--probes", "4", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "audit"), "--json", "-q"]
+    assert main(argv) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert {r["student"]: r["answer"] for r in doc["students"]} == {"student": "c", "a": "a"}
+    rec = json.loads((tmp_path / "audit" / "students" / "student" / "verdict.json").read_text())
+    assert rec["kind"] == "generative" and rec["audit_settings"]["generative.score"] == "neg_pixel_mse"
+    assert (tmp_path / "audit" / "students" / "student" / "images.safetensors").is_file()
+    assert main(argv + ["--resume"]) == 0
+    assert sorted(json.loads(capsys.readouterr().out)["skipped"]) == ["a", "student"]
+    # another score in the same folder is refused, naming the setting
+    assert main([*argv[:5], "--score", "ssim", *argv[7:], "--resume"]) == 1
+    assert "generative.score" in capsys.readouterr().err
