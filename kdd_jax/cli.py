@@ -513,7 +513,7 @@ def _verdict_table(result) -> str:
     return "\n".join(lines)
 
 
-def _add_detection_options(p) -> None:
+def _add_detection_options(p, generative: bool = True) -> None:
     """Options shared by detect and calibrate: a calibration is only valid for the settings it was made with."""
     from kdd_jax.scores import SCORES
     from kdd_jax.synthesis import METHODS
@@ -536,6 +536,8 @@ def _add_detection_options(p) -> None:
     p.add_argument("--budget", type=int, default=None, help="most new teacher queries this run may send, per teacher")
     p.add_argument("--pool", metavar="FILE", help="real images for the methods real/ood/mia (.safetensors/.npz with "
                    "'images' [N,C,H,W] and optional 'labels', or .npy; uint8 or floats in the student's value range)")
+    if not generative:
+        return
     g = p.add_argument_group("diffusion students (a diffusers folder: unet/ + scheduler/)")
     g.add_argument("--prompts", default="empty", choices=["empty", "caption", "random"],
                    help="probe prompts given with the shared noise: empty (the paper's; default), caption (the class "
@@ -602,7 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--references", nargs="+", required=True, metavar="PATH",
                    help="reference students: kdd convert outputs, student directories, or folders of either")
-    _add_detection_options(c)
+    _add_detection_options(c, generative=False)
     c.add_argument("--out", required=True, help="calibration file to write (JSON)")
     c.add_argument("--json", action="store_true", help="print a summary as JSON on stdout")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
