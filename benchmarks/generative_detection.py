@@ -14,7 +14,8 @@ seeds are drawn (`kdd_jax.generative.detect.probe_seeds`); the student and every
 the same x_T; teacher answers go through the persistent response cache. The first N probes give the
 N-probe result, N in {1, 10, 50}.
 
-Scores: pair scores per probe, averaged (neg_lpips over the feature network, ssim, neg_pixel_mse); set
+Scores: pair scores per probe, averaged (neg_lpips over the feature network, ssim, neg_pixel_mse, and
+resid_corr, the correlation of the student's and a teacher's departures from the teachers' mean); set
 scores on the feature network's embeddings (linear_cka, acs, neg_mmd2; N > 1 only). The feature
 network is the ResNet teacher of the classifier zoo (benchmarks/zoo/cache/teachers/teacher-resnet),
 not the paper's AlexNet-LPIPS / CLIP: see kdd_jax/scores/images.py. Images are cropped from the zoo's
@@ -52,7 +53,7 @@ from kdd_jax.generative.detect import GenerativeDetectConfig, classifier_caption
 from kdd_jax.generative.pipeline import load_diffusion  # noqa: E402
 from kdd_jax.io import atomic_write_bytes, atomic_write_json  # noqa: E402
 from kdd_jax.scores import SCORES  # noqa: E402
-from kdd_jax.scores.images import IMAGE_PAIR_SCORES, classifier_feature_net  # noqa: E402
+from kdd_jax.scores.images import IMAGE_CONSENSUS_SCORES, IMAGE_PAIR_SCORES, classifier_feature_net  # noqa: E402
 from kdd_jax.teachers import ResponseCache  # noqa: E402
 from kdd_jax.teachers.generative import CachedGenerativeTeacher, DiffusionTeacher  # noqa: E402
 from kdd_jax.versions import machine, versions  # noqa: E402
@@ -62,7 +63,7 @@ FEATURE_NET = HERE / "zoo" / "cache" / "teachers" / "teacher-resnet"
 WORK = HERE / "_work" / "generative"
 RESULTS = HERE / "results"
 NS = (1, 10, 50)
-PAIR = ("neg_lpips", "ssim", "neg_pixel_mse")
+PAIR = ("neg_lpips", "ssim", "neg_pixel_mse", "resid_corr")
 SETS = ("linear_cka", "acs", "neg_mmd2")
 METHODS = ("empty", "caption", "random")
 SAMPLING_KEYS = {"num_inference_steps": "num_inference_steps", "guidance_scale": "guidance_scale", "eta": "eta",
@@ -87,11 +88,22 @@ def score_one(student, teachers, method: str, run: int, net, caption, n_max: int
     t_imgs = [t.generate(req)[crop] for t in teachers]
     out = {"prompts": np.asarray([int(p) if p else -1 for p in req.prompts])}
     for name in PAIR:
-        fn = IMAGE_PAIR_SCORES[name]
-        out[name] = np.stack([np.asarray(fn(s_img, t, net=net)) for t in t_imgs])
+        if name in IMAGE_CONSENSUS_SCORES:  # against every teacher at once
+            out[name] = np.asarray(IMAGE_CONSENSUS_SCORES[name](s_img, np.stack(t_imgs)))
+        else:
+            fn = IMAGE_PAIR_SCORES[name]
+            out[name] = np.stack([np.asarray(fn(s_img, t, net=net)) for t in t_imgs])
     out["emb_student"] = np.asarray(net.embedding(s_img))
     out["emb_teachers"] = np.stack([np.asarray(net.embedding(t)) for t in t_imgs])
     return out
+
+
+def weights_id(folder: Path) -> str:
+    """First 12 hex digits of the UNet weights' sha256: records of a rebuilt model are not reused."""
+    from converters.diffusers_unet import find_unet
+    from kdd_jax.io import sha256_file
+
+    return sha256_file(find_unet(folder)[0])[:12]
 
 
 def scores_at(rec: dict, score: str, n: int) -> np.ndarray:
@@ -132,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     students_m = [e for e in manifest if e["role"] == "student"]
     controls_m = [e for e in manifest if e["role"] == "control"]
     tnames = [e["name"] for e in teachers_m]
-    cache = ResponseCache(work / "responses.sqlite")
+    # answers are keyed by teacher name: a cache per set of teacher weights, so a rebuilt teacher is asked anew
+    cache = ResponseCache(work / f"responses-{'-'.join(weights_id(model_dir(e['name']))[:6] for e in teachers_m)}.sqlite")
     teachers = [CachedGenerativeTeacher(DiffusionTeacher(load_diffusion(model_dir(e["name"]), sampling_of(e), name=e["name"])),
                                         cache) for e in teachers_m]
     clf = convert_student(args.feature_net)
@@ -148,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         student = None
         for method in methods:
             for run in range(args.runs):
-                path = work / f"{entry['name']}-{method}-{run}-n{n_max}.npz"
+                path = work / f"{entry['name']}-{weights_id(model_dir(entry['name']))}-{method}-{run}-n{n_max}.npz"
                 if path.is_file():
                     with np.load(path) as z:
                         records[(entry["name"], method, run)] = dict(z)
@@ -230,7 +243,8 @@ def render_markdown(doc: dict, table: dict, methods: list[str], ns: list[int]) -
                 cells += [_cell(r, "accuracy"), _cell(r, "auc")]
             r10 = table.get((method, score, nb))
             bin_ = f"{r10['tpr']:.2f} / {r10['fpr']:.2f}" if r10 else "-"
-            lines.append(f"| {score} | {'pair' if score in PAIR else 'set'} | {' | '.join(cells)} | {bin_} |")
+            kind = "consensus" if score in IMAGE_CONSENSUS_SCORES else "pair" if score in PAIR else "set"
+            lines.append(f"| {score} | {kind} | {' | '.join(cells)} | {bin_} |")
         lines.append("")
     lines += [f"## Per recipe (accuracy, N = {nb})", "", "| prompts | score | " + " | ".join(
         sorted(next(iter(table.values()))["per_recipe"])) + " |", "|---|---|" + "---|" * len(next(iter(table.values()))["per_recipe"])]

@@ -271,7 +271,7 @@ def cached_teachers(zoo, tmp_path):
     return [CachedGenerativeTeacher(DiffusionTeacher(m), cache) for m in teachers.values()]
 
 
-@pytest.mark.parametrize("score", ["neg_pixel_mse", "ssim"])
+@pytest.mark.parametrize("score", ["neg_pixel_mse", "ssim", "resid_corr"])
 def test_detect_names_the_teacher_a_student_was_copied_from(zoo, tmp_path, score):
     _, student = zoo
     gc = GenerativeDetectConfig(n=8, score=score, n_bootstrap=200)
@@ -318,6 +318,8 @@ def test_detect_refuses_teachers_that_cannot_share_the_noise(zoo):
         detect_generative(student, [other], GenerativeDetectConfig(n=2, score="neg_pixel_mse"))
     with pytest.raises(ValueError, match="feature network"):
         detect_generative(student, [DiffusionTeacher(zoo[0]["a"])], GenerativeDetectConfig(n=2, score="neg_lpips"))
+    with pytest.raises(ValueError, match="at least 2 candidate teachers"):
+        detect_generative(student, [DiffusionTeacher(zoo[0]["a"])], GenerativeDetectConfig(n=2, score="resid_corr"))
 
 
 @pytest.fixture(scope="module")

@@ -259,3 +259,23 @@ def test_image_pair_registry():
     assert set(IMAGE_PAIR_SCORES) == {"neg_lpips", "ssim", "neg_pixel_mse"}
     np.testing.assert_allclose(IMAGE_PAIR_SCORES["ssim"](a, b), ssim(a, b))
     np.testing.assert_allclose(IMAGE_PAIR_SCORES["neg_pixel_mse"](a, b), neg_pixel_mse(a, b))
+
+
+def test_residual_corr_finds_the_teacher_whose_departure_from_the_consensus_the_student_shares():
+    from kdd_jax.scores.images import residual_corr
+
+    rng = np.random.default_rng(0)
+    common = rng.uniform(0, 1, (5, 8, 8, 1))  # what every model draws from this x_T
+    teachers = np.stack([np.clip(common + 0.1 * rng.standard_normal(common.shape), 0, 1) for _ in range(3)])
+    # the student: teacher 1's image, degraded (noise + a global contrast change)
+    student = 0.8 * teachers[1] + 0.1 + 0.05 * rng.standard_normal(common.shape)
+    r = np.asarray(residual_corr(student, teachers))
+    assert r.shape == (3, 5) and np.all(np.abs(r) <= 1 + 1e-5)
+    assert np.all(r.argmax(0) == 1)
+    # a shift shared by every teacher cancels in the consensus
+    shifted = np.asarray(residual_corr(student, teachers + 0.2))
+    np.testing.assert_allclose(shifted, np.asarray(residual_corr(student - 0.2, teachers)), atol=1e-5)
+    with pytest.raises(ValueError, match="at least 2 teachers"):
+        residual_corr(student, teachers[:1])
+    with pytest.raises(ValueError, match="teachers must be"):
+        residual_corr(student, teachers[:, :4])

@@ -14,7 +14,8 @@ Probes (arXiv 2510.02302, text-to-image part): N initial noises x_T, made from s
 
 Scores compare the student's image with each teacher's image from the same x_T: pair scores
 (`kdd_jax.scores.images`: neg_lpips with a pluggable feature network, ssim, neg_pixel_mse) are per
-probe and averaged; set scores (linear_cka, rbf_cka, acs, neg_mmd2) compare the student's N embeddings
+probe and averaged; the consensus score resid_corr correlates the student's and each teacher's
+departures from the mean of all teachers' images (per probe, averaged; needs >= 2 teachers); set scores (linear_cka, rbf_cka, acs, neg_mmd2) compare the student's N embeddings
 with a teacher's N embeddings (`feature_net.embedding`). The verdict, bootstrap intervals and p-value
 are the classifier path's (`kdd_jax.verdict`).
 """
@@ -45,8 +46,14 @@ def pair_scores() -> dict:
     return IMAGE_PAIR_SCORES
 
 
+def consensus_scores() -> dict:
+    from kdd_jax.scores.images import IMAGE_CONSENSUS_SCORES
+
+    return IMAGE_CONSENSUS_SCORES
+
+
 def score_names() -> list[str]:
-    return sorted([*pair_scores(), *SET_SCORES])
+    return sorted([*pair_scores(), *consensus_scores(), *SET_SCORES])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +203,12 @@ def detect_generative(student, teachers: list, gc: GenerativeDetectConfig = Gene
 
         def score_fn(idx):
             return jax.vmap(lambda y: fn(X[idx], y[idx]))(Y)
+    elif gc.score in consensus_scores():
+        if len(names) < 2:
+            raise ValueError(f"score {gc.score!r} compares the student with the teachers' consensus: it needs at least "
+                             "2 candidate teachers")
+        per_probe = jnp.asarray(consensus_scores()[gc.score](s_images, np.stack([t_images[n] for n in names])))
+        score_fn = pointwise_score_fn(per_probe)
     else:
         fn = pair_scores()[gc.score]
         per_probe = jnp.stack([jnp.asarray(fn(s_images, t_images[n], net=feature_net)) for n in names])

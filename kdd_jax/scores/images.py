@@ -296,6 +296,38 @@ def load_lpips_heads(path, net: FeatureNet) -> list[jax.Array]:
     return heads
 
 
+# ---------------------------------------------------------------- consensus-residual scores
+@jax.jit
+def residual_corr(student, teachers) -> jax.Array:
+    """Consensus-residual correlation -> [K, N]: per probe n and teacher k, the Pearson correlation
+    over pixels of (student_n - c_n) and (teacher_kn - c_n), c_n the mean of the K teachers' images.
+
+    Why: diffusion models trained on the same data map the same x_T to nearly the same image (on the
+    Fashion-MNIST zoo teacher-teacher SSIM is 0.64-0.69, above most student-teacher pairs), so
+    plain distances mostly measure image quality. What a distilled student inherits is its teacher's
+    *departure* from what every model would draw; the consensus takes out the shared part (the image
+    analogue of dropping the shared top-1 in `dark_corr`). Needs K >= 2 candidates (with K = 2 the two
+    residuals are opposite, so the score is antisymmetric). student [N, H, W, C], teachers [K, N, H, W, C]."""
+    s = jnp.asarray(student, jnp.float32)
+    t = jnp.asarray(teachers, jnp.float32)
+    if t.ndim != 5 or t.shape[1:] != s.shape:
+        raise ValueError(f"teachers must be [K, *student.shape] = [K, {', '.join(map(str, s.shape))}], got {t.shape}")
+    if t.shape[0] < 2:
+        raise ValueError("residual_corr needs at least 2 teachers (the consensus of one teacher is itself)")
+    c = t.mean(axis=0)
+    a = (s - c).reshape(s.shape[0], -1)
+    b = (t - c).reshape(t.shape[0], t.shape[1], -1)
+    a = a - a.mean(-1, keepdims=True)
+    b = b - b.mean(-1, keepdims=True)
+    num = jnp.sum(a[None] * b, axis=-1)
+    den = jnp.sqrt(jnp.sum(a * a, axis=-1)[None] * jnp.sum(b * b, axis=-1))
+    return num / jnp.maximum(den, 1e-12)
+
+
+# Scores of the student against ALL teachers at once: fn(student [N,...], teachers [K, N, ...]) -> [K, N]
+IMAGE_CONSENSUS_SCORES: dict[str, Callable] = {"resid_corr": residual_corr}
+
+
 # ------------------------------------------------------------------------------ registry
 def _pair_neg_lpips(a, b, *, net: FeatureNet | None = None) -> jax.Array:
     if net is None:
@@ -318,6 +350,6 @@ IMAGE_PAIR_SCORES: dict[str, Callable] = {
 }
 
 __all__ = [
-    "FeatureNet", "IMAGE_PAIR_SCORES", "classifier_feature_net", "default_feature_layers",
-    "load_lpips_heads", "lpips_distance", "neg_lpips", "neg_pixel_mse", "ssim",
+    "FeatureNet", "IMAGE_CONSENSUS_SCORES", "IMAGE_PAIR_SCORES", "classifier_feature_net", "default_feature_layers",
+    "load_lpips_heads", "lpips_distance", "neg_lpips", "neg_pixel_mse", "residual_corr", "ssim",
 ]
