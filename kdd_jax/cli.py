@@ -208,7 +208,7 @@ def _generative_setup(args):
     if getattr(args, "calibration", None):
         raise ValueError("--calibration is not supported for generative students yet")
     net = _feature_net(args)
-    score = args.score or ("neg_lpips" if net else "ssim")
+    score = args.score or "ssim"  # the most accurate at N = 1 and 10 on the diffusion zoo; no feature network
     if score not in score_names():
         raise ValueError(f"--score {score}: not an image score; choose from {score_names()}")
     if (score in SET_SCORES or score == "neg_lpips" or args.prompts == "caption") and net is None:
@@ -503,8 +503,10 @@ def _verdict_table(result) -> str:
                if n.n_references < n.min_references else "")
         lines.append(f"none-of-the-candidates test ({n.n_references} independent references): p = {n.p_none:.3g} "
                      f"at level {n.alpha}{few}")
-    else:
+    elif hasattr(result, "none"):
         lines.append("not calibrated (--calibration): cannot answer 'none of the candidates'")
+    else:
+        lines.append("generative student: no 'none of the candidates' test yet; the answer is the closest candidate")
     lines.append(f"answer: {result.answer}")
     if hasattr(result, "probes"):
         lines.append(f"probe set sha256 {result.probes.sha256[:16]}..., seed {result.config.synthesis.seed}")
@@ -529,8 +531,8 @@ def _add_detection_options(p, generative: bool = True) -> None:
 
     p.add_argument("--score", default=None, choices=sorted(set(SCORES) | set(score_names())),
                    help="agreement score (classifiers: default dark_corr; neg_kl is the paper's KL; label-only teachers "
-                        "need top1. Diffusion students: neg_lpips with --feature-net, else ssim; also neg_pixel_mse and "
-                        "the set scores linear_cka, rbf_cka, acs, neg_mmd2 on --feature-net embeddings)")
+                        "need top1. Diffusion students: default ssim; also neg_pixel_mse, resid_corr, neg_lpips and the "
+                        "set scores linear_cka, rbf_cka, acs, neg_mmd2 on --feature-net features)")
     p.add_argument("--seed", type=int, default=0, help="fixes the probes and the verdict (default 0)")
     p.add_argument("--cache", default="~/.cache/kdd-jax", help="response cache directory (default ~/.cache/kdd-jax)")
     p.add_argument("--budget", type=int, default=None, help="most new teacher queries this run may send, per teacher")
