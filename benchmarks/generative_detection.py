@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                 C = np.stack([[scores_at(records[(e["name"], method, r)], score, n) for e in controls_m]
                               for r in range(args.runs)])
                 mc = multiple_choice_metrics(S, labels)
-                rates = [binary_rates_loo(margin_statistic(S[r]), margin_statistic(C[r])) for r in range(args.runs)]
+                rates = [binary_rates_loo(margin_statistic(S[r]), margin_statistic(C[r]) if controls_m else [])
+                         for r in range(args.runs)]
                 per_recipe = {}
                 for recipe in sorted({e["recipe"] for e in students_m}):
                     idx = [i for i, e in enumerate(students_m) if e["recipe"] == recipe]
