@@ -137,7 +137,7 @@ def audit(students: list[tuple[str, object]], teachers: list, dc, out: str | Pat
 
     Generative students (diffusers folders) are audited when `dc` is a GenerativeDetectConfig, against
     generative teachers (CachedGenerativeTeacher), with `feature_net` / `captioner` as in
-    `detect_generative`; calibration is not supported for them yet."""
+    `detect_generative` (a calibration must then be one made for generative students)."""
     from kdd_jax.detect import detect, load_student_source, save_detection
     from kdd_jax.generative.detect import detect_generative, save_generative_detection
     from kdd_jax.generative.pipeline import load_diffusion
@@ -157,10 +157,10 @@ def audit(students: list[tuple[str, object]], teachers: list, dc, out: str | Pat
         _student_dir(out, n)
     teacher_names = [t.name for t in teachers]
     generative = _generative(dc)
-    if generative and calibration is not None:
-        raise AuditError("calibration ('none of the candidates') is not supported for generative students yet")
     if calibration is not None:  # before any work: a mismatch must not cost a synthesis or a query
-        calibration.check_compatible(teacher_names, settings_of(dc))
+        from kdd_jax.calibration import generative_settings
+
+        calibration.check_compatible(teacher_names, generative_settings(dc) if generative else settings_of(dc))
     expected = record_settings(dc, teacher_names)
     if not resume and (out / "students").is_dir() and any((out / "students").iterdir()):
         raise AuditError(f"{out} already holds an audit; pass resume=True (--resume) to continue it, or use another folder")
@@ -194,7 +194,8 @@ def audit(students: list[tuple[str, object]], teachers: list, dc, out: str | Pat
         try:
             if generative:
                 student = load_diffusion(sources[name], name=name)
-                result = detect_generative(student, teachers, dc, feature_net=feature_net, captioner=captioner)
+                result = detect_generative(student, teachers, dc, feature_net=feature_net, captioner=captioner,
+                                           calibration=calibration, alpha=alpha)
                 extra = {"kind": "generative", "sampling": dataclasses.asdict(student.sampling)}
             else:
                 model, config = load_student_source(sources[name])

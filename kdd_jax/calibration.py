@@ -45,6 +45,16 @@ MATCHED_FIELDS = ("score", "direction", "temperature", "synthesis.method", "synt
                   "synthesis.init_scale", "synthesis.jitter", "synthesis.flip", "synthesis.pixel_scale")
 
 
+# Generative detections (kdd_jax/generative/detect.py): their settings carry kind "generative"; a classifier
+# calibration (no kind) is refused by them and the other way round.
+GENERATIVE_FIELDS = ("kind", "generative.probes", "generative.n", "generative.score")
+
+
+def generative_settings(gc) -> dict:
+    """The GENERATIVE_FIELDS of a GenerativeDetectConfig (the seed is not among them)."""
+    return {"kind": "generative", "generative.probes": gc.probes, "generative.n": gc.n, "generative.score": gc.score}
+
+
 _TOL = 1 + 1e-9  # k * (1/(m+1)) must compare equal to alpha when it is, despite rounding
 
 
@@ -131,7 +141,10 @@ class Calibration:
         if missing:
             raise CalibrationError(f"{source}: has no reference scores for teacher(s) {missing}; "
                                    f"it covers {self.teachers}")
-        for f in MATCHED_FIELDS:
+        if settings.get("kind") != self.settings.get("kind"):
+            made, used = (self.settings.get("kind") or "classifier"), (settings.get("kind") or "classifier")
+            raise CalibrationError(f"{source}: was made for {made} students, this detection is for {used} students")
+        for f in (*MATCHED_FIELDS, *GENERATIVE_FIELDS):
             if f in settings and recorded_setting(self.settings, f) != settings[f]:
                 raise CalibrationError(f"{source}: was made with {f}={recorded_setting(self.settings, f)!r} but this detection "
                                        f"uses {f}={settings[f]!r}; re-run `kdd calibrate` with the same settings")

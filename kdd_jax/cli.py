@@ -205,8 +205,6 @@ def _generative_setup(args):
     """(GenerativeDetectConfig, {feature_net, captioner}) from the detection options."""
     from kdd_jax.generative.detect import SET_SCORES, GenerativeDetectConfig, classifier_captioner, score_names
 
-    if getattr(args, "calibration", None):
-        raise ValueError("--calibration is not supported for generative students yet")
     net = _feature_net(args)
     score = args.score or "ssim"  # the most accurate at N = 1 and 10 on the diffusion zoo; no feature network
     if score not in score_names():
@@ -225,16 +223,19 @@ def cmd_detect_generative(args) -> int:
     from kdd_jax.generative.detect import detect_generative, save_generative_detection
     from kdd_jax.generative.pipeline import load_diffusion
 
+    from kdd_jax.calibration import Calibration
+
     args.generative = True
     try:
         gc, extra = _generative_setup(args)
+        calibration = Calibration.load(args.calibration) if args.calibration else None
         teachers = _open_teachers(args)
         student = load_diffusion(args.student, _sampling_overrides(args))
         if not args.quiet:
             _eprint(f"student {args.student}: diffusion UNet ({student.scheduler.kind}, "
                     f"{student.sampling.num_inference_steps} steps), {len(teachers)} candidate teacher(s); "
                     f"{gc.n} {gc.probes}-prompt probes, seed {gc.seed}, score {gc.score}")
-        result = detect_generative(student, teachers, gc, **extra,
+        result = detect_generative(student, teachers, gc, **extra, calibration=calibration, alpha=args.alpha,
                                    progress=None if args.quiet else (lambda m: _eprint("  " + m)))
     except _detect_errors() as e:
         _eprint(f"kdd detect: {e}")
@@ -245,7 +246,7 @@ def cmd_detect_generative(args) -> int:
 
     report = {"command": "detect", "kind": "generative", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "student": str(args.student), "teachers_file": str(args.teachers),
-              "feature_net": args.feature_net, "sampling": dataclasses.asdict(student.sampling), **result.to_dict()}
+              "calibration_file": args.calibration, "feature_net": args.feature_net, "sampling": dataclasses.asdict(student.sampling), **result.to_dict()}
     return _emit_detection(args, report, result, lambda: save_generative_detection(args.out, report, result))
 
 
@@ -297,11 +298,19 @@ def cmd_calibrate(args) -> int:
     partial = out.with_name(out.name + ".partial")
     try:
         refs = find_students(args.references)
-        if _all_diffusion(refs):
-            raise ValueError("calibration of generative (diffusion) references is not supported yet")
+        generative = _all_diffusion(refs)
+        if generative:
+            from kdd_jax.calibration import generative_settings
+            from kdd_jax.generative.detect import detect_generative
+            from kdd_jax.generative.pipeline import load_diffusion
+
+            args.generative = True
+            gc, extra = _generative_setup(args)
+            settings = generative_settings(gc)
         teachers = _open_teachers(args)
-        dc = _detect_config(args)
-        settings = settings_of(dc)
+        if not generative:
+            dc = _detect_config(args)
+            settings = settings_of(dc)
         names = [t.name for t in teachers]
     except _detect_errors() as e:
         _eprint(f"kdd calibrate: {e}")
@@ -325,9 +334,13 @@ def cmd_calibrate(args) -> int:
             elapsed = time.perf_counter() - started
             _eprint(f"[{i + 1}/{len(refs)}] reference {name} (elapsed {elapsed:.0f}s)")
         try:
-            model, config = load_student_source(src)
-            result = detect(model, config, teachers, dc, _synthesis_progress(args, dc.synthesis.steps),
-                            pool=_pool(args, config))
+            if generative:
+                result = detect_generative(load_diffusion(src, _sampling_overrides(args), name=name), teachers, gc,
+                                           **extra)
+            else:
+                model, config = load_student_source(src)
+                result = detect(model, config, teachers, dc, _synthesis_progress(args, dc.synthesis.steps),
+                                pool=_pool(args, config))
         except _detect_errors() as e:
             _eprint(f"  FAILED: {e}")
             failures[name] = str(e)
@@ -503,10 +516,8 @@ def _verdict_table(result) -> str:
                if n.n_references < n.min_references else "")
         lines.append(f"none-of-the-candidates test ({n.n_references} independent references): p = {n.p_none:.3g} "
                      f"at level {n.alpha}{few}")
-    elif hasattr(result, "none"):
-        lines.append("not calibrated (--calibration): cannot answer 'none of the candidates'")
     else:
-        lines.append("generative student: no 'none of the candidates' test yet; the answer is the closest candidate")
+        lines.append("not calibrated (--calibration): cannot answer 'none of the candidates'")
     lines.append(f"answer: {result.answer}")
     if hasattr(result, "probes"):
         lines.append(f"probe set sha256 {result.probes.sha256[:16]}..., seed {result.config.synthesis.seed}")
@@ -515,7 +526,7 @@ def _verdict_table(result) -> str:
     return "\n".join(lines)
 
 
-def _add_detection_options(p, generative: bool = True) -> None:
+def _add_detection_options(p) -> None:
     """Options shared by detect and calibrate: a calibration is only valid for the settings it was made with."""
     from kdd_jax.scores import SCORES
     from kdd_jax.synthesis import METHODS
@@ -538,8 +549,6 @@ def _add_detection_options(p, generative: bool = True) -> None:
     p.add_argument("--budget", type=int, default=None, help="most new teacher queries this run may send, per teacher")
     p.add_argument("--pool", metavar="FILE", help="real images for the methods real/ood/mia (.safetensors/.npz with "
                    "'images' [N,C,H,W] and optional 'labels', or .npy; uint8 or floats in the student's value range)")
-    if not generative:
-        return
     g = p.add_argument_group("diffusion students (a diffusers folder: unet/ + scheduler/)")
     g.add_argument("--prompts", default="empty", choices=["empty", "caption", "random"],
                    help="probe prompts given with the shared noise: empty (the paper's; default), caption (the class "
@@ -606,7 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--references", nargs="+", required=True, metavar="PATH",
                    help="reference students: kdd convert outputs, student directories, or folders of either")
-    _add_detection_options(c, generative=False)
+    _add_detection_options(c)
     c.add_argument("--out", required=True, help="calibration file to write (JSON)")
     c.add_argument("--json", action="store_true", help="print a summary as JSON on stdout")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")

@@ -193,6 +193,21 @@ td:first-child,th:first-child{text-align:left}.win{font-weight:bold;background:#
 .small{color:#666;font-size:.9em}pre{background:#f6f6f6;padding:8px;overflow-x:auto;font-size:.85em}"""
 
 
+def _none_paragraph(none, v) -> str:
+    """The none-of-the-candidates test in words, or how to get one."""
+    if none is None:
+        return ("<p class='small'>Not calibrated: the verdict names the best candidate but cannot say "
+                "&ldquo;none of the candidates&rdquo;. Pass <code>--calibration</code> (see <code>kdd calibrate</code>).</p>")
+    loo = (f"; leave-one-out rate on the references {none.leave_one_out_fpr:.2f}"
+           if none.leave_one_out_fpr is not None else "")
+    few = (f". <b>Too few references</b>: at least {none.min_references} are needed to ever reject at this level."
+           if none.n_references < none.min_references else ".")
+    return (f"<p>None-of-the-candidates test against {none.n_references} independent reference students: "
+            f"p = {none.p_none:.3g} (Bonferroni over {len(v.teachers)} candidates), level {none.alpha}; "
+            f"false-positive rate on independent students &le; {none.alpha} when they are exchangeable with "
+            f"the references{loo}{few}</p>")
+
+
 def _teacher_table(v, stats: dict, none=None) -> str:
     """The verdict's teachers, best score first: score, interval, [p independent], queries, cache hits."""
     esc = html.escape
@@ -226,18 +241,7 @@ def render_detect_report(report: dict, result, *, calibration=None) -> str:
         parts.append(f"<p>Highest score: <b>{esc(v.winner)}</b>, ahead of {esc(v.runner_up)} by {_fmt(v.margin)} "
                      f"({result.config.score}); bootstrap p-value that the winner does not truly beat the runner-up: "
                      f"<b>{v.p_value:.3g}</b> ({v.n_bootstrap} paired resamples of {v.n_probes} probes).</p>")
-    if none is not None:
-        parts.append(f"<p>None-of-the-candidates test against {none.n_references} independent reference students: "
-                     f"p = {none.p_none:.3g} (Bonferroni over {len(v.teachers)} candidates), level {none.alpha}; "
-                     f"false-positive rate on independent students &le; {none.alpha} when they are exchangeable with "
-                     f"the references" + (f"; leave-one-out rate on the references {none.leave_one_out_fpr:.2f}"
-                                          if none.leave_one_out_fpr is not None else "")
-                     + (f". <b>Too few references</b>: at least {none.min_references} are needed to ever reject at this "
-                        "level." if none.n_references < none.min_references else ".") + "</p>")
-    else:
-        parts.append("<p class='small'>Not calibrated: the verdict names the best candidate but cannot say "
-                     "&ldquo;none of the candidates&rdquo;. Pass <code>--calibration</code> (see <code>kdd calibrate</code>).</p>")
-    # table
+    parts.append(_none_paragraph(none, v))
     parts.append(_teacher_table(v, result.teacher_stats, none))
     # score distributions
     if result.per_probe is not None:
@@ -290,9 +294,9 @@ def render_generative_report(report: dict, result) -> str:
     if v.runner_up is not None:
         parts.append(f"<p>Highest score: <b>{esc(v.winner)}</b>, ahead of {esc(v.runner_up)} by {_fmt(v.margin)} ({esc(score)}); "
                      f"bootstrap p-value that the winner does not truly beat the runner-up: <b>{v.p_value:.3g}</b> "
-                     f"({v.n_bootstrap} paired resamples of {v.n_probes} probes). Not calibrated: the verdict names the "
-                     "closest candidate and cannot say &ldquo;none of the candidates&rdquo;.</p>")
-    parts.append(_teacher_table(v, result.teacher_stats))
+                     f"({v.n_bootstrap} paired resamples of {v.n_probes} probes).</p>")
+    parts.append(_none_paragraph(result.none, v))
+    parts.append(_teacher_table(v, result.teacher_stats, result.none))
     if result.per_probe is not None:
         parts.append(f"<h2>Score distributions</h2><p class='small'>per-probe {esc(score)}; the black line is each "
                      "teacher's mean.</p>" + svg_histogram_rows([(t, result.per_probe[k]) for k, t in enumerate(v.teachers)],

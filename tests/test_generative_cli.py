@@ -24,7 +24,12 @@ UNET = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8,
 def write_folder(path, seed, *, base=None, steps=3, classes=3):
     """A diffusers folder (unet/, scheduler/, kdd_sampling.json) with a random class-conditional UNet
     (`classes` + the null class); with `base`, base's weights slightly moved."""
-    torch.manual_seed(seed)
+    with torch.random.fork_rng():  # leave torch's global generator as it was for other tests
+        torch.manual_seed(seed)
+        return _write_folder(path, seed, base=base, steps=steps, classes=classes)
+
+
+def _write_folder(path, seed, *, base, steps, classes):
     unet = diffusers.UNet2DModel(**UNET, num_class_embeds=classes + 1)
     with torch.no_grad():
         if base is not None:  # a "student": the base's weights, slightly moved
@@ -142,3 +147,41 @@ def test_kdd_audit_of_diffusion_students_resumes_and_refuses_classifier_teachers
     # another score in the same folder is refused, naming the setting
     assert main([*argv[:5], "--score", "ssim", *argv[7:], "--resume"]) == 1
     assert "generative.score" in capsys.readouterr().err
+
+
+def test_kdd_calibrate_then_detect_answers_none_of_the_candidates_for_diffusion_students(zoo, tmp_path, capsys):
+    refs = tmp_path / "refs"
+    for i in range(3):  # independent references: random UNets of their own
+        (refs / f"ref{i}").mkdir(parents=True)
+        write_folder(refs / f"ref{i}", 30 + i)
+    teachers = tmp_path / "teachers.json"
+    teachers.write_text(json.dumps({"teachers": [{"name": n, "path": str(zoo / n)} for n in ("a", "b", "c")]}))
+    common = ["--teachers", str(teachers), "--score", "neg_pixel_mse", "--probes", "4", "--cache", str(tmp_path / "cache"),
+              "-q"]
+    cal = tmp_path / "cal.json"
+    assert main(["calibrate", "--references", str(refs), "--out", str(cal), *common]) == 0
+    doc = json.loads(cal.read_text())
+    assert doc["settings"] == {"kind": "generative", "generative.probes": "empty", "generative.n": 4,
+                               "generative.score": "neg_pixel_mse"}
+    assert len(doc["scores"]) == 3 and len(doc["scores"][0]) == 3
+    # 3 references, 3 candidates: p >= 3 / 4 for anyone, so the answer is "none of the candidates", and it says why
+    assert main(["detect", "--student", str(zoo / "student"), "--calibration", str(cal), "--json", *common]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["answer"] == "none of the candidates" and report["verdict"]["winner"] == "c"
+    assert report["none_of_the_candidates"]["min_references"] > 3
+    # a calibration made with other settings is refused before any work, naming the field
+    assert main(["detect", "--student", str(zoo / "student"), "--calibration", str(cal),
+                 *[a if a != "neg_pixel_mse" else "ssim" for a in common]]) == 1
+    assert "generative.score" in capsys.readouterr().err
+
+
+def test_classifier_and_generative_calibrations_are_not_interchangeable(tmp_path):
+    from kdd_jax.calibration import Calibration, CalibrationError, generative_settings
+    from kdd_jax.generative.detect import GenerativeDetectConfig
+
+    classifier_cal = Calibration(["a"], ["r"], [[0.1]], {"score": "dark_corr"})
+    with pytest.raises(CalibrationError, match="made for classifier students.*generative"):
+        classifier_cal.check_compatible(["a"], generative_settings(GenerativeDetectConfig()))
+    gen_cal = Calibration(["a"], ["r"], [[0.1]], generative_settings(GenerativeDetectConfig()))
+    with pytest.raises(CalibrationError, match="made for generative students.*classifier"):
+        gen_cal.check_compatible(["a"], {"score": "dark_corr"})

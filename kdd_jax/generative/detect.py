@@ -86,15 +86,17 @@ class GenerativeDetectionResult:
     timings: dict[str, float]
     config: GenerativeDetectConfig
     per_probe: np.ndarray | None = None  # [K, N] for pair scores
+    none: object | None = None  # calibration.NoneTest: distilled from any candidate at all?
 
     @property
     def answer(self) -> str:
-        return self.verdict.winner
+        return self.verdict.winner if self.none is None else self.none.answer
 
     def to_dict(self) -> dict:
         return {
             "answer": self.answer,
             "verdict": self.verdict.to_dict(),
+            "none_of_the_candidates": None if self.none is None else self.none.to_dict(),
             "probes": {"method": self.config.probes, "n": len(self.request), "prompts": list(self.request.prompts),
                        "seeds": None if self.request.seeds is None else self.request.seeds.tolist(),
                        "noise": "kdd_jax.generative.noise.initial_noise(seed), NHWC"},
@@ -156,10 +158,13 @@ def classifier_captioner(model, config) -> Callable:
 
 def detect_generative(student, teachers: list, gc: GenerativeDetectConfig = GenerativeDetectConfig(), *,
                       feature_net=None, captioner: Callable | None = None,
-                      progress: Callable[[str], None] | None = None) -> GenerativeDetectionResult:
+                      progress: Callable[[str], None] | None = None, calibration=None,
+                      alpha: float = 0.05) -> GenerativeDetectionResult:
     """Name the most likely teacher of `student` (a DiffusionModel) among `teachers` (generative teachers,
     usually CachedGenerativeTeacher). `feature_net` (kdd_jax.scores.images.FeatureNet) is needed for
-    neg_lpips and the set scores; `captioner` for caption probes."""
+    neg_lpips and the set scores; `captioner` for caption probes. With a `calibration` (independent
+    reference diffusion models scored with the same settings: `kdd calibrate`), also test "none of
+    the candidates" at level `alpha`, as for classifiers (kdd_jax/calibration.py)."""
     if not teachers:
         raise TeacherError("no candidate teachers given")
     names = [t.name for t in teachers]
@@ -173,6 +178,10 @@ def detect_generative(student, teachers: list, gc: GenerativeDetectConfig = Gene
             raise TeacherError(f"teacher {t.name!r} takes noise {list(t.spec.noise_shape)} and answers images "
                                f"{list(t.spec.image_shape)}; the student {list(student.noise_shape)} -> "
                                f"{list(student.image_shape)}: the same x_T cannot be shared")
+    if calibration is not None:  # before any work: a mismatch must not cost a sampling or a query
+        from kdd_jax.calibration import generative_settings
+
+        calibration.check_compatible(names, generative_settings(gc))
     needs_net = gc.score in SET_SCORES or gc.score == "neg_lpips"
     if needs_net and feature_net is None:
         raise ValueError(f"score {gc.score!r} needs a feature network (feature_net=)")
@@ -215,9 +224,14 @@ def detect_generative(student, teachers: list, gc: GenerativeDetectConfig = Gene
         per_probe = jnp.stack([jnp.asarray(fn(s_images, t_images[n], net=feature_net)) for n in names])
         score_fn = pointwise_score_fn(per_probe)
     verdict = decide(names, score_fn, gc.n, n_bootstrap=gc.n_bootstrap, seed=gc.seed, confidence=gc.confidence)
+    none = None
+    if calibration is not None:
+        from kdd_jax.calibration import none_test
+
+        none = none_test(names, verdict.scores, verdict.winner, calibration, alpha=alpha)
     timings["scoring"] = time.perf_counter() - t0
     return GenerativeDetectionResult(verdict, req, s_images, t_images, stats, timings, gc,
-                                     None if per_probe is None else np.asarray(per_probe))
+                                     None if per_probe is None else np.asarray(per_probe), none)
 
 
 def save_generative_detection(out_dir, report: dict, result: GenerativeDetectionResult) -> dict:
