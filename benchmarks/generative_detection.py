@@ -176,6 +176,12 @@ def main(argv: list[str] | None = None) -> int:
                 records[(entry["name"], method, run)] = rec
                 print(f"{entry['name']} {method} run {run}: {time.perf_counter() - t0:.1f}s", flush=True)
 
+    # how alike the independent teachers draw from the same x_T (empty prompt, run 0's noise): the baseline every
+    # student-teacher similarity has to beat
+    req = make_probes(teachers[0].teacher.model, GenerativeDetectConfig(n=n_max, seed=0))
+    imgs = [t.generate(req)[crop] for t in teachers]
+    tt_ssim = {f"{tnames[i]}~{tnames[j]}": round(float(np.mean(IMAGE_PAIR_SCORES["ssim"](imgs[i], imgs[j]))), 4)
+               for i in range(len(imgs)) for j in range(i + 1, len(imgs))}
     labels = np.asarray([tnames.index(e["teacher"]) for e in students_m])
     rows, table = [], {}
     for method in methods:
@@ -204,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
            "machine": machine(), "versions": versions(), "runs": args.runs, "ns": ns,
            "teachers": tnames, "students": [{k: e.get(k) for k in ("name", "teacher", "recipe")} for e in students_m],
            "controls": [e["name"] for e in controls_m], "feature_net": _rel(args.feature_net),
-           "crop": c, "seconds": round(time.time() - started, 1), "rows": rows,
+           "crop": c, "seconds": round(time.time() - started, 1), "rows": rows, "teacher_teacher_ssim": tt_ssim,
            "queries": {t.name: {"queries": t.stats.queries, "hits": t.stats.hits} for t in teachers}}
     results.mkdir(parents=True, exist_ok=True)
     atomic_write_json(results / f"{args.tag}.json", doc)
@@ -232,7 +238,9 @@ def render_markdown(doc: dict, table: dict, methods: list[str], ns: list[int]) -
              f"{doc['runs']} runs · {len(doc['students'])} distilled students, {len(doc['controls'])} controls, "
              f"{len(doc['teachers'])} teachers · feature network `{doc['feature_net']}` · {doc['seconds']:.0f} s", "",
              "Table C layout: accuracy / one-vs-rest AUC (mean ± std over runs) for N probes; binary columns: "
-             f"TPR / FPR of the margin statistic at a leave-one-out >= 90%-TPR threshold (N = {nb}).", ""]
+             f"TPR / FPR of the margin statistic at a leave-one-out >= 90%-TPR threshold (N = {nb}).", "",
+             "Teacher-teacher SSIM from the same x_T (empty prompt, run 0's probes): "
+             + ", ".join(f"{k} {v:.2f}" for k, v in doc["teacher_teacher_ssim"].items()), ""]
     for method in methods:
         head = " | ".join(f"acc N={n} | AUC N={n}" for n in ns)
         lines += [f"## {method} prompts", "", f"| score | kind | {head} | TPR / FPR (N={nb}) |",

@@ -99,10 +99,12 @@ def _table(outcomes) -> str:
 
 def _detect_errors() -> tuple:
     from kdd_jax.config import ConfigError
+    from kdd_jax.generative.samplers import SamplingError
     from kdd_jax.synthesis import SynthesisError
     from kdd_jax.teachers import QueryBudgetExceeded, TeacherError
 
-    return (ConfigError, TeacherError, SynthesisError, QueryBudgetExceeded, ValueError, OSError)
+    # SamplingError: a diffusion student whose sampling diverges, or a prompt it cannot take
+    return (ConfigError, TeacherError, SynthesisError, SamplingError, QueryBudgetExceeded, ValueError, OSError)
 
 
 def _detect_config(args):

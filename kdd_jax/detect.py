@@ -23,7 +23,7 @@ from kdd_jax.scores.pairs import score_pairs
 from kdd_jax.synthesis import ProbeSet, SynthesisConfig, synthesize
 from kdd_jax.synthesis.mapping import map_probes
 from kdd_jax.teachers.base import TeacherError, TeacherOutput
-from kdd_jax.verdict import Verdict, decide, pointwise_score_fn
+from kdd_jax.verdict import Verdict, decide, pointwise_score_fn, verdict_record
 from kdd_jax.versions import versions
 
 
@@ -60,9 +60,7 @@ class DetectionResult:
 
     def to_dict(self) -> dict:
         return {
-            "answer": self.answer,
-            "verdict": self.verdict.to_dict(),
-            "none_of_the_candidates": None if self.none is None else self.none.to_dict(),
+            **verdict_record(self.verdict, self.none),
             "probes": {"n": int(len(self.probes.raw)), "sha256": self.probes.sha256,
                        "final_synthesis_loss": float(self.probes.loss_history[-1]) if len(self.probes.loss_history) else None},
             "teachers": self.teacher_stats,

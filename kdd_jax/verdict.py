@@ -87,3 +87,10 @@ def _bootstrap_means(per_probe: jax.Array, idx: jax.Array) -> jax.Array:
 def pointwise_score_fn(per_probe: np.ndarray) -> PointwiseScoreFn:
     """score_fn for per-probe scores [K, N]: the mean over the chosen probes."""
     return PointwiseScoreFn(per_probe)
+
+
+def verdict_record(verdict: Verdict, none=None) -> dict:
+    """The decision part of a detection record: the answer ("none of the candidates" when a calibration's
+    test says so), the verdict and the none-of-the-candidates test (calibration.NoneTest or None)."""
+    return {"answer": verdict.winner if none is None else none.answer, "verdict": verdict.to_dict(),
+            "none_of_the_candidates": None if none is None else none.to_dict()}

@@ -46,8 +46,12 @@ def test_generative_benchmark_smoke(toy_zoo, tmp_path):
     assert "## empty prompts" in md and "| neg_lpips | pair |" in md and "acc N=4" in md
     # empty-prompt probes depend only on the seed: every model after the first is answered from the cache
     q = doc["queries"]
-    assert all(v["queries"] + v["hits"] == 3 * 2 * 4 * 4 for v in q.values())  # methods x runs x models x probes
-    # a re-run reads every record from the work cache: nothing is generated or asked
+    # methods x runs x models x probes, + the 4 empty-prompt probes of run 0 read again (cache hits, nothing paid)
+    # for the teacher-teacher SSIM baseline
+    assert all(v["queries"] + v["hits"] == 3 * 2 * 4 * 4 + 4 for v in q.values())
+    assert set(doc["teacher_teacher_ssim"]) == {"t0~t1"} and -1 <= doc["teacher_teacher_ssim"]["t0~t1"] <= 1
+    # a re-run reads every record from the work cache: no student is sampled and no teacher is paid
     assert bench.main(argv) == 0
     again = json.loads((tmp_path / "results" / "smoke.json").read_text())
-    assert again["rows"] == doc["rows"] and all(v["queries"] == v["hits"] == 0 for v in again["queries"].values())
+    assert again["rows"] == doc["rows"] and again["teacher_teacher_ssim"] == doc["teacher_teacher_ssim"]
+    assert all(v["queries"] == 0 and v["hits"] == 4 for v in again["queries"].values())  # only the baseline's reads

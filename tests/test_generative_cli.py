@@ -185,3 +185,19 @@ def test_classifier_and_generative_calibrations_are_not_interchangeable(tmp_path
     gen_cal = Calibration(["a"], ["r"], [[0.1]], generative_settings(GenerativeDetectConfig()))
     with pytest.raises(CalibrationError, match="made for generative students.*classifier"):
         gen_cal.check_compatible(["a"], {"score": "dark_corr"})
+
+
+def test_a_diverging_diffusion_student_is_a_clear_error(zoo, tmp_path, capsys):
+    """Sampling that blows up (weights scaled 1e6, Euler, which never clips) is exit 1 naming the divergence,
+    not a traceback."""
+    (tmp_path / "wild").mkdir()
+    unet = write_folder(tmp_path / "wild", 40)
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(1e6)
+    unet.save_pretrained(str(tmp_path / "wild" / "unet"), safe_serialization=True)
+    (tmp_path / "wild" / "kdd_sampling.json").write_text(json.dumps({"num_inference_steps": 3, "scheduler": "euler"}))
+    teachers = tmp_path / "teachers.json"
+    teachers.write_text(json.dumps({"teachers": [{"name": "a", "path": str(zoo / "a")}]}))
+    assert main(["detect", "--student", str(tmp_path / "wild"), "--teachers", str(teachers), "--probes", "2",
+                 "--cache", str(tmp_path / "cache"), "-q"]) == 1
+    assert "diverged" in capsys.readouterr().err

@@ -33,7 +33,7 @@ import numpy as np
 
 from kdd_jax.teachers.base import TeacherError
 from kdd_jax.teachers.generative import GenerationRequest
-from kdd_jax.verdict import Verdict, decide, pointwise_score_fn
+from kdd_jax.verdict import Verdict, decide, pointwise_score_fn, verdict_record
 from kdd_jax.versions import versions
 
 PROBE_METHODS = ("empty", "caption", "random")
@@ -94,9 +94,7 @@ class GenerativeDetectionResult:
 
     def to_dict(self) -> dict:
         return {
-            "answer": self.answer,
-            "verdict": self.verdict.to_dict(),
-            "none_of_the_candidates": None if self.none is None else self.none.to_dict(),
+            **verdict_record(self.verdict, self.none),
             "probes": {"method": self.config.probes, "n": len(self.request), "prompts": list(self.request.prompts),
                        "seeds": None if self.request.seeds is None else self.request.seeds.tolist(),
                        "noise": "kdd_jax.generative.noise.initial_noise(seed), NHWC"},
