@@ -467,8 +467,8 @@ def cmd_serve(args) -> int:
         if not token:
             _eprint(f"kdd serve: environment variable {args.token_env} (--token-env) is not set or empty")
             return EXIT_USAGE
-    if args.k < 1 or args.max_request_mb <= 0:
-        _eprint("kdd serve: --k must be >= 1 and --max-request-mb > 0")
+    if args.k < 1 or args.max_request_mb <= 0 or args.read_timeout <= 0:
+        _eprint("kdd serve: --k must be >= 1, --max-request-mb and --read-timeout > 0")
         return EXIT_USAGE
     name = args.name or Path(args.model_dir).resolve().name
     try:
@@ -485,7 +485,8 @@ def cmd_serve(args) -> int:
             teacher = flax_teacher(name, model, config, output=args.output, k=args.k)
             what = f"{config.family}, {args.output}"
         server = make_server(teacher, name=name, host=args.host, port=args.port, token=token,
-                             max_request_bytes=int(args.max_request_mb * 2**20), verbose=not args.quiet)
+                             max_request_bytes=int(args.max_request_mb * 2**20), read_timeout_s=args.read_timeout,
+                             verbose=not args.quiet)
     except (ConfigError, ValueError, OSError) as e:
         _eprint(f"kdd serve: {e}")
         return EXIT_ERROR
@@ -689,6 +690,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--token-env", help="require 'Authorization: Bearer <token>' with the token read from this "
                     "environment variable")
     sv.add_argument("--max-request-mb", type=float, default=64, help="largest request body accepted (default 64 MiB)")
+    sv.add_argument("--read-timeout", type=float, default=30.0, help="seconds a request (line, headers, body) may "
+                    "take to arrive whole, else the connection is closed (default 30; inference is not counted)")
     sv.add_argument("-q", "--quiet", action="store_true", help="no request log on stderr")
     sv.set_defaults(func=cmd_serve)
     return parser

@@ -38,7 +38,11 @@ FAULT_KINDS: dict[str, str] = {
     "nan": "reported",
     "inf": "reported",
     "wrongbatch": "reported",  # one row too few
+    "huge": "reported",  # a valid answer padded with HUGE_PAD bytes of whitespace: past the client's bound
+    "hugedeclared": "reported",  # Content-Length of a terabyte: refused on the header, unread
+    "hugechunked": "reported",  # chunked, no Content-Length, HUGE_PAD bytes before the answer
 }
+HUGE_PAD = 3 << 20  # larger than any bound the tests' small batches give (kdd_jax.teachers.http.answer_cap)
 
 LIN_W = np.random.default_rng(5).normal(size=(16, 5)).astype(np.float32)
 LIN = CallableTeacher("lin", lambda x: x.reshape(len(x), -1) @ LIN_W, num_classes=5, spec=InputSpec((4, 4), 1))
@@ -175,6 +179,22 @@ class FaultHandler(BaseHTTPRequestHandler):
                 self.wfile.write(head)
                 self.wfile.flush()
                 self.trickle(good)
+            self.close_connection = True
+        elif action == "huge":
+            self.reply(entry, 200, good + b" " * HUGE_PAD)
+        elif action == "hugedeclared":
+            self.reply(entry, 200, good, declared=10**12)
+            self.close_connection = True
+        elif action == "hugechunked":
+            entry["status"] = 200
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            chunk = b" " * (64 << 10)
+            for _ in range(HUGE_PAD // len(chunk)):
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(good), good))
             self.close_connection = True
         elif action in ("nan", "inf", "wrongshape", "wrongbatch"):
             self.reply(entry, 200, json.dumps({"model_name": "fault", "outputs": self.spoil(action, tensors)}).encode())

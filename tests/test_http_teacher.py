@@ -193,7 +193,10 @@ def test_connection_refused_is_retried_then_fails(fault):
 
 
 @pytest.mark.parametrize("action, message", [("badjson", "not valid JSON"), ("nan", "non-finite"), ("inf", "non-finite"),
-                                             ("wrongshape", "shape"), ("wrongbatch", "shape")])
+                                             ("wrongshape", "shape"), ("wrongbatch", "shape"),
+                                             ("huge", "declares Content-Length [0-9]+, more than the [0-9]+ bytes"),
+                                             ("hugedeclared", "declares Content-Length 1000000000000"),
+                                             ("hugechunked", "runs past the bound")])
 def test_wrong_answers_raise_and_are_never_cached(fault, tmp_path, action, message):
     s = fault(action)
     cache = ResponseCache(tmp_path / "c.sqlite")
@@ -206,6 +209,18 @@ def test_wrong_answers_raise_and_are_never_cached(fault, tmp_path, action, messa
     out = cached.query(small())  # the server behaves now
     np.testing.assert_array_equal(out.values, LIN.query(small()).values)
     assert cache.count() == 6
+
+
+def test_answer_bound_follows_what_was_asked(fault):
+    """The bound scales with the values asked for (a big batch of a wide answer is not refused), and
+    an answer near a small request's bound but within it is read."""
+    from kdd_jax.teachers.http import ANSWER_BYTES_PER_VALUE, ANSWER_SLACK_BYTES, answer_cap
+
+    assert answer_cap(0) == ANSWER_SLACK_BYTES
+    assert answer_cap(1000 * 1000) == ANSWER_BYTES_PER_VALUE * 10**6 + ANSWER_SLACK_BYTES
+    s = fault("ok")
+    out = lin_http(s.url, batch_size=64).query(small(64))  # 64 x 5 values: far below the bound
+    np.testing.assert_array_equal(out.values, LIN.query(small(64)).values)
 
 
 @pytest.mark.parametrize("concurrency", [1, 3])
@@ -313,6 +328,76 @@ def test_kdd_serve_endpoints_and_rejections(serve):
         assert status == want, (path, str(body)[:60], status, doc)
         assert isinstance(doc["error"], str) and doc["error"]
     assert server.stats["rows"] == 2  # nothing bad reached the model
+
+
+def _trickle(url, prefix: bytes, trickled: bytes, byte_s: float = 0.05, give_up_s: float = 5.0) -> tuple[float, bytes]:
+    """Send `prefix` at once, then `trickled` a byte every `byte_s` seconds (for at most `give_up_s`);
+    (seconds until the server closed the connection, what it sent back)."""
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    t0 = time.monotonic()
+    got = b""
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        try:
+            sock.sendall(prefix)
+            for i in range(len(trickled)):
+                if time.monotonic() - t0 > give_up_s:
+                    break
+                sock.sendall(trickled[i : i + 1])
+                time.sleep(byte_s)
+            while chunk := sock.recv(1 << 16):
+                got += chunk
+        except OSError:  # reset: the server shut the connection while we were still sending
+            pass
+    return time.monotonic() - t0, got
+
+
+@pytest.mark.parametrize("where", ["headers", "body"])
+def test_kdd_serve_cuts_off_a_trickling_client(serve, where):
+    """Each byte arrives well within the per-read timeout, but the request as a whole does not: the
+    server closes the connection at read_timeout_s instead of holding a thread; others are served."""
+    server, url = serve(read_timeout_s=0.6)
+    body = infer_body().encode()
+    head = (f"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    elapsed, got = _trickle(url, b"", head + body) if where == "headers" else _trickle(url, head, body)
+    assert b"200 OK" not in got  # never answered
+    assert elapsed < 4  # cut near 0.6 s, not after the trickle (5 s here, minutes for the whole request)
+    assert server.stats["read_timeouts"] >= 1 and server.stats["rows"] == 0
+    status, doc = raw(url, "POST", "/v2/models/tiny/infer", infer_body(), {"Content-Type": "application/json"})
+    assert status == 200 and len(doc["outputs"][0]["data"]) > 0
+
+
+def test_kdd_serve_read_deadline_does_not_cover_inference():
+    """A slow model answers after read_timeout_s: the deadline stops once the request is read."""
+    import time
+
+    from kdd_jax.teachers import CallableTeacher
+
+    def slow(x):
+        time.sleep(0.8)
+        return x.reshape(len(x), -1)[:, :3]
+
+    teacher = CallableTeacher("slow", slow, num_classes=3, spec=InputSpec((4, 4), 1))
+    server, url = serve_in_thread(None, None, name="slow", teacher=teacher, read_timeout_s=0.3)
+    try:
+        t = HttpTeacher("slow", url, num_classes=3, spec=InputSpec((4, 4), 1), output="logits", timeout_s=10,
+                        max_retries=0)
+        out = t.query(small(2))
+        np.testing.assert_allclose(out.values, small(2).reshape(2, -1)[:, :3])
+        assert server.stats["rows"] == 2 and t.requests == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_kdd_serve_refuses_a_nonpositive_read_timeout(tiny):
+    from kdd_jax.teachers.server import make_server
+    from kdd_jax.teachers.local import flax_teacher
+
+    with pytest.raises(ValueError, match="read_timeout_s"):
+        make_server(flax_teacher("tiny", *tiny), read_timeout_s=0)
 
 
 def test_kdd_serve_cli_parser_binds_loopback_by_default():

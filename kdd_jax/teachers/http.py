@@ -14,8 +14,9 @@ down when it runs out, so a server that trickles its answer (slow-loris) cannot 
 it could with socket timeouts alone (they bound each read). 429, 5xx, timeouts and connection
 errors are retried up to `max_retries` times with exponential backoff and jitter, honouring
 Retry-After (seconds). Answers that are not JSON, have the wrong shape, batch size or datatype,
-or are non-finite raise TeacherError (not retried: a server that answers wrongly once will
-again). Every answer goes through validate_output, so a CachedTeacher in front never stores a
+are non-finite, or are larger than the values asked for can take (ANSWER_BYTES_PER_VALUE bytes a
+value plus ANSWER_SLACK_BYTES; refused before they are read) raise TeacherError (not retried: a
+server that answers wrongly once will again). Every answer goes through validate_output, so a CachedTeacher in front never stores a
 wrong one; and each batch is handed to `on_part` as soon as it is validated, so a CachedTeacher
 stores it at once: a later batch's failure (or a crash) never loses answers already paid for.
 
@@ -48,6 +49,12 @@ FLOAT_TYPES = {"FP16": np.float16, "FP32": np.float32, "FP64": np.float64}
 INT_TYPES = {"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"}
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 MAX_RETRY_AFTER_S = 300.0
+# An answer is read only up to a bound derived from what was asked: the values expected (n x C
+# scores, or n images) at ANSWER_BYTES_PER_VALUE bytes of JSON each (a float32 printed in full is
+# ~16 characters, pretty-printing adds indentation) plus ANSWER_SLACK_BYTES for names, shapes and
+# any extra outputs. A server that streams more is refused before it can exhaust memory.
+ANSWER_BYTES_PER_VALUE = 64
+ANSWER_SLACK_BYTES = 1 << 20
 
 
 class _Retryable(Exception):
@@ -56,9 +63,10 @@ class _Retryable(Exception):
         self.retry_after = retry_after
 
 
-class _Deadline:
+class Deadline:
     """Shuts down every socket of one request when its time is up. Why: socket timeouts bound
-    each read, so a server sending a byte per (timeout - epsilon) would hold a request forever."""
+    each read, so a peer sending a byte per (timeout - epsilon) would hold a request forever.
+    Used by the client (the whole request) and by `kdd serve` (reading a request)."""
 
     def __init__(self, seconds: float):
         self.fired = False
@@ -96,7 +104,7 @@ def _shutdown(sock) -> None:
 class _Watched:
     """Connection mixin: the socket (TLS-wrapped for HTTPS) is handed to the request's deadline."""
 
-    def __init__(self, *args, deadline: _Deadline, **kw):
+    def __init__(self, *args, deadline: Deadline, **kw):
         super().__init__(*args, **kw)
         self._deadline = deadline
 
@@ -114,7 +122,7 @@ class _WatchedHTTPS(_Watched, http.client.HTTPSConnection):
 
 
 class _WatchedHTTPHandler(urllib.request.HTTPHandler):
-    def __init__(self, deadline: _Deadline):
+    def __init__(self, deadline: Deadline):
         super().__init__()
         self._deadline = deadline
 
@@ -123,7 +131,7 @@ class _WatchedHTTPHandler(urllib.request.HTTPHandler):
 
 
 class _WatchedHTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, deadline: _Deadline):
+    def __init__(self, deadline: Deadline):
         super().__init__()
         self._deadline = deadline
 
@@ -138,10 +146,15 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
         return None
 
 
-def _opener(deadline: _Deadline) -> urllib.request.OpenerDirector:
+def _opener(deadline: Deadline) -> urllib.request.OpenerDirector:
     """urllib's default opener (proxies from the environment included) that follows no redirects,
     its connections watched by `deadline`."""
     return urllib.request.build_opener(_WatchedHTTPHandler(deadline), _WatchedHTTPSHandler(deadline), _NoRedirects)
+
+
+def answer_cap(values: int) -> int:
+    """The most bytes an answer holding `values` scalars may take (see ANSWER_BYTES_PER_VALUE)."""
+    return ANSWER_BYTES_PER_VALUE * int(values) + ANSWER_SLACK_BYTES
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -199,8 +212,9 @@ class OipClient:
         finally:  # batches already sent finish (and are handed over) before an error propagates
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _send(self, doc: dict) -> bytes:
-        """POST `doc` to the infer URL, retrying what is worth retrying; the raw answer body."""
+    def _send(self, doc: dict, values: int) -> bytes:
+        """POST `doc` to the infer URL, retrying what is worth retrying; the raw answer body, which
+        may be at most `answer_cap(values)` bytes (`values`: the scalars the answer should hold)."""
         body = json.dumps(doc).encode()
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         token = self._token()
@@ -209,7 +223,7 @@ class OipClient:
         last = "no attempt made"
         for attempt in range(self.max_retries + 1):
             try:
-                return self._post(body, headers)
+                return self._post(body, headers, answer_cap(values))
             except _Retryable as e:
                 last = str(e)
                 if attempt == self.max_retries:
@@ -248,14 +262,22 @@ class OipClient:
             raise TeacherError(f"teacher {self.name!r}: environment variable {self.token_env} (token_env) is not set")
         return token or None
 
-    def _post(self, body: bytes, headers: dict) -> bytes:
+    def _post(self, body: bytes, headers: dict, cap: int) -> bytes:
         self.requests += 1
         req = urllib.request.Request(self.infer_url, data=body, headers=headers, method="POST")
-        deadline = _Deadline(self.timeout_s)
+        deadline = Deadline(self.timeout_s)
         try:
             try:
                 with _opener(deadline).open(req, timeout=self.timeout_s) as resp:
-                    raw = resp.read()
+                    declared = resp.headers.get("Content-Length")
+                    if declared is not None and declared.strip().isdigit() and int(declared) > cap:
+                        raise self._too_big(f"declares Content-Length {int(declared)}", cap)
+                    raw = resp.read(cap + 1)
+                    if len(raw) > cap:
+                        raise self._too_big("runs past the bound", cap)
+                    if declared is not None and declared.strip().isdigit() and len(raw) < int(declared):
+                        # read(n) returns what came before the close; read() would have raised this
+                        raise http.client.IncompleteRead(raw, int(declared) - len(raw))
             finally:
                 deadline.cancel()
             if deadline.fired:  # a close-delimited answer cut short reads as complete
@@ -285,6 +307,11 @@ class OipClient:
             if deadline.fired:
                 raise self._too_slow() from None
             raise _Retryable(f"connection error: {type(e).__name__}: {e}") from None
+
+    def _too_big(self, what: str, cap: int) -> TeacherError:
+        # not retried: a server that answers too much once will again
+        return self._fail(f"answer {what}, more than the {cap} bytes the values asked for can take "
+                          f"({ANSWER_BYTES_PER_VALUE} bytes a value + {ANSWER_SLACK_BYTES} bytes); refused unread")
 
     def _too_slow(self) -> _Retryable:
         return _Retryable(f"no complete answer within {self.timeout_s:g}s (timeout_s; a stalled or trickling server)")
@@ -371,8 +398,9 @@ class HttpTeacher(OipClient):
                 "labels": TeacherOutput("labels", indices=np.zeros((0,), np.int32))}[self.output]
 
     def _query_batch(self, x: np.ndarray) -> TeacherOutput:
+        values = len(x) * (2 * self.k if self.output == "topk" else 1 if self.output == "labels" else self.num_classes)
         raw = self._send({"inputs": [{"name": self.input_name, "shape": list(x.shape), "datatype": "FP32",
-                                      "data": x.ravel().tolist()}]})
+                                      "data": x.ravel().tolist()}]}, values)
         return validate_output(self._parse(raw, len(x)), len(x), self.num_classes, self.name)
 
     def _parse(self, raw: bytes, n: int) -> TeacherOutput:
@@ -439,7 +467,7 @@ class HttpGenerativeTeacher(OipClient):
         else:
             x = np.transpose(req.noise, (0, 3, 1, 2))
             inputs.append({"name": "noise", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()})
-        outputs, by_name = self._outputs(self._send({"inputs": inputs}))
+        outputs, by_name = self._outputs(self._send({"inputs": inputs}, n * int(np.prod(self.spec.image_shape))))
         o = by_name.get("images") or (outputs[0] if len(outputs) == 1 else None)
         if o is None:
             raise self._fail(f"no output named 'images' among {sorted(map(str, by_name))}")

@@ -15,10 +15,11 @@ A generative teacher (a diffusion model, kdd_jax/teachers/generative.py) takes "
 and either "noise" FP32 [n, C, H, W] (x_T, PyTorch latents layout) or "seed" INT64 [n] (x_T rebuilt
 with kdd_jax/generative/noise.py's recipe), and answers "images" FP32 [n, H, W, C] in [0, 1].
 
-Binds 127.0.0.1 unless told
-otherwise. With a token every request but the health checks needs `Authorization: Bearer <token>`
-(else 401). Bodies
-over the limit get 413; malformed JSON, wrong shape or datatype, non-finite data get 400 with a
+Binds 127.0.0.1 unless told otherwise. With a token every request but the health checks needs
+`Authorization: Bearer <token>` (else 401). A request must arrive whole (request line, headers,
+body) within `read_timeout_s` of the connection becoming ready for it, else the connection is
+closed: a client that trickles bytes (slow-loris) or idles on a keep-alive connection cannot hold
+a thread. Inference and the answer are not under that deadline. Bodies over the limit get 413; malformed JSON, wrong shape or datatype, non-finite data get 400 with a
 JSON {"error": ...}; unknown models and paths 404.
 """
 
@@ -35,8 +36,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 
 from kdd_jax.teachers.base import TeacherError
+from kdd_jax.teachers.http import Deadline
 
 MAX_BATCH = 4096
+READ_TIMEOUT_S = 30.0
 
 
 class _BadRequest(Exception):
@@ -51,12 +54,15 @@ class OipServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, address, teacher, *, name: str, token: str | None = None,
-                 max_request_bytes: int = 64 * 2**20, verbose: bool = False):
+                 max_request_bytes: int = 64 * 2**20, read_timeout_s: float = READ_TIMEOUT_S, verbose: bool = False):
+        if not read_timeout_s > 0:
+            raise ValueError(f"read_timeout_s must be > 0, got {read_timeout_s!r}")
         self.teacher, self.model_name, self.verbose = teacher, name, verbose
+        self.read_timeout_s = float(read_timeout_s)
         self._token = token.encode() if token else None
         self.max_request_bytes = int(max_request_bytes)
         self.lock = threading.Lock()  # one forward pass at a time
-        self.stats = {"requests": 0, "infer_requests": 0, "rows": 0, "errors": 0}
+        self.stats = {"requests": 0, "infer_requests": 0, "rows": 0, "errors": 0, "read_timeouts": 0}
         self._stats_lock = threading.Lock()
         super().__init__(address, _Handler)
 
@@ -68,6 +74,14 @@ class OipServer(ThreadingHTTPServer):
     def count(self, key: str, n: int = 1) -> None:
         with self._stats_lock:
             self.stats[key] += n
+
+    def handle_error(self, request, client_address):
+        # a connection cut by the read deadline, or dropped by its client, is not a server fault
+        import sys
+
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        super().handle_error(request, client_address)
 
     def authorised(self, header: str | None) -> bool:
         if self._token is None:
@@ -266,6 +280,27 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "kdd-serve"
 
+    def setup(self):
+        self.timeout = self.server.read_timeout_s  # each recv; the Deadline below bounds the whole request
+        super().setup()
+
+    def handle_one_request(self):
+        self._deadline = Deadline(self.server.read_timeout_s)
+        self._deadline.watch(self.connection)
+        try:
+            super().handle_one_request()
+        finally:
+            self._deadline.cancel()
+            if self._deadline.fired:
+                self.server.count("read_timeouts")
+                self.close_connection = True
+
+    def _request_read(self) -> bool:
+        """The request has been read whole: stop the read deadline (inference may take longer).
+        False if the deadline fired first (the socket is already shut)."""
+        self._deadline.cancel()
+        return not self._deadline.fired
+
     def log_message(self, format, *args):  # noqa: A002 - never logs headers, so never the token
         if self.server.verbose:
             super().log_message(format, *args)
@@ -375,6 +410,8 @@ class _Handler(BaseHTTPRequestHandler):
                                     f"{self.server.max_request_bytes} bytes", close=True)
         self.server.count("infer_requests")
         body = self.rfile.read(length)
+        if not self._request_read():
+            return  # trickled past read_timeout_s: the connection is already cut
         if len(body) != length:
             return self._error(400, "truncated request body", close=True)
         try:
@@ -391,21 +428,23 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def make_server(teacher, *, name: str | None = None, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
-                max_request_bytes: int = 64 * 2**20, verbose: bool = False) -> OipServer:
+                max_request_bytes: int = 64 * 2**20, read_timeout_s: float = READ_TIMEOUT_S,
+                verbose: bool = False) -> OipServer:
     """An OipServer for a teacher object (e.g. flax_teacher(...)), bound but not yet serving."""
     return OipServer((host, port), teacher, name=name or teacher.name, token=token,
-                     max_request_bytes=max_request_bytes, verbose=verbose)
+                     max_request_bytes=max_request_bytes, read_timeout_s=read_timeout_s, verbose=verbose)
 
 
 def serve_in_thread(model, config, *, name: str = "model", output: str = "logits", k: int = 5, host: str = "127.0.0.1",
                     port: int = 0, token: str | None = None, max_request_bytes: int = 64 * 2**20,
-                    teacher=None) -> tuple[OipServer, str]:
+                    read_timeout_s: float = READ_TIMEOUT_S, teacher=None) -> tuple[OipServer, str]:
     """Serve a Flax model (or `teacher`, if given) in a daemon thread; returns (server, base url).
     Stop with `server.shutdown(); server.server_close()`."""
     if teacher is None:
         from kdd_jax.teachers.local import flax_teacher
 
         teacher = flax_teacher(name, model, config, output=output, k=k)
-    server = make_server(teacher, name=name, host=host, port=port, token=token, max_request_bytes=max_request_bytes)
+    server = make_server(teacher, name=name, host=host, port=port, token=token, max_request_bytes=max_request_bytes,
+                         read_timeout_s=read_timeout_s)
     threading.Thread(target=server.serve_forever, name=f"kdd-serve-{name}", daemon=True).start()
     return server, server.url
