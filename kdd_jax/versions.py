@@ -23,6 +23,9 @@ def _versions() -> dict[str, str]:  # importlib.metadata costs ~12 ms a call
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             out[dist] = "not installed"
+    from kdd_jax import xla_workarounds
+
+    out["xla_workaround"] = f"{xla_workarounds.FLAG} {xla_workarounds.apply()}"
     return out
 
 

@@ -489,3 +489,52 @@ def test_registry_and_cached_jit():
                                rtol=1e-6)
     with pytest.raises(KeyError):
         S.jitted("nope")
+
+
+# -- jaxlib 0.10.2 miscompile (kdd_jax/xla_workarounds.py) ----------------------------------------
+
+def test_scores_vmapped_over_teachers_past_2_15_rows_match_a_loop():
+    """With the student's outputs shared across teachers (in_axes None) and more than 2**15 rows in
+    the batch, jaxlib 0.10.2's YNN fusions returned wrong values for the rows past 32768 (dark_corr
+    off by up to 3.8, ACS by 0.02) until kdd_jax disabled them at import."""
+    import jax
+    import jax.numpy as jnp
+
+    from kdd_jax import xla_workarounds
+    from kdd_jax.scores import SCORES
+
+    rng = np.random.default_rng(0)
+    for name, K, N in (("dark_corr", 4, 8193), ("acs", 40, 1000)):
+        fn = SCORES[name].fn
+        s = jnp.asarray(rng.normal(size=(N, 10)).astype(np.float32))
+        T = jax.nn.log_softmax(jnp.asarray(rng.normal(size=(K, N, 10)).astype(np.float32)) * 2, -1)
+        batched = np.asarray(jax.vmap(fn, in_axes=(None, 0))(s, T))
+        loop = np.stack([np.asarray(fn(s, T[k])) for k in range(K)])
+        np.testing.assert_allclose(batched, loop, atol=1e-5, err_msg=f"{name}: {xla_workarounds.apply()}")
+
+
+def test_xla_workaround_is_recorded_and_warns_when_too_late(tmp_path):
+    """Reports record the workaround's state; importing kdd_jax after JAX has run a computation on a
+    known-bad jaxlib cannot fix XLA_FLAGS any more, and says so."""
+    import os
+    import subprocess
+    import sys
+
+    from kdd_jax import xla_workarounds
+    from kdd_jax.versions import versions
+
+    state = xla_workarounds.apply()
+    assert versions()["xla_workaround"] == f"{xla_workarounds.FLAG} {state}"
+    if xla_workarounds._jaxlib_version() not in xla_workarounds.KNOWN_BAD_JAXLIB:
+        assert state == "not needed"
+        return
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    code = ("import warnings, jax.numpy as jnp; jnp.ones(2).sum().block_until_ready()\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always'); import kdd_jax\n"
+            "from kdd_jax import xla_workarounds as x; print(x.apply(), any('39103' in str(i.message) for i in w))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["too", "late", "True"]
+    fresh = subprocess.run([sys.executable, "-c", "import kdd_jax, os; print(kdd_jax.xla_workarounds.apply(), "
+                            "os.environ['XLA_FLAGS'])"], env=env, capture_output=True, text=True, check=True)
+    assert fresh.stdout.split() == ["applied", xla_workarounds.FLAG]
