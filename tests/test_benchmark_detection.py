@@ -8,10 +8,9 @@ import json
 import pytest
 
 
-def test_detection_benchmark_smoke(toy_zoo, tmp_path):
-    from benchmarks import detection_accuracy as bench
-
-    root = toy_zoo["root"]
+def toy_manifest(tmp_path):
+    """A zoo manifest for the toy zoo (tests/toyzoo.py): two teachers, a KD student of teacher-a,
+    three independent references as controls."""
     models = [{"name": "teacher-a", "role": "teacher", "path": "teacher-a", "teacher": None, "recipe_id": "supervised"},
               {"name": "teacher-b", "role": "teacher", "path": "teacher-b", "teacher": None, "recipe_id": "supervised"},
               {"name": "student", "role": "student", "path": "student", "teacher": "teacher-a", "recipe_id": "kd"}]
@@ -19,6 +18,14 @@ def test_detection_benchmark_smoke(toy_zoo, tmp_path):
                 "recipe_id": "supervised"} for i in range(3)]
     manifest = tmp_path / "manifest.json"
     manifest.write_text(json.dumps({"models": models, "counts": {"teacher": 2, "student": 1, "control": 3}}))
+    return manifest
+
+
+def test_detection_benchmark_smoke(toy_zoo, tmp_path):
+    from benchmarks import detection_accuracy as bench
+
+    root = toy_zoo["root"]
+    manifest = toy_manifest(tmp_path)
     argv = ["--zoo", str(root), "--manifest", str(manifest), "--methods", "pixel,noise", "--runs", "2", "--steps", "5",
             "--work", str(tmp_path / "work"), "--out", str(tmp_path / "results"), "--tag", "smoke"]
     assert bench.main(argv) == 0
@@ -40,3 +47,55 @@ def test_detection_benchmark_smoke(toy_zoo, tmp_path):
     again = json.loads((tmp_path / "results" / "smoke.json").read_text())
     assert sum(q["queries"] + q["hits"] for q in again["meta"]["queries"].values()) == 0
     assert again["results"] == result["results"]
+
+
+def test_detection_ceiling_smoke(toy_zoo, tmp_path):
+    """benchmarks/detection_ceiling.py on the toy zoo with a pool of the toy task's images: every
+    score is evaluated, the detectability rows are consistent with the scores, and a re-run reads the
+    cached logits (same results)."""
+    import numpy as np
+
+    from benchmarks import detection_ceiling as bench
+    from tests.toyzoo import task
+
+    root = toy_zoo["root"]
+    manifest = toy_manifest(tmp_path)
+    x, _ = task(300, seed=77)  # held-out toy images, raw NCHW in [0, 1]
+    np.savez(tmp_path / "pools.npz", heldout=x.numpy())
+    argv = ["--zoo", str(root), "--manifest", str(manifest), "--pools", str(tmp_path / "pools.npz"),
+            "--work", str(tmp_path / "work"), "--out", str(tmp_path / "results"), "--tag", "ceiling"]
+    assert bench.main(argv) == 0
+    out = json.loads((tmp_path / "results" / "ceiling.json").read_text())
+    res = out["results"]["heldout"]
+    assert set(res) == set(bench.SCORE_NAMES)
+    # the toy student is a plain KD student of teacher-a: the default score attributes it
+    assert res["dark_corr"]["accuracy"] == 1.0
+    d = res["dark_corr"]["detectability"]
+    row = d["students"][0]
+    assert row["attributed"] and row["top_teacher"] == 0 and d["n"] == 1
+    assert row["above_controls"] == (row["own_excess"] > row["controls_max_excess"])
+    # the subset curve stops at the pool size: 100 probes drawn 10 times; no 1k/10k draw from 300 images
+    assert set(res["dark_corr"]["subsets"]) == {"100"} and res["dark_corr"]["subsets"]["100"]["draws"] == bench.SUBSETS
+    md = (tmp_path / "results" / "ceiling.md").read_text()
+    assert "| heldout + dark_corr |" in md and "### `dark_corr` on `heldout`, per student" in md
+    cached = sorted(p.name for p in (tmp_path / "work" / "heldout").iterdir())
+    assert len(cached) == 6
+    assert bench.main(argv) == 0
+    assert json.loads((tmp_path / "results" / "ceiling.json").read_text())["results"] == out["results"]
+
+
+def test_detectability_excess_is_centred():
+    """A model uniformly closer to every teacher gains no excess; the ceiling is per teacher."""
+    import numpy as np
+
+    from benchmarks.detection_ceiling import detectability
+
+    students = np.array([[0.9, 0.5, 0.5], [0.95, 0.94, 0.93]])
+    controls = np.array([[0.6, 0.5, 0.4], [0.5, 0.55, 0.5]])
+    d = detectability(students, np.array([0, 0]), controls)
+    a, b = d["students"]
+    assert abs(a["own_excess"] - (0.9 - 19 / 30)) < 1e-12 and abs(a["controls_max_excess"] - 0.1) < 1e-12
+    assert a["above_controls"] and a["attributed"]
+    # attributed by argmax, yet its excess (0.01) is inside the controls' (0.1): not detectable
+    assert b["attributed"] and not b["above_controls"]
+    assert d["above_controls"] == 1 and d["n"] == 2
