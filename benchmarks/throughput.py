@@ -282,7 +282,8 @@ def jax_vmap_synthesis(students: list[Student], sc):
     stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)  # noqa: E731
     consts = stack(consts)
     carry = stack(carries)
-    (xs, _, _), history = run_loop(_vmapped_pixel_step, (graphdef, True, sc.jitter, sc.flip), carry, consts,
+    hw = tuple(pre.input_size)  # the library's static tuple: probes rendered at the student's resolution
+    (xs, _, _), history = run_loop(_vmapped_pixel_step, (graphdef, True, sc.jitter, sc.flip, hw), carry, consts,
                                    sc.steps, "python")
     return np.asarray(xs), history  # [S, 1, n, h, w, c], [steps, S]
 
