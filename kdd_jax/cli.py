@@ -467,8 +467,8 @@ def cmd_serve(args) -> int:
         if not token:
             _eprint(f"kdd serve: environment variable {args.token_env} (--token-env) is not set or empty")
             return EXIT_USAGE
-    if args.k < 1 or args.max_request_mb <= 0 or args.read_timeout <= 0:
-        _eprint("kdd serve: --k must be >= 1, --max-request-mb and --read-timeout > 0")
+    if args.k < 1 or args.max_request_mb <= 0 or not 0 < args.read_timeout <= 86_400:
+        _eprint("kdd serve: --k must be >= 1, --max-request-mb > 0 and --read-timeout in (0, 86400] seconds")
         return EXIT_USAGE
     name = args.name or Path(args.model_dir).resolve().name
     try:

@@ -13,10 +13,14 @@ checked and unaffected; large audits and the benchmarks were not safe.
 Disabling YNN fusions (`--xla_cpu_experimental_ynn_fusion_type=`) fixes every case measured, and
 costs nothing measurable here: pixel synthesis and forward passes of the zoo's four families ran
 0-20% faster without them. `apply()` adds the flag to XLA_FLAGS when the installed jaxlib is a known
-bad one, unless the user set that option themselves (which is how to opt out). XLA reads XLA_FLAGS
-when it creates its CPU backend, so this must run before the first JAX computation: importing
-kdd_jax does it. If a backend already exists, it warns instead. `tests/test_scores.py` checks the
-patterns above against per-teacher loops.
+bad one, unless the user set that option themselves (which is how to opt out; reports record the
+value they set). XLA reads XLA_FLAGS when it creates its CPU backend, so this must run before the
+first JAX computation: importing kdd_jax does it. If a backend already exists, it warns instead.
+XLA aborts the process on a flag it does not know, and XLA_FLAGS is read by every XLA in the
+process (and its children): so the flag is not added when a PJRT plugin or libtpu of another
+version than jaxlib is installed (a GPU or TPU build from another XLA commit might not know it);
+the state then says which, and the user can set the flag by hand. `tests/test_scores.py` checks
+the patterns above against per-teacher loops.
 """
 
 from __future__ import annotations
@@ -40,16 +44,35 @@ def _jaxlib_version() -> str | None:
         return None
 
 
+def _foreign_xla() -> list[str]:
+    """Installed PJRT plugins / libtpu whose version differs from jaxlib's (they may carry an XLA
+    that does not know OPTION)."""
+    from importlib import metadata
+
+    want = _jaxlib_version()
+    out = []
+    for dist in metadata.distributions():
+        name = (dist.metadata["Name"] or "").lower()
+        if name == "libtpu" or name.startswith("libtpu-") or (name.startswith("jax-") and name.endswith("-plugin")):
+            if dist.version != want:
+                out.append(f"{name} {dist.version}")
+    return sorted(out)
+
+
 def apply() -> str:
     """Make sure the workaround is in effect where it is needed; returns what was done, recorded in
-    reports by kdd_jax.versions: "not needed", "applied", "set by the user", or "too late"."""
+    reports by kdd_jax.versions: "not needed", "applied", "set by the user (<value>)", "not applied:
+    <plugin> installed", or "too late"."""
     global _state
     if _state is not None:
         return _state
+    flags = os.environ.get("XLA_FLAGS", "")
     if _jaxlib_version() not in KNOWN_BAD_JAXLIB:
         _state = "not needed"
-    elif OPTION in os.environ.get("XLA_FLAGS", ""):
-        _state = "set by the user"
+    elif OPTION in flags:
+        _state = "set by the user (" + next(f for f in flags.split() if f.startswith(OPTION)) + ")"
+    elif foreign := _foreign_xla():
+        _state = f"not applied: {', '.join(foreign)} installed (set XLA_FLAGS={FLAG} by hand if it knows the flag)"
     else:
         from jax._src import xla_bridge
 

@@ -42,7 +42,7 @@ FAULT_KINDS: dict[str, str] = {
     "hugedeclared": "reported",  # Content-Length of a terabyte: refused on the header, unread
     "hugechunked": "reported",  # chunked, no Content-Length, HUGE_PAD bytes before the answer
 }
-HUGE_PAD = 3 << 20  # larger than any bound the tests' small batches give (kdd_jax.teachers.http.answer_cap)
+HUGE_PAD = 24 << 20  # larger than any bound the tests' small batches give (kdd_jax.teachers.http.answer_cap)
 
 LIN_W = np.random.default_rng(5).normal(size=(16, 5)).astype(np.float32)
 LIN = CallableTeacher("lin", lambda x: x.reshape(len(x), -1) @ LIN_W, num_classes=5, spec=InputSpec((4, 4), 1))

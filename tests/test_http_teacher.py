@@ -392,12 +392,51 @@ def test_kdd_serve_read_deadline_does_not_cover_inference():
         server.server_close()
 
 
-def test_kdd_serve_refuses_a_nonpositive_read_timeout(tiny):
+@pytest.mark.parametrize("bad", [0, -1, float("inf"), float("nan"), 1e12])
+def test_kdd_serve_refuses_a_read_timeout_it_cannot_use(tiny, bad):
     from kdd_jax.teachers.server import make_server
     from kdd_jax.teachers.local import flax_teacher
 
     with pytest.raises(ValueError, match="read_timeout_s"):
-        make_server(flax_teacher("tiny", *tiny), read_timeout_s=0)
+        make_server(flax_teacher("tiny", *tiny), read_timeout_s=bad)
+
+
+def test_kdd_serve_idle_time_before_a_request_is_not_held_against_it(serve):
+    """A connection may idle (up to read_timeout_s) before its request; the request's own deadline
+    starts at its first byte. Here: 0.45 s idle, then a request trickled over ~0.5 s, 0.95 s in all
+    against a 0.6 s read timeout: answered."""
+    import socket
+
+    server, url = serve(read_timeout_s=0.6)
+    body = infer_body().encode()
+    head = (f"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        time.sleep(0.45)
+        chunks = [head + body[: len(body) // 2], body[len(body) // 2 :]]
+        for c in chunks:
+            sock.sendall(c)
+            time.sleep(0.25)
+        got = b""
+        while chunk := sock.recv(1 << 16):
+            got += chunk
+    assert got.startswith(b"HTTP/1.1 200"), got[:200]
+    assert server.stats["read_timeouts"] == 0 and server.stats["rows"] == 2
+
+
+def test_deadline_cancel_and_fire_agree():
+    """cancel() says whether the deadline fired, decided atomically with the timer: a deadline
+    cancelled in time never shuts its sockets afterwards."""
+    from kdd_jax.teachers.http import Deadline
+
+    d = Deadline(0.05)
+    time.sleep(0.3)
+    assert d.cancel() is True and d.fired
+    d = Deadline(30)
+    assert d.cancel() is False
+    d._fire()  # a timer thread that was already running when cancel() won
+    assert not d.fired
 
 
 def test_kdd_serve_cli_parser_binds_loopback_by_default():

@@ -538,3 +538,7 @@ def test_xla_workaround_is_recorded_and_warns_when_too_late(tmp_path):
     fresh = subprocess.run([sys.executable, "-c", "import kdd_jax, os; print(kdd_jax.xla_workarounds.apply(), "
                             "os.environ['XLA_FLAGS'])"], env=env, capture_output=True, text=True, check=True)
     assert fresh.stdout.split() == ["applied", xla_workarounds.FLAG]
+    mine = subprocess.run([sys.executable, "-c", "import kdd_jax; print(kdd_jax.xla_workarounds.apply())"],
+                          env={**env, "XLA_FLAGS": f"{xla_workarounds.OPTION}=default"}, capture_output=True,
+                          text=True, check=True)
+    assert mine.stdout.strip() == f"set by the user ({xla_workarounds.OPTION}=default)"

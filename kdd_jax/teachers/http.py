@@ -51,10 +51,11 @@ RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 MAX_RETRY_AFTER_S = 300.0
 # An answer is read only up to a bound derived from what was asked: the values expected (n x C
 # scores, or n images) at ANSWER_BYTES_PER_VALUE bytes of JSON each (a float32 printed in full is
-# ~16 characters, pretty-printing adds indentation) plus ANSWER_SLACK_BYTES for names, shapes and
-# any extra outputs. A server that streams more is refused before it can exhaust memory.
-ANSWER_BYTES_PER_VALUE = 64
-ANSWER_SLACK_BYTES = 1 << 20
+# ~16 characters; nested, pretty-printed arrays measured ~70) plus ANSWER_SLACK_BYTES for names,
+# shapes and any extra outputs a server returns unasked. A server that streams more is refused
+# before it can exhaust memory.
+ANSWER_BYTES_PER_VALUE = 256
+ANSWER_SLACK_BYTES = 16 << 20
 
 
 class _Retryable(Exception):
@@ -70,6 +71,7 @@ class Deadline:
 
     def __init__(self, seconds: float):
         self.fired = False
+        self._cancelled = False
         self._socks: list = []
         self._lock = threading.Lock()
         self._timer = threading.Timer(seconds, self._fire)
@@ -85,13 +87,19 @@ class Deadline:
 
     def _fire(self) -> None:
         with self._lock:
+            if self._cancelled:  # cancel() won the race: it already told its caller "not fired"
+                return
             self.fired = True
             socks = list(self._socks)
         for sock in socks:
             _shutdown(sock)
 
-    def cancel(self) -> None:
+    def cancel(self) -> bool:
+        """Stop the timer; True if it had already fired (decided atomically with _fire)."""
         self._timer.cancel()
+        with self._lock:
+            self._cancelled = True
+            return self.fired
 
 
 def _shutdown(sock) -> None:
@@ -269,18 +277,18 @@ class OipClient:
         try:
             try:
                 with _opener(deadline).open(req, timeout=self.timeout_s) as resp:
-                    declared = resp.headers.get("Content-Length")
-                    if declared is not None and declared.strip().isdigit() and int(declared) > cap:
-                        raise self._too_big(f"declares Content-Length {int(declared)}", cap)
+                    declared = resp.length  # http.client's parse: None when chunked or close-delimited
+                    if declared is not None and declared > cap:
+                        raise self._too_big(f"declares Content-Length {declared}", cap)
                     raw = resp.read(cap + 1)
                     if len(raw) > cap:
                         raise self._too_big("runs past the bound", cap)
-                    if declared is not None and declared.strip().isdigit() and len(raw) < int(declared):
+                    if declared is not None and len(raw) < declared:
                         # read(n) returns what came before the close; read() would have raised this
-                        raise http.client.IncompleteRead(raw, int(declared) - len(raw))
+                        raise http.client.IncompleteRead(raw, declared - len(raw))
             finally:
-                deadline.cancel()
-            if deadline.fired:  # a close-delimited answer cut short reads as complete
+                fired = deadline.cancel()
+            if fired:  # a close-delimited answer cut short reads as complete
                 raise OSError("deadline")
             return raw
         except urllib.error.HTTPError as e:

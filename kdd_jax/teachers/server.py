@@ -17,9 +17,9 @@ with kdd_jax/generative/noise.py's recipe), and answers "images" FP32 [n, H, W, 
 
 Binds 127.0.0.1 unless told otherwise. With a token every request but the health checks needs
 `Authorization: Bearer <token>` (else 401). A request must arrive whole (request line, headers,
-body) within `read_timeout_s` of the connection becoming ready for it, else the connection is
-closed: a client that trickles bytes (slow-loris) or idles on a keep-alive connection cannot hold
-a thread. Inference and the answer are not under that deadline. Bodies over the limit get 413; malformed JSON, wrong shape or datatype, non-finite data get 400 with a
+body) within `read_timeout_s` of its first byte, and a connection may idle at most that long
+before a request, else it is closed: a client that trickles bytes (slow-loris) or idles cannot hold
+a thread. Inference is not under that deadline; writing the answer gets WRITE_TIMEOUT_S. Bodies over the limit get 413; malformed JSON, wrong shape or datatype, non-finite data get 400 with a
 JSON {"error": ...}; unknown models and paths 404.
 """
 
@@ -40,6 +40,8 @@ from kdd_jax.teachers.http import Deadline
 
 MAX_BATCH = 4096
 READ_TIMEOUT_S = 30.0
+MAX_READ_TIMEOUT_S = 86_400.0
+WRITE_TIMEOUT_S = 600.0  # sending one answer to a client that stopped reading gives up after this
 
 
 class _BadRequest(Exception):
@@ -55,8 +57,8 @@ class OipServer(ThreadingHTTPServer):
 
     def __init__(self, address, teacher, *, name: str, token: str | None = None,
                  max_request_bytes: int = 64 * 2**20, read_timeout_s: float = READ_TIMEOUT_S, verbose: bool = False):
-        if not read_timeout_s > 0:
-            raise ValueError(f"read_timeout_s must be > 0, got {read_timeout_s!r}")
+        if not 0 < read_timeout_s <= MAX_READ_TIMEOUT_S:  # also refuses NaN and inf
+            raise ValueError(f"read_timeout_s must be in (0, {MAX_READ_TIMEOUT_S:g}] seconds, got {read_timeout_s!r}")
         self.teacher, self.model_name, self.verbose = teacher, name, verbose
         self.read_timeout_s = float(read_timeout_s)
         self._token = token.encode() if token else None
@@ -280,26 +282,36 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "kdd-serve"
 
-    def setup(self):
-        self.timeout = self.server.read_timeout_s  # each recv; the Deadline below bounds the whole request
-        super().setup()
-
     def handle_one_request(self):
+        # An idle keep-alive connection may wait read_timeout_s for its next request's first byte;
+        # from that byte on, the request (line, headers, body) must arrive whole within
+        # read_timeout_s (the Deadline: per-read timeouts alone let a trickle hold a thread forever).
+        self._deadline = None
+        self.connection.settimeout(self.server.read_timeout_s)
+        try:
+            if not self.rfile.peek(1):
+                self.close_connection = True  # the client closed the connection
+                return
+        except (TimeoutError, OSError):
+            self.close_connection = True  # idle past read_timeout_s, or reset
+            return
         self._deadline = Deadline(self.server.read_timeout_s)
         self._deadline.watch(self.connection)
         try:
             super().handle_one_request()
         finally:
-            self._deadline.cancel()
-            if self._deadline.fired:
+            if self._deadline.cancel():
                 self.server.count("read_timeouts")
                 self.close_connection = True
 
     def _request_read(self) -> bool:
-        """The request has been read whole: stop the read deadline (inference may take longer).
-        False if the deadline fired first (the socket is already shut)."""
-        self._deadline.cancel()
-        return not self._deadline.fired
+        """The request has been read whole: stop the read deadline (inference and the answer are
+        not under it; the answer's write gets WRITE_TIMEOUT_S). False if the deadline fired first
+        (the socket is already shut)."""
+        if self._deadline.cancel():
+            return False
+        self.connection.settimeout(WRITE_TIMEOUT_S)
+        return True
 
     def log_message(self, format, *args):  # noqa: A002 - never logs headers, so never the token
         if self.server.verbose:
@@ -367,6 +379,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def do_GET(self):  # noqa: N802
+        if not self._request_read():  # a GET has no body: it is read whole
+            return
         what, model = self._route()
         if model is None and what in ("/v2/health/ready", "/v2/health/live"):  # open, for orchestrator probes
             self.server.count("requests")
