@@ -44,7 +44,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.detection_accuracy import SCORE_NAMES, load_zoo, log, teacher_logp, weights_id  # noqa: E402
+from benchmarks.detection_accuracy import SCORE_NAMES, load_zoo, log, pools, teacher_logp, weights_id  # noqa: E402
 from kdd_jax.evaluation import multiple_choice_metrics, tie_aware_accuracy  # noqa: E402
 from kdd_jax.io import atomic_write_bytes  # noqa: E402
 from kdd_jax.models import predict_logits  # noqa: E402
@@ -61,14 +61,12 @@ CURVE_SCORES = ("dark_corr", "top1")
 
 
 def fashion_pools(size: int = POOL_SIZE) -> dict[str, np.ndarray]:
-    """Raw NCHW float images in [0, 1]: the test set and a seeded sample of the training set."""
-    from benchmarks.zoo.fashion import load_fashion
-
-    x_test, _ = load_fashion("test")
-    x_train, _ = load_fashion("train")
-    idx = np.sort(np.random.default_rng(0).choice(len(x_train), size, replace=False))
-    raw = lambda x: (x.astype(np.float32) / 255.0)[:, None]  # noqa: E731
-    return {"test": raw(x_test[:size]), "train": raw(x_train[idx])}
+    """Raw NCHW float images in [0, 1] (detection_accuracy's pools): the test set and a seeded
+    sample of the training set."""
+    p = pools()
+    train, test = p["real"].images, p["aux"].images
+    idx = np.sort(np.random.default_rng(0).choice(len(train), size, replace=False))
+    return {"test": test[:size], "train": train[idx]}
 
 
 def pool_logits(model, config, raw: np.ndarray, path: Path) -> np.ndarray:
@@ -230,6 +228,10 @@ def main(argv=None) -> int:
     controls = [n for n, (_, _, m) in zoo.items() if m["role"] == "control"]
     labels = np.array([teachers.index(zoo[n][2]["teacher"]) for n in students])
     recipes = [zoo[n][2].get("recipe_id", zoo[n][2].get("recipe", "?")) for n in students]
+    from kdd_jax.synthesis import ImagePool
+
+    for pool, raw in pools.items():  # a pool the students cannot take: say which, before any work
+        ImagePool(raw, None, f"{args.pools or 'Fashion-MNIST'}[{pool!r}]").check(zoo[students[0]][1])
     results = {}
     for pool, raw in pools.items():
         logits = {}

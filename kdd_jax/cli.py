@@ -222,10 +222,9 @@ def _generative_setup(args):
 
 def cmd_detect_generative(args) -> int:
     """`kdd detect` for a diffusion student: shared-noise probes, image scores."""
+    from kdd_jax.calibration import Calibration
     from kdd_jax.generative.detect import detect_generative, save_generative_detection
     from kdd_jax.generative.pipeline import load_diffusion
-
-    from kdd_jax.calibration import Calibration
 
     args.generative = True
     try:
@@ -248,7 +247,8 @@ def cmd_detect_generative(args) -> int:
 
     report = {"command": "detect", "kind": "generative", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "student": str(args.student), "teachers_file": str(args.teachers),
-              "calibration_file": args.calibration, "feature_net": args.feature_net, "sampling": dataclasses.asdict(student.sampling), **result.to_dict()}
+              "calibration_file": args.calibration, "feature_net": args.feature_net,
+              "sampling": dataclasses.asdict(student.sampling), **result.to_dict()}
     return _emit_detection(args, report, result, lambda: save_generative_detection(args.out, report, result))
 
 
@@ -467,8 +467,10 @@ def cmd_serve(args) -> int:
         if not token:
             _eprint(f"kdd serve: environment variable {args.token_env} (--token-env) is not set or empty")
             return EXIT_USAGE
-    if args.k < 1 or args.max_request_mb <= 0 or not 0 < args.read_timeout <= 86_400:
-        _eprint("kdd serve: --k must be >= 1, --max-request-mb > 0 and --read-timeout in (0, 86400] seconds")
+    from kdd_jax.teachers.server import MAX_READ_TIMEOUT_S
+
+    if args.k < 1 or args.max_request_mb <= 0 or not 0 < args.read_timeout <= MAX_READ_TIMEOUT_S:
+        _eprint(f"kdd serve: --k must be >= 1, --max-request-mb > 0 and --read-timeout in (0, {MAX_READ_TIMEOUT_S:g}] seconds")
         return EXIT_USAGE
     name = args.name or Path(args.model_dir).resolve().name
     try:
@@ -691,7 +693,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "environment variable")
     sv.add_argument("--max-request-mb", type=float, default=64, help="largest request body accepted (default 64 MiB)")
     sv.add_argument("--read-timeout", type=float, default=30.0, help="seconds a request (line, headers, body) may "
-                    "take to arrive whole, else the connection is closed (default 30; inference is not counted)")
+                    "take to arrive whole from its first byte, and a connection may idle before one; else it is "
+                    "closed (default 30, at most 86400; inference and the answer's write are not counted)")
     sv.add_argument("-q", "--quiet", action="store_true", help="no request log on stderr")
     sv.set_defaults(func=cmd_serve)
     return parser

@@ -99,3 +99,18 @@ def test_detectability_excess_is_centred():
     # attributed by argmax, yet its excess (0.01) is inside the controls' (0.1): not detectable
     assert b["attributed"] and not b["above_controls"]
     assert d["above_controls"] == 1 and d["n"] == 2
+
+
+def test_detection_ceiling_refuses_a_pool_the_students_cannot_take(toy_zoo, tmp_path):
+    """A pool of the wrong image size is refused before any model runs, naming the file and array."""
+    import numpy as np
+
+    from benchmarks import detection_ceiling as bench
+    from kdd_jax.synthesis import SynthesisError
+
+    np.savez(tmp_path / "pools.npz", big=np.zeros((5, 1, 28, 28), np.float32))
+    argv = ["--zoo", str(toy_zoo["root"]), "--manifest", str(toy_manifest(tmp_path)), "--pools",
+            str(tmp_path / "pools.npz"), "--work", str(tmp_path / "work"), "--out", str(tmp_path / "results")]
+    with pytest.raises(SynthesisError, match=r"pools\.npz\['big'\].*shape \(5, 1, 28, 28\)"):
+        bench.main(argv)
+    assert not (tmp_path / "work").exists() and not (tmp_path / "results").exists()

@@ -9,9 +9,9 @@ Two families (arXiv 2510.02302, "Scores"):
 `SCORES` maps a name to Score(fn, kind, higher_is_better) with those uniform signatures, so the
 decision stage can loop over names. Many teachers: `jax.vmap(fn, in_axes=(None, 0))` over a
 leading teacher axis (on jaxlib 0.10.2's CPU backend that form returned wrong values past 2**15
-rows until kdd_jax.xla_workarounds disabled the culprit fusions: import kdd_jax before running JAX). `jitted(name, **opts)` returns one jitted callable per (name, options),
-cached, so repeated audits never recompile for a shape already seen (big_vision's distance
-evaluator pattern). No sharding here: the mesh stage wraps these functions.
+rows until kdd_jax.xla_workarounds disabled the culprit fusions: import kdd_jax before running
+JAX). `jitted(name, **opts)` returns one jitted callable per (name, options), cached, so
+repeated audits never recompile for a shape already seen (big_vision's distance evaluator pattern). No sharding here: the mesh stage wraps these functions.
 
 Images (generative students, `kdd_jax.scores.images`): `IMAGE_PAIR_SCORES` maps a name to
 fn(a [N,H,W,C], b [N,H,W,C], *, net=None) -> [N] (neg_lpips, ssim, neg_pixel_mse); set scores

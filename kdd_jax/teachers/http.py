@@ -16,8 +16,8 @@ errors are retried up to `max_retries` times with exponential backoff and jitter
 Retry-After (seconds). Answers that are not JSON, have the wrong shape, batch size or datatype,
 are non-finite, or are larger than the values asked for can take (ANSWER_BYTES_PER_VALUE bytes a
 value plus ANSWER_SLACK_BYTES; refused before they are read) raise TeacherError (not retried: a
-server that answers wrongly once will again). Every answer goes through validate_output, so a CachedTeacher in front never stores a
-wrong one; and each batch is handed to `on_part` as soon as it is validated, so a CachedTeacher
+server that answers wrongly once will again). Every answer goes through validate_output, so a
+CachedTeacher in front never stores a wrong one; and each batch is handed to `on_part` as soon as it is validated, so a CachedTeacher
 stores it at once: a later batch's failure (or a crash) never loses answers already paid for.
 
 An optional bearer token is read from the environment variable named by `token_env` at each

@@ -19,7 +19,8 @@ Binds 127.0.0.1 unless told otherwise. With a token every request but the health
 `Authorization: Bearer <token>` (else 401). A request must arrive whole (request line, headers,
 body) within `read_timeout_s` of its first byte, and a connection may idle at most that long
 before a request, else it is closed: a client that trickles bytes (slow-loris) or idles cannot hold
-a thread. Inference is not under that deadline; writing the answer gets WRITE_TIMEOUT_S. Bodies over the limit get 413; malformed JSON, wrong shape or datatype, non-finite data get 400 with a
+a thread. Inference is not under that deadline; writing the answer gets WRITE_TIMEOUT_S. Bodies
+over the limit get 413; malformed JSON, wrong shape or datatype, non-finite data get 400 with a
 JSON {"error": ...}; unknown models and paths 404.
 """
 
