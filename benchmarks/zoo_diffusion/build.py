@@ -4,11 +4,12 @@
     python -m benchmarks.zoo_diffusion.build                    # full zoo into benchmarks/zoo_diffusion/cache/
     python -m benchmarks.zoo_diffusion.build --smoke --out /tmp/zd_smoke   # every recipe, a few steps each
     python -m benchmarks.zoo_diffusion.build --report-only      # rewrite manifest.json from finished models
+    python -m benchmarks.zoo_diffusion.build --preset gpu --device cuda   # ~25x longer training, gpu/cache/
 
 Teachers, distilled students (five recipes per teacher) and independent controls, all saved in
 diffusers format (`<out>/models/<name>/unet/` + `<name>/scheduler/`), so kdd-jax can sample every model
-from the same initial noise and compare images. Deterministic (fixed seeds, `torch.set_num_threads(2)`,
-`torch.use_deterministic_algorithms(True)`) and resumable: every finished model is written atomically
+from the same initial noise and compare images. Deterministic on CPU (fixed seeds, one torch thread per
+worker, `torch.use_deterministic_algorithms(True)`; on CUDA to float rounding) and resumable: every finished model is written atomically
 with a `meta.json`; a re-run skips finished models, cached teacher samples and cached evaluations.
 
 Data: Fashion-MNIST via benchmarks/zoo/fashion.py; uint8 28x28 -> x/127.5 - 1 in [-1, 1], padded 2 px
@@ -48,6 +49,8 @@ diffusers.utils.logging.set_verbosity_error()  # no 'accelerate not found' chatt
 ZOO_FORMAT = 1
 DEFAULT_OUT = HERE / "cache"
 MANIFEST = HERE / "manifest.json"
+GPU_OUT = HERE / "gpu" / "cache"  # --preset gpu
+GPU_MANIFEST = HERE / "gpu" / "manifest.json"
 CLASSIFIER_DIR = REPO / "benchmarks" / "zoo" / "cache" / "teachers" / "teacher-resnet"
 NUM_CLASSES = 10
 NULL = 10  # the null class (last embedding row)
@@ -93,6 +96,13 @@ N_PAIRS, PAIR_STEPS, PAIR_GUIDANCE, PAIR_NULL_FRAC = 512, 20, 2.0, 0.3
 SAMPLE_STEPS, GUIDANCE = 10, 2.0  # sampling settings of eps models (served copy); 200-sample quality figure
 N_QUALITY, N_NULL = 200, 64
 WARMUP_FRAC, GRAD_CLIP = 0.05, 1.0
+
+# --preset gpu: the same zoo trained ~25x longer (steps x batch) on one CUDA GPU, several worker processes
+# sharing it (these UNets are launch-bound on an H100: one process leaves most of the GPU idle).
+GPU = {"TEACHER_STEPS": 3000, "TEACHER_BATCH": 128, "STUDENT_STEPS": 1200, "STUDENT_BATCH": 128,
+       "PD_STEPS_PER_ROUND": 400, "CONTROL_STEPS": 1500, "CONTROL_BATCH": 128, "N_PAIRS": 2048,
+       "N_QUALITY": 1000, "WORKERS": 8}
+DEVICE = torch.device("cpu")  # --device; random numbers are always drawn on the CPU (same stream on any device)
 
 SMOKE = {"TEACHER_STEPS": 6, "STUDENT_STEPS": 4, "PD_STEPS_PER_ROUND": 2, "CONTROL_STEPS": 4, "N_PAIRS": 40,
          "N_QUALITY": 20, "N_NULL": 8, "PAIR_STEPS": 4, "SAMPLE_STEPS": 4}
@@ -211,13 +221,13 @@ class Data:
     def __init__(self):
         x, y = load_fashion("train")
         x = torch.from_numpy(x.astype(np.float32) / 127.5 - 1.0)[:, None]
-        self.x = F.pad(x, (2, 2, 2, 2), value=-1.0)
-        self.y = torch.from_numpy(y)
+        self.x = F.pad(x, (2, 2, 2, 2), value=-1.0).to(DEVICE)
+        self.y = torch.from_numpy(y).to(DEVICE)
         self.split = zoo_split()
 
     def indices(self, d: dict) -> np.ndarray:
         pool = self.split[d["pool"]]
-        return pool if d["seed"] is None else subset(pool, d["size"], d["seed"])
+        return torch.from_numpy(np.asarray(pool if d["seed"] is None else subset(pool, d["size"], d["seed"])))
 
 
 class Batches:
@@ -237,7 +247,7 @@ class Batches:
 def drop_labels(y: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
     if p <= 0:
         return y
-    return torch.where(torch.rand(y.shape, generator=gen) < p, torch.full_like(y, NULL), y)
+    return torch.where((torch.rand(y.shape, generator=gen) < p).to(y.device), torch.full_like(y, NULL), y)
 
 
 def lr_at(step: int, total: int, peak: float) -> float:
@@ -252,7 +262,10 @@ def train_loop(unet, steps: int, lr: float, loss_fn, log_name: str) -> dict:
     """Adam, linear warm-up then cosine decay, grad-norm clipping. loss_fn(step) -> scalar loss."""
     opt = torch.optim.Adam(unet.parameters(), lr=lr)
     unet.train()
-    t0, ema, hist = time.time(), None, []
+    t0, ema, hist, pending = time.time(), None, [], []
+    # Losses are read back every SYNC_EVERY steps (a read is a device sync; on a GPU a sync every step
+    # keeps the host from queueing ahead). The values, and so the build, are the same either way.
+    sync_every = 1 if DEVICE.type == "cpu" else 50
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr)
@@ -261,14 +274,18 @@ def train_loop(unet, steps: int, lr: float, loss_fn, log_name: str) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), GRAD_CLIP)
         opt.step()
-        v = float(loss.detach())
-        if not math.isfinite(v):
-            raise RuntimeError(f"{log_name}: loss became {v} at step {step}")
-        ema = v if ema is None else 0.98 * ema + 0.02 * v
-        hist.append(v)
+        pending.append(loss.detach())
+        if len(pending) < sync_every and step % 100 != 0 and step != steps - 1:
+            continue
+        for k, v in enumerate(torch.stack(pending).tolist()):
+            if not math.isfinite(v):
+                raise RuntimeError(f"{log_name}: loss became {v} at step {step - len(pending) + 1 + k}")
+            ema = v if ema is None else 0.98 * ema + 0.02 * v
+            hist.append(v)
+        pending = []
         if step % 100 == 0 or step == steps - 1:
             log(f"  {log_name} step {step + 1}/{steps} loss {v:.4f} (ema {ema:.4f}) "
-                f"{(time.time() - t0) / (step + 1):.2f} s/step")
+                f"{(time.time() - t0) / (step + 1):.3f} s/step")
     unet.eval()
     tail = hist[-max(1, len(hist) // 10):]
     return {"final_loss": float(np.mean(tail)), "final_loss_note": "mean of the last 10% of steps",
@@ -285,7 +302,7 @@ def ddim_sample(unet, sched: DDIMScheduler, x_T: torch.Tensor, labels: torch.Ten
         sched.set_timesteps(steps)
         guided = guidance != 1.0
         for t in sched.timesteps:
-            tt = torch.full((len(x),), int(t), dtype=torch.long)
+            tt = torch.full((len(x),), int(t), dtype=torch.long, device=x.device)
             if guided:
                 out = unet(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([c, torch.full_like(c, NULL)])).sample
                 cond, unc = out.chunk(2)
@@ -334,6 +351,7 @@ def save_model(out: Path, spec: dict, unet, sched, meta: dict):
     final = model_dir(out, spec["name"])
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    unet.to("cpu")
     unet.save_pretrained(tmp / "unet", safe_serialization=True)
     sched.save_pretrained(tmp / "scheduler")
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -344,7 +362,7 @@ def save_model(out: Path, spec: dict, unet, sched, meta: dict):
 
 def load_model(out: Path, name: str):
     d = model_dir(out, name)
-    unet = UNet2DModel.from_pretrained(d / "unet").eval()
+    unet = UNet2DModel.from_pretrained(d / "unet").eval().to(DEVICE)
     for p in unet.parameters():
         p.requires_grad_(False)
     return unet, DDIMScheduler.from_pretrained(d / "scheduler"), json.loads((d / "meta.json").read_text())
@@ -354,15 +372,15 @@ def load_model(out: Path, name: str):
 
 
 def noised(x0, ab, gen):
-    t = torch.randint(0, T, (len(x0),), generator=gen)
-    eps = torch.randn(x0.shape, generator=gen)
+    t = torch.randint(0, T, (len(x0),), generator=gen).to(x0.device)
+    eps = torch.randn(x0.shape, generator=gen).to(x0.device)
     a = ab[t].view(-1, 1, 1, 1)
     return a.sqrt() * x0 + (1 - a).sqrt() * eps, t, eps
 
 
 def train_ddpm(spec, x, y, gen, unet):
     """Plain eps-prediction DDPM training on (x, y) with label dropout."""
-    ab = alpha_bar(spec["schedule"])
+    ab = alpha_bar(spec["schedule"]).to(DEVICE)
     batches = Batches(len(x), spec["batch"], gen)
 
     def loss_fn(step):
@@ -375,7 +393,7 @@ def train_ddpm(spec, x, y, gen, unet):
 
 
 def train_epskd(spec, x, y, gen, unet, teacher):
-    ab = alpha_bar(spec["schedule"])  # the teacher's schedule
+    ab = alpha_bar(spec["schedule"]).to(DEVICE)  # the teacher's schedule
     lam = spec["kd_lambda"]
     batches = Batches(len(x), spec["batch"], gen)
 
@@ -395,12 +413,12 @@ def train_epskd(spec, x, y, gen, unet, teacher):
 
 
 def train_onestep(spec, pairs, gen, unet):
-    xT, c, x0 = pairs["x_T"], pairs["labels"], pairs["x_0"]
+    xT, c, x0 = (pairs[k].to(DEVICE) for k in ("x_T", "labels", "x_0"))
     batches = Batches(len(xT), spec["batch"], gen)
 
     def loss_fn(step):
         i = batches.next()
-        t = torch.full((len(i),), T - 1, dtype=torch.long)
+        t = torch.full((len(i),), T - 1, dtype=torch.long, device=DEVICE)
         return F.mse_loss(unet(xT[i], t, c[i]).sample, x0[i])
 
     return train_loop(unet, spec["steps"], spec["lr"], loss_fn, spec["name"])
@@ -410,7 +428,7 @@ def train_progressive(spec, x, gen, teacher, schedule: str, out: Path):
     """Salimans & Ho 2022, two rounds (16 -> 8 -> 4 DDIM steps, trailing grid, x0 clipped as the sampler
     does). Student initialised from its teacher; target: x~ such that one student DDIM step t -> t - 2d
     lands where two teacher steps t -> t - d -> t - 2d land; trained in eps space (eps~ = (z_t - a_t x~)/s_t)."""
-    ab = alpha_bar(schedule).double()
+    ab = alpha_bar(schedule).double().to(DEVICE)
 
     def abar(t):  # t may be -1 (set_alpha_to_one)
         return torch.where(t >= 0, ab[t.clamp(min=0)], torch.ones_like(t, dtype=torch.float64))
@@ -425,20 +443,21 @@ def train_progressive(spec, x, gen, teacher, schedule: str, out: Path):
     student = None
     info = {"train_seconds": 0.0, "rounds": []}
     for r, (n_teacher, n_student) in enumerate(spec["rounds"]):
-        student = UNet2DModel.from_config(teacher.config)
+        student = UNet2DModel.from_config(teacher.config).to(DEVICE)
         student.load_state_dict(cur_teacher.state_dict())
         for p in student.parameters():
             p.requires_grad_(True)
         d_s = T // n_student  # student step size (exact: 125, 250)
-        grid = torch.tensor([T - 1 - k * d_s for k in range(n_student)])  # trailing timesteps
+        grid = torch.tensor([T - 1 - k * d_s for k in range(n_student)], device=DEVICE)  # trailing timesteps
         batches = Batches(len(x), spec["batch"], gen)
 
         def loss_fn(step, grid=grid, d_s=d_s, tch=cur_teacher, student=student):
             i = batches.next()
             x0 = x[i].double()
             t = grid[torch.randint(0, len(grid), (len(i),), generator=gen)]
-            c = drop_labels(torch.randint(0, NUM_CLASSES, (len(i),), generator=gen), spec["label_dropout"], gen)
-            eps = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+            c = drop_labels(torch.randint(0, NUM_CLASSES, (len(i),), generator=gen).to(DEVICE),
+                            spec["label_dropout"], gen)
+            eps = torch.randn(x0.shape, generator=gen, dtype=torch.float64).to(DEVICE)
             a = abar(t).view(-1, 1, 1, 1)
             z = a.sqrt() * x0 + (1 - a).sqrt() * eps
             t_mid, t_end = t - d_s // 2, t - d_s
@@ -465,7 +484,7 @@ def save_cached(path: Path, record: dict) -> None:
     """A build cache record (tensors + JSON-able values) as safetensors, atomically: no pickle anywhere."""
     from safetensors.torch import save_file
 
-    tensors = {k: v.contiguous() for k, v in record.items() if isinstance(v, torch.Tensor)}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in record.items() if isinstance(v, torch.Tensor)}
     rest = {k: v for k, v in record.items() if not isinstance(v, torch.Tensor)}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path) + ".tmp", metadata={"json": json.dumps(rest)})
@@ -493,9 +512,10 @@ def teacher_pairs(out: Path, tname: str) -> dict:
     n_cls = N_PAIRS - n_null
     labels = torch.cat([torch.arange(n_cls) % NUM_CLASSES, torch.full((n_null,), NULL)])
     x_T = torch.randn((N_PAIRS, 1, 32, 32), generator=gen)
+    labels_d, x_T_d = labels.to(DEVICE), x_T.to(DEVICE)
     t0 = time.time()
-    x0 = torch.cat([ddim_sample(unet, sched, x_T[:n_cls], labels[:n_cls], PAIR_STEPS, PAIR_GUIDANCE),
-                    ddim_sample(unet, sched, x_T[n_cls:], labels[n_cls:], PAIR_STEPS, 1.0)])
+    x0 = torch.cat([ddim_sample(unet, sched, x_T_d[:n_cls], labels_d[:n_cls], PAIR_STEPS, PAIR_GUIDANCE),
+                    ddim_sample(unet, sched, x_T_d[n_cls:], labels_d[n_cls:], PAIR_STEPS, 1.0)]).cpu()
     pairs = {"x_T": x_T, "labels": labels, "x_0": x0, "seconds": time.time() - t0,
              "settings": {"n": N_PAIRS, "null_fraction": PAIR_NULL_FRAC, "ddim_steps": PAIR_STEPS, "eta": 0.0,
                           "guidance_scale_classes": PAIR_GUIDANCE, "guidance_scale_null": 1.0,
@@ -515,21 +535,21 @@ def build_one(spec: dict, out: Path, data: Data):
     sched = make_scheduler(spec["schedule"], spec["prediction_type"])
     if spec["recipe"] == "ddpm":
         idx = data.indices(spec["data"])
-        unet = make_unet(spec["arch"])
+        unet = make_unet(spec["arch"]).to(DEVICE)
         info = train_ddpm(spec, data.x[idx], data.y[idx], gen, unet)
     elif spec["recipe"].startswith("epskd"):
         teacher, _, _ = load_model(out, spec["teacher"])
         idx = data.indices(spec["data"])
-        unet = make_unet(spec["arch"])
+        unet = make_unet(spec["arch"]).to(DEVICE)
         info = train_epskd(spec, data.x[idx], data.y[idx], gen, unet, teacher)
     elif spec["recipe"] == "datakd":
         pairs = teacher_pairs(out, spec["teacher"])
-        unet = make_unet(spec["arch"])
-        info = train_ddpm(spec, pairs["x_0"], pairs["labels"], gen, unet)
+        unet = make_unet(spec["arch"]).to(DEVICE)
+        info = train_ddpm(spec, pairs["x_0"].to(DEVICE), pairs["labels"].to(DEVICE), gen, unet)
         extra["pairs"] = pairs["settings"]
     elif spec["recipe"] == "onestep":
         pairs = teacher_pairs(out, spec["teacher"])
-        unet = make_unet(spec["arch"], "sample")
+        unet = make_unet(spec["arch"], "sample").to(DEVICE)
         info = train_onestep(spec, pairs, gen, unet)
         extra["pairs"] = pairs["settings"]
     elif spec["recipe"] == "progressive":
@@ -560,7 +580,7 @@ def load_classifier():
     model = build_torch_model(cfg)
     model.load_state_dict(load_file(str(CLASSIFIER_DIR / "model.safetensors")))
     pre = cfg["preprocessing"]
-    return model.eval(), float(pre["mean"][0]), float(pre["std"][0])
+    return model.eval().to(DEVICE), float(pre["mean"][0]), float(pre["std"][0])
 
 
 def evaluate(out: Path, name: str, classifier) -> dict:
@@ -572,16 +592,16 @@ def evaluate(out: Path, name: str, classifier) -> dict:
     unet, sched, meta = load_model(out, name)
     s = meta["sampling"]
     t0 = time.time()
-    labels = torch.arange(N_QUALITY) % NUM_CLASSES
-    x_T = shared_noise(range(10_000, 10_000 + N_QUALITY))
+    labels = (torch.arange(N_QUALITY) % NUM_CLASSES).to(DEVICE)
+    x_T = shared_noise(range(10_000, 10_000 + N_QUALITY)).to(DEVICE)
     imgs = ddim_sample(unet, sched, x_T, labels, s["num_inference_steps"], s["guidance_scale"])
     model, mean, std = classifier
     with torch.no_grad():
         x = (imgs[:, :, 2:30, 2:30].clamp(-1, 1) + 1) / 2
         pred = model((x - mean) / std).argmax(1)
     acc = float((pred == labels).float().mean())
-    null = ddim_sample(unet, sched, shared_noise(range(N_NULL)), torch.full((N_NULL,), NULL),
-                       s["num_inference_steps"], 1.0)
+    null = ddim_sample(unet, sched, shared_noise(range(N_NULL)).to(DEVICE), torch.full((N_NULL,), NULL, device=DEVICE),
+                       s["num_inference_steps"], 1.0).cpu()
     res = {"quality": {"classifier": "benchmarks/zoo/cache/teachers/teacher-resnet (torch)", "accuracy": acc,
                        "n": N_QUALITY, "guidance_scale": s["guidance_scale"],
                        "num_inference_steps": s["num_inference_steps"],
@@ -596,7 +616,25 @@ def evaluate(out: Path, name: str, classifier) -> dict:
 # ----------------------------------------------------------------------------- manifest
 
 
-def write_manifest(out: Path, specs: list[dict], evals: dict, path: Path, command: str, build_seconds: float):
+def run_machine() -> dict:
+    if DEVICE.type == "cpu":
+        return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                "cpu_count": os.cpu_count(), "workers": WORKERS, "torch_threads_per_worker": THREADS,
+                "note": "2 shared cores (other jobs ran alongside), no GPU"}
+    return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "workers": WORKERS,
+            "torch_threads_per_worker": THREADS, "device": str(DEVICE), "gpu": torch.cuda.get_device_name(DEVICE),
+            "note": f"{WORKERS} worker processes sharing one GPU; deterministic algorithms where CUDA has them "
+                    "(warn_only), so a rebuild matches to float rounding, not bit for bit"}
+
+
+def run_versions() -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "numpy": np.__version__}
+
+
+def write_manifest(out: Path, specs: list[dict], evals: dict, path: Path, command: str, build_seconds: float,
+                   runs: list[dict] | None = None):
+    runs = runs or []
     teachers = [s["name"] for s in specs if s["role"] == "teacher"]
     models = []
     for s in specs:
@@ -651,13 +689,13 @@ def write_manifest(out: Path, specs: list[dict], evals: dict, path: Path, comman
                                "guidance": "out = out_null + w * (out_c - out_null)"},
         "layout": "models/<name>/unet/{config.json, diffusion_pytorch_model.safetensors}, "
                   "models/<name>/scheduler/scheduler_config.json (DDIMScheduler)",
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpu_count": os.cpu_count(), "workers": WORKERS, "torch_threads_per_worker": THREADS,
-                    "note": "2 shared cores (other jobs ran alongside), no GPU"},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "diffusers": diffusers.__version__, "numpy": np.__version__},
+        # where and with what the models were built: the last build run's record (a --report-only run on
+        # another machine must not relabel them), this process's when no run was recorded
+        "machine": (runs[-1].get("machine") if runs else None) or run_machine(),
+        "versions": (runs[-1].get("versions") if runs else None) or run_versions(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command, "total_build_seconds": round(build_seconds, 1),
+        "runs": runs,
         "counts": {r: sum(m["role"] == r for m in models) for r in ("teacher", "student", "control")},
         "models": models,
     }
@@ -761,16 +799,38 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--smoke", action="store_true", help="every recipe with a few steps (pipeline test)")
     ap.add_argument("--only", nargs="*", help="build only these models (and what they need)")
-    ap.add_argument("--workers", type=int, default=WORKERS, help="parallel single-thread worker processes")
+    ap.add_argument("--workers", type=int, default=None,
+                    help=f"parallel single-thread worker processes (default {WORKERS}; --preset gpu: {GPU['WORKERS']})")
+    ap.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda, cuda:1, ...)")
+    ap.add_argument("--preset", choices=("cpu", "gpu"), default="cpu",
+                    help="cpu: the committed zoo (manifest.json); gpu: the same zoo trained ~25x longer, built "
+                         "into gpu/cache/ with gpu/manifest.json (needs --device cuda)")
     ap.add_argument("--worker-id", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--manifest", type=Path, default=None, help="default: manifest.json here (full) or <out>")
     args = ap.parse_args(argv)
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: torch {torch.__version__} sees no CUDA GPU")
+    if args.preset == "gpu":
+        globals().update(GPU)
+        if args.out == DEFAULT_OUT:
+            args.out = GPU_OUT
     if args.smoke:
         globals().update(SMOKE)
+    if args.workers is None:
+        args.workers = WORKERS
+    globals()["WORKERS"] = args.workers
     os.environ["OMP_NUM_THREADS"] = str(THREADS)
     torch.set_num_threads(THREADS)
-    torch.use_deterministic_algorithms(True)
+    if DEVICE.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS determinism (before CUDA starts)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        torch.use_deterministic_algorithms(True)
     args.out.mkdir(parents=True, exist_ok=True)
     _LOG = args.out / "build.log"
     specs = zoo_specs()
@@ -784,6 +844,7 @@ def main(argv=None):
         log(f"worker {args.worker_id} finished")
         return
     manifest_path = args.manifest or (MANIFEST if not args.smoke and args.out == DEFAULT_OUT
+                                      else GPU_MANIFEST if not args.smoke and args.out == GPU_OUT
                                       else args.out / "manifest.json")
     command = ("python -m benchmarks.zoo_diffusion.build " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
     state_path = args.out / "build_state.json"
@@ -792,27 +853,48 @@ def main(argv=None):
     log(f"diffusion zoo: {len(specs)} models into {args.out} (smoke={args.smoke}, workers={args.workers})")
     if not args.report_only:
         import subprocess
-        cmd = [sys.executable, "-m", "benchmarks.zoo_diffusion.build", "--out", str(args.out)]
+        cmd = [sys.executable, "-m", "benchmarks.zoo_diffusion.build", "--out", str(args.out),
+               "--device", args.device, "--preset", args.preset, "--workers", str(args.workers)]
         cmd += ["--smoke"] if args.smoke else []
+        # claims are per run: a claim left by a killed run (on this or another machine) must not block this one
+        shutil.rmtree(args.out / "claims", ignore_errors=True)
         cmd += ["--only", *args.only] if args.only else []
         env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
+        # the run is on record from its start: a run cut short (SIGTERM, e.g. a time limit) still counts
+        run = {"started": datetime.datetime.fromtimestamp(t_start, datetime.timezone.utc).isoformat(timespec="seconds"),
+               "seconds": None, "status": "running", "command": command, "machine": run_machine(),
+               "versions": run_versions()}
+        state["runs"].append(run)
+
+        def save_state(status: str):
+            run.update(seconds=round(time.time() - t_start, 1), status=status)
+            tmp = state_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(state, indent=1))
+            os.replace(tmp, state_path)
+
+        save_state("running")
+
+        def on_term(signum, frame):
+            save_state(f"interrupted (signal {signum}); finished models are kept, a re-run resumes")
+            raise SystemExit(128 + signum)
+
+        import signal
+        signal.signal(signal.SIGTERM, on_term)
         procs = []
         for i in range(args.workers):
             procs.append(subprocess.Popen(cmd + ["--worker-id", str(i)], cwd=str(REPO), env=env))
             time.sleep(2)
         codes = [p.wait() for p in procs]
         if any(codes):
+            save_state(f"failed: worker exit codes {codes}")
             raise SystemExit(f"worker exit codes {codes}; re-run to resume")
-        run_seconds = time.time() - t_start
-        state["runs"].append({"started": datetime.datetime.fromtimestamp(t_start, datetime.timezone.utc)
-                              .isoformat(timespec="seconds"), "seconds": round(run_seconds, 1), "command": command})
-        state_path.write_text(json.dumps(state, indent=1))
+        save_state("finished")
     evals = {s["name"]: load_cached(args.out / "eval" / f"{s['name']}.safetensors") for s in specs
              if (args.out / "eval" / f"{s['name']}.safetensors").is_file()}
-    total = sum(r["seconds"] for r in state["runs"])
+    total = sum(r["seconds"] or 0.0 for r in state["runs"])
     if args.report_only and state["runs"]:
         command = state["runs"][-1]["command"].strip()
-    manifest = write_manifest(args.out, specs, evals, manifest_path, command, total)
+    manifest = write_manifest(args.out, specs, evals, manifest_path, command, total, state["runs"])
     log(f"manifest: {manifest_path} ({len(manifest['models'])} models); total build {total:.0f}s")
     for m in manifest["models"]:
         mse = m.get("null_image_mse", {})
