@@ -83,6 +83,8 @@ QUICK = {  # one small architecture and one batch shape throughout, so JAX compi
     "detect_probes": 8, "detect_steps": 2, "detect_repeats": 1, "bootstrap": 100,
     "check_steps": 3, "check_batch": 8,
 }
+GPU = {**FULL,  # --preset gpu: sizes for one accelerator (JAX and torch on the same GPU, --torch-device cuda)
+       "batches": [256, 2048], "steps": 20, "multi_batch": 256, "multi_steps": 10, "pairs": 8192, "check_batch": 256}
 CHECK_RTOL = 1e-4  # loss trajectories: float32 agreement after a few Adam steps (measured ~1e-6)
 SCORE_NAMES = ("neg_kl", "dark_corr", "linear_cka")
 
@@ -104,9 +106,13 @@ def environment() -> dict:
     from benchmarks.convert_bench import git_info, library_fingerprint
     from kdd_jax.versions import machine, versions
 
+    torch_device = (f"{TORCH_DEVICE} ({torch.cuda.get_device_name(TORCH_DEVICE)})"
+                    if str(TORCH_DEVICE).startswith("cuda") else str(TORCH_DEVICE))
     return {"machine": {**machine(), "jax_backend": jax.default_backend(), "jax_devices": len(jax.devices()),
+                        "jax_device_kind": jax.devices()[0].device_kind, "torch_device": torch_device,
                         "xla_flags": os.environ.get("XLA_FLAGS", "")},
             "versions": {**versions(), "torch": torch.__version__},
+            "torch_device": torch_device,
             "git": git_info(), "library_sources_sha256": library_fingerprint()}
 
 
@@ -149,19 +155,23 @@ def make_student(arch: str, seed: int, root: Path) -> Student:
     cfg = model_config(arch)
     d = save_student(randomize_(build_torch_model(cfg), seed), cfg, root / f"{arch}-{seed}")
     tm, cfg = load_torch_student(d)
+    tm = tm.to(TORCH_DEVICE)
     res = convert_student(d)
     return Student(arch, cfg["family"], cfg, tm, res.model, res.config, d)
 
 
+TORCH_DEVICE = "cpu"  # --torch-device: where the PyTorch side runs (its students are moved there)
+
+
 def kdd_init(student: Student, sc):
-    """kdd_jax's own initial probes and targets (synthesize_pixels with 0 steps), as torch NCHW."""
+    """kdd_jax's own initial probes and targets (synthesize_pixels with 0 steps), as torch NCHW on TORCH_DEVICE."""
     import torch
 
     from kdd_jax.synthesis.pixel import synthesize_pixels
 
     init = synthesize_pixels(student.flax_model, student.config, dataclasses.replace(sc, steps=0))
-    return (torch.from_numpy(np.ascontiguousarray(init.normalised.transpose(0, 3, 1, 2))),
-            torch.from_numpy(np.array(init.targets)))
+    return (torch.from_numpy(np.ascontiguousarray(init.normalised.transpose(0, 3, 1, 2))).to(TORCH_DEVICE),
+            torch.from_numpy(np.array(init.targets)).to(TORCH_DEVICE))
 
 
 # ----------------------------------------------------------------------------- cross-check
@@ -181,7 +191,7 @@ def cross_check(student: Student, steps: int, batch: int) -> dict:
     xt, _, ht = synthesize_pixels_torch(student.torch_model, student.config_dict, sc, x0=x0, targets=tg)
     hj = np.asarray(pj.loss_history)
     rel = float(np.max(np.abs(hj - ht) / np.maximum(np.abs(ht), 1e-12)))
-    dx = np.abs(pj.normalised.transpose(0, 3, 1, 2) - xt.numpy())
+    dx = np.abs(pj.normalised.transpose(0, 3, 1, 2) - xt.cpu().numpy())
     return {"arch": student.arch, "steps": steps, "batch": batch, "loss_jax": [float(v) for v in hj],
             "loss_torch": [float(v) for v in ht], "max_rel_loss_diff": rel, "ok": bool(rel <= CHECK_RTOL),
             "probe_max_abs_diff": float(dx.max()), "probe_mean_abs_diff": float(dx.mean()),
@@ -381,8 +391,9 @@ def workload_c(s: dict, log) -> dict:
     for name in SCORE_NAMES:
         a_np, b_np = inputs[name]
         a_j, b_j = jax.block_until_ready((jnp.asarray(a_np), jnp.asarray(b_np)))
-        a_t, b_t = torch.from_numpy(a_np), torch.from_numpy(b_np)
+        a_t, b_t = torch.from_numpy(a_np).to(TORCH_DEVICE), torch.from_numpy(b_np).to(TORCH_DEVICE)
         fn_t = ts.SCORES[name]
+        sync = torch.cuda.synchronize if a_t.is_cuda else (lambda: None)
 
         def jax_dev():
             jax.block_until_ready(score_pairs(name, a_j, b_j))
@@ -393,10 +404,12 @@ def workload_c(s: dict, log) -> dict:
         def torch_loop():
             with torch.no_grad():
                 [fn_t(a_t[p], b_t[p]) for p in range(P)]
+            sync()
 
         def torch_batched():
             with torch.no_grad():
                 fn_t(a_t, b_t)
+            sync()
 
         t0 = time.perf_counter()
         jax_dev()
@@ -409,7 +422,7 @@ def workload_c(s: dict, log) -> dict:
                   "torch_batched": torch_batched}.items()}
         med = {k: _median(v) for k, v in times.items()}
         # agreement of the two implementations on these inputs
-        diff = float(np.max(np.abs(np.asarray(score_pairs(name, a_j, b_j)) - fn_t(a_t, b_t).numpy())))
+        diff = float(np.max(np.abs(np.asarray(score_pairs(name, a_j, b_j)) - fn_t(a_t, b_t).cpu().numpy())))
         row = {"score": name, "pairs": P, "probes": N, "classes": C, "probe_pairs": P * N,
                **{f"{k}_pp_s": P * N / v for k, v in med.items()},
                "ratio_jax_over_torch_loop": med["torch_loop"] / med["jax_device_inputs"],
@@ -508,7 +521,8 @@ def render_markdown(res: dict) -> str:
          "Numbers are measured, never asserted by tests.", "", "```", res["command"], "```", "",
          "## Machine and versions", "",
          f"- CPU: {m['cpu_model']} ({m['usable_cpus']} usable of {m['logical_cpus']} logical), {m['memory_gib']} GiB RAM; "
-         f"jax backend `{m['jax_backend']}`, {m['jax_devices']} device(s); torch threads {st['torch_threads']}, "
+         f"jax backend `{m['jax_backend']}`, {m['jax_devices']} device(s) ({m.get('jax_device_kind', '?')}); "
+         f"torch on `{m.get('torch_device', 'cpu')}`, torch threads {st['torch_threads']}, "
          f"OMP_WAIT_POLICY {st.get('omp_wait_policy') or 'unset'}",
          f"- load average (1/5/15 min) at start {res['load_average_1_5_15']['start']}, at end "
          f"{res['load_average_1_5_15']['end']} (a load above the core count means other work shared these cores: "
@@ -595,11 +609,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=None, help="(a) repeats")
     ap.add_argument("--archs", default=None, help="(a) comma-separated zoo architectures")
     ap.add_argument("--batches", default=None, help="(a) comma-separated batch sizes")
+    ap.add_argument("--preset", choices=("cpu", "gpu"), default="cpu",
+                    help="problem sizes: cpu (default, ~15 min on 2 cores) or gpu (larger batches and pair counts)")
+    ap.add_argument("--torch-device", default="cpu",
+                    help="where the PyTorch side runs (cpu, cuda, ...); JAX runs on its default backend. "
+                         "Workload d (end-to-end detect, torch teachers on host arrays) needs cpu")
+    ap.add_argument("--tag", default=None, help="results file stem (default throughput, throughput_quick with --quick)")
     args = ap.parse_args(argv)
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     if not workloads or any(w not in ALL_WORKLOADS for w in workloads):
         ap.error(f"--workloads must name some of {ALL_WORKLOADS}")
-    s = dict(QUICK if args.quick else FULL)
+    if args.torch_device != "cpu" and "d" in workloads:
+        ap.error("workload d runs its torch teachers on host arrays: use --torch-device cpu, or leave d out")
+    global TORCH_DEVICE
+    TORCH_DEVICE = args.torch_device
+    s = dict(QUICK if args.quick else GPU if args.preset == "gpu" else FULL)
     if args.steps is not None:
         s["steps"] = args.steps
     if args.repeats is not None:
@@ -627,6 +651,7 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join([sys.executable, *(sys.argv if argv is None else ["benchmarks/throughput.py", *argv])])
     log(f"throughput benchmark: workloads {workloads}, {threads} threads, load {load_start}")
     results = {}
+    stem = args.tag or ("throughput_quick" if args.quick else "throughput")
     with tempfile.TemporaryDirectory(prefix="kdd-throughput-") as tmp:
         root = Path(tmp)
         for wl in workloads:
@@ -640,28 +665,41 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 results["d"] = workload_d(s, root, log)
             results[wl]["wall_s"] = time.perf_counter() - t0
+            # written after every workload: a run cut short (time limit on a lent GPU) keeps what it measured
+            _write(args.out, stem, _result(results, s, args, workloads, command, env, load_start, t_start))
+    res = _result(results, s, args, workloads, command, env, load_start, t_start)
+    _write(args.out, stem, res)
+    log(f"done in {res['total_s']:.0f} s -> {args.out / stem}.{{md,json}}")
+    return 0
+
+
+def _write(out: Path, stem: str, res: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=1, default=_json_default) + "\n")
+    (out / f"{stem}.md").write_text(render_markdown(res))
+
+
+def _result(results, s, args, workloads, command, env, load_start, t_start) -> dict:
+    import torch
+
     from benchmarks.convert_bench import library_fingerprint
 
-    res = {
+    return {
         "kind": BENCH_KIND,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command, "cwd": os.getcwd(), "git": env["git"],
         "library_sources_sha256": {"start": env["library_sources_sha256"], "end": library_fingerprint()},
         "load_average_1_5_15": {"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in os.getloadavg()]},
         "machine": env["machine"], "versions": env["versions"],
-        "settings": {**s, "quick": args.quick, "workloads": workloads, "torch_threads": torch.get_num_threads(),
+        "settings": {**s, "quick": args.quick, "preset": args.preset, "workloads": workloads,
+                     "workloads_done": list(results), "torch_device": env["torch_device"],
+                     "torch_threads": torch.get_num_threads(),
                      "torch_interop_threads": torch.get_num_interop_threads(),
                      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
         "workloads": results,
         "total_s": time.perf_counter() - t_start,
         "notes": NOTES,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "throughput_quick" if args.quick else "throughput"
-    (args.out / f"{stem}.json").write_text(json.dumps(res, indent=1, default=_json_default) + "\n")
-    (args.out / f"{stem}.md").write_text(render_markdown(res))
-    log(f"done in {res['total_s']:.0f} s -> {args.out / stem}.{{md,json}}")
-    return 0
 
 
 def _json_default(o):

@@ -54,6 +54,33 @@ def test_throughput_quick(tmp_path):
     md = (tmp_path / "throughput_quick.md").read_text()
     for heading in ("## (a)", "## (b)", "## (c)", "## (d)", "Cross-check", "load average"):
         assert heading in md
+    assert res["settings"]["workloads_done"] == ["a", "b", "c", "d"]
+    assert res["machine"]["torch_device"] == "cpu" and res["machine"]["jax_device_kind"]
+    assert "torch on `cpu`" in md
+
+
+def test_throughput_options(tmp_path, monkeypatch):
+    """--tag names the results files; each workload's results are on disk before the next one starts (a
+    run cut short on a lent GPU keeps them); workload d refuses a non-CPU torch device before any work."""
+    from benchmarks import throughput
+
+    with pytest.raises(SystemExit):
+        throughput.main(["--quick", "--workloads", "c,d", "--torch-device", "cuda", "--out", str(tmp_path)])
+    assert not list(tmp_path.iterdir())
+
+    seen = []
+    real_c = throughput.workload_c
+
+    def spy_c(s, log):  # when (c) starts, (a)'s results must already be written
+        seen.append(json.loads((tmp_path / "t.json").read_text())["settings"]["workloads_done"])
+        return real_c(s, log)
+
+    monkeypatch.setattr(throughput, "workload_c", spy_c)
+    assert throughput.main(["--quick", "--workloads", "a,c", "--tag", "t", "--out", str(tmp_path)]) == 0
+    assert seen == [["a"]]
+    res = json.loads((tmp_path / "t.json").read_text())
+    assert res["settings"]["workloads_done"] == ["a", "c"] and res["settings"]["preset"] == "cpu"
+    assert (tmp_path / "t.md").is_file() and not (tmp_path / "throughput_quick.json").exists()
 
 
 def test_reference_scores_equal_kdd_jax():

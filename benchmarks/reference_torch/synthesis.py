@@ -188,7 +188,7 @@ def synthesize_pixels_torch(model: nn.Module, config, sc, *, x0: torch.Tensor | 
         x_init, t_init = initial_probes(config, sc)
         x0 = x_init if x0 is None else x0
         targets = t_init if targets is None else targets
-    lo, hi = normalised_bounds(config)
+    lo, hi = (b.to(x0.device) for b in normalised_bounds(config))  # the model's device (x0 is put there)
     weights = _weights(sc)
     x = x0.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([x], lr=sc.lr if sc.lr is not None else DEFAULT_LR)
@@ -204,8 +204,9 @@ def synthesize_pixels_torch(model: nn.Module, config, sc, *, x0: torch.Tensor | 
             opt.step()
             with torch.no_grad():
                 x.clamp_(lo, hi)
-            history.append(loss.item())
-    return x.detach(), targets, np.asarray(history, np.float32)
+            history.append(loss.detach())  # read back once at the end: no device sync per step on a GPU
+    hist = torch.stack(history).cpu().numpy() if history else np.zeros(0)
+    return x.detach(), targets, np.asarray(hist, np.float32)
 
 
 def synthesize_pixels_torch_vmap(models: list[nn.Module], config, sc, x0s: torch.Tensor, targets: torch.Tensor,
@@ -220,7 +221,7 @@ def synthesize_pixels_torch_vmap(models: list[nn.Module], config, sc, x0s: torch
     _check_supported(sc)
     params, buffers = stack_module_state(list(models))
     base = copy.deepcopy(models[0]).to("meta")
-    lo, hi = normalised_bounds(config)
+    lo, hi = (b.to(x0s.device) for b in normalised_bounds(config))
     weights = _weights(sc)
     history = []
     with BNStatisticsHooks(base) as hooks:
@@ -239,8 +240,8 @@ def synthesize_pixels_torch_vmap(models: list[nn.Module], config, sc, x0s: torch
             opt.step()
             with torch.no_grad():
                 xs.clamp_(lo, hi)
-            history.append(losses.detach().numpy().copy())
-    return xs.detach(), np.stack(history).astype(np.float32)
+            history.append(losses.detach().clone())
+    return xs.detach(), torch.stack(history).cpu().numpy().astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- detection
