@@ -135,7 +135,8 @@ def markdown(doc: dict) -> str:
              "## Cost per student as the audit grows", "",
              f"Tiny random-weight VGG students (12x12, 6 classes), 2 local teachers (probabilities API), "
              f"{m['probes']} probes, {m['steps']} pixel-synthesis steps, 200 bootstrap replicates; every artefact "
-             "written. Seconds per student exclude the first student (compilation), shown on its own.", "",
+             "written. Seconds per student exclude the first student (compilation), shown on its own. JAX backend: "
+             f"{m.get('jax_backend', 'cpu (not recorded)')}.", "",
              "| students | total s | first student s | s / student (mean) | p50 | p90 | summary + bookkeeping s | failed |",
              "|---|---|---|---|---|---|---|---|"]
     for r in doc["audit"]:
@@ -146,7 +147,8 @@ def markdown(doc: dict) -> str:
         base = doc["scoring"][0]
         lines += ["", "## Scoring stage vs devices (probe-pairs per second)", "",
                   f"score_pairs on {m['pairs']} (student, teacher) pairs x {m['pair_probes']} probes x 10 classes, median of "
-                  f"{m['reps']} runs after compilation; CPU devices share {m['machine']['usable_cpus']} cores.", "",
+                  f"{m['reps']} runs after compilation; always on CPU (JAX_PLATFORMS=cpu, forced host devices), whatever "
+                  f"the audit's backend: the devices share {m['machine']['usable_cpus']} cores.", "",
                   "| devices | neg_kl | dark_corr | linear_cka | neg_kl speed-up |", "|---|---|---|---|---|"]
         for r in doc["scoring"]:
             lines.append(f"| {r['devices']} | {r['neg_kl']:.3g} | {r['dark_corr']:.3g} | {r['linear_cka']:.3g} | "
@@ -179,12 +181,15 @@ def main(argv=None) -> int:
             print(f"  {rows[-1]}", file=sys.stderr, flush=True)
     devices = [int(x) for x in args.devices.split(",") if x]
     scoring = scoring_vs_devices(devices, args.pairs, args.pair_probes, 10, args.reps) if devices else []
+    import jax
+
     doc = {"audit": rows, "scoring": scoring,
            "meta": {"machine": machine(), "versions": versions(), "date": datetime.date.today().isoformat(),
                     "command": "python benchmarks/audit_scaling.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                     "wall_seconds": time.perf_counter() - started, "loadavg_start": load0,
                     "loadavg_end": [round(x, 2) for x in os.getloadavg()], "probes": args.probes, "steps": args.steps,
-                    "pairs": args.pairs, "pair_probes": args.pair_probes, "reps": args.reps}}
+                    "pairs": args.pairs, "pair_probes": args.pair_probes, "reps": args.reps,
+                    "jax_backend": f"{jax.default_backend()} ({jax.devices()[0].device_kind})"}}
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / f"{args.tag}.json", doc)
     atomic_write_bytes(args.out / f"{args.tag}.md", markdown(doc).encode())
