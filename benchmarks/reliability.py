@@ -1763,8 +1763,8 @@ def write_report(res: dict, out: Path, name: str) -> None:
               f"- `kdd detect` x {res['meta']['config']['conc_cli']} at once, {c['rounds']} round(s), pairs with one "
               f"seed: failed {c['failed']}, cache corrupt {c['cache_corrupt']}, answers lost {c['answers_lost']} of "
               f"{c['answers']}, verdict changes vs a lone run {c['verdict_changes']}; probes answered twice because "
-              f"two processes missed the cache at the same moment: {c['concurrent_duplicate_queries']} (not prevented: "
-              "no cross-process claim on in-flight probes)",
+              f"two processes missed the cache at the same moment: {c['concurrent_duplicate_queries']} (goal 0: probes "
+              "being asked are claimed in the cache, and the other processes wait for their answers)",
               f"- library writers x {res['meta']['config']['conc_procs']}, {b['rounds']} round(s) of "
               f"{res['meta']['config']['conc_seconds']:g} s, one SIGKILLed per round ({b['killed']} killed): failed "
               f"{b['failed']}, cache corrupt {b['cache_corrupt']}, answers returned to a process but missing from the "

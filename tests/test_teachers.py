@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import multiprocessing
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -184,3 +186,106 @@ def test_setting_up_a_shared_cache_waits_out_locks():
         _retry_locked(lambda: (_ for _ in ()).throw(sqlite3.OperationalError("no such table: x")))
     with pytest.raises(sqlite3.OperationalError, match="locked"):
         _retry_locked(lambda: (_ for _ in ()).throw(sqlite3.OperationalError("database is locked")), seconds=0.05)
+
+
+# ----------------------------------------------------------------------------- in-flight claims
+
+
+def _inflight(path):
+    import sqlite3
+
+    with sqlite3.connect(path) as conn:
+        return conn.execute("SELECT key, owner, pid FROM inflight").fetchall()
+
+
+def slow_teacher(asked, delay=0.15):
+    w = np.random.default_rng(0).normal(size=(16, 5)).astype(np.float32)  # linear_teacher's weights
+
+    def fn(x):
+        asked.extend(p.tobytes() for p in x)
+        time.sleep(delay)
+        return x.reshape(len(x), -1) @ w
+
+    return CallableTeacher("lin", fn, num_classes=5, spec=SPEC, output="logits", k=3)
+
+
+def test_concurrent_misses_of_the_same_probes_are_paid_once(tmp_path):
+    """Two queries (threads, each with its own cache connection) miss the same probes at the same
+    time: each probe is sent once, both get every answer, and the waiting is counted."""
+    path = tmp_path / "c.sqlite"
+    asked, outs, stats = [], {}, {}
+    shared, own = probes(24, seed=1), {0: probes(6, seed=2), 1: probes(6, seed=3)}
+    start = threading.Barrier(2)
+
+    def run(i):
+        teacher = slow_teacher(asked)
+        t = CachedTeacher(teacher, ResponseCache(path), batch_size=8)
+        x = np.concatenate([shared, own[i]]) if i == 0 else np.concatenate([own[i], shared[::-1]])
+        start.wait()
+        outs[i], stats[i] = (x, t.query(x)), t.stats
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert len(asked) == len(set(asked)) == 24 + 12  # every distinct probe sent exactly once
+    assert stats[0].queries + stats[1].queries == 36 and stats[0].waited + stats[1].waited > 0
+    for x, out in outs.values():
+        np.testing.assert_allclose(out.values, linear_teacher().query(x).values, rtol=1e-6)
+    assert _inflight(path) == []  # every claim released
+
+
+def test_stale_claims_are_taken_over_and_live_ones_waited_for(tmp_path):
+    import os
+    import sqlite3
+    import subprocess
+    import sys
+
+    from kdd_jax.teachers.cache import _HOST, probe_key
+
+    path = tmp_path / "c.sqlite"
+    cache = ResponseCache(path)
+    x = probes(6)
+    keys = [probe_key("lin", "logits", p) for p in x]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    with sqlite3.connect(path) as conn:  # a killed process's claim (this host), and an expired one
+        conn.execute("INSERT INTO inflight VALUES (?, 'gone', ?, ?, ?)", (keys[0], _HOST, dead_pid, time.time() + 1e6))
+        conn.execute("INSERT INTO inflight VALUES (?, 'late', 'other-host', 1, ?)", (keys[1], time.time() - 1))
+    calls = []
+    t = CachedTeacher(linear_teacher(calls=calls), cache)
+    t0 = time.monotonic()
+    t.query(x[:2])
+    assert sum(calls) == 2 and time.monotonic() - t0 < 5 and _inflight(path) == []
+
+    # a live claim (another query of this very process) is waited for, not asked again
+    with sqlite3.connect(path) as conn:
+        conn.executemany("INSERT INTO inflight VALUES (?, 'busy', ?, ?, ?)",
+                         [(k, _HOST, os.getpid(), time.time() + 1e6) for k in keys[2:]])
+    answers = linear_teacher().query(x).values
+    answer = threading.Timer(0.4, lambda: ResponseCache(path).put_many(  # the claim's owner stores its answers
+        "lin", "logits", [(k, np.asarray(answers[i], np.float32).tobytes(), None) for i, k in enumerate(keys) if i >= 2]))
+    answer.start()
+    calls.clear()
+    t0 = time.monotonic()
+    out = t.query(x)
+    assert calls == [] and time.monotonic() - t0 >= 0.35 and t.stats.waited == 4
+    np.testing.assert_allclose(out.values, linear_teacher().query(x).values, rtol=1e-6)
+    assert _inflight(path) == []
+
+
+def test_a_failed_query_releases_its_claims(tmp_path):
+    path = tmp_path / "c.sqlite"
+
+    def broken(x):
+        raise TeacherError("teacher 'lin' is down")
+
+    t = CachedTeacher(CallableTeacher("lin", broken, num_classes=5, spec=SPEC, output="logits"), ResponseCache(path))
+    with pytest.raises(TeacherError, match="down"):
+        t.query(probes(4))
+    assert _inflight(path) == []  # a later query asks at once instead of waiting for a lease
+    ok = CachedTeacher(linear_teacher(), ResponseCache(path))
+    t0 = time.monotonic()
+    ok.query(probes(4))
+    assert ok.stats.queries == 4 and time.monotonic() - t0 < 5

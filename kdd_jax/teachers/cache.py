@@ -4,15 +4,24 @@ Every answer is stored per probe, keyed by SHA-256 of (teacher name, output kind
 shape and exact bytes), in SQLite (WAL journal: concurrent readers and writers across processes;
 each batch is one transaction, so a crash loses at most the batch in flight, never corrupts).
 The first answer stored for a key wins: a repeated or concurrent query never overwrites it.
+
+Probes being asked are claimed in the same database (table `inflight`), so processes (and threads)
+that miss the cache for the same probes at the same time pay for them once: the first claims and
+asks, the others wait for its answers. A claim is held for a lease (renewed as answers arrive); it is
+taken over at once when its process is gone (same host) or when its lease has run out (any host),
+and released when its query fails, so a crash or an error never strands the probes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
+import socket
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,7 +38,26 @@ CREATE TABLE IF NOT EXISTS responses (
     idx      BLOB,           -- int32 row (top-k indices) or a single label
     created  REAL NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS inflight (
+    key      TEXT PRIMARY KEY,
+    owner    TEXT NOT NULL,  -- the claiming query: host:pid:token
+    host     TEXT NOT NULL,
+    pid      INTEGER NOT NULL,
+    expires  REAL NOT NULL   -- time.time() after which anyone may take the claim over
+) WITHOUT ROWID;
 """
+CLAIM_LEASE_S = 300.0  # a claim's lifetime without news from its owner (renewed with every answer stored)
+_HOST = socket.gethostname()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's) or cannot be told: trust the lease
+    return True
 
 
 def probe_key(teacher: str, kind: str, probe: np.ndarray) -> str:
@@ -47,6 +75,7 @@ class CacheStats:
     misses: int = 0
     queries: int = 0  # probes actually sent to teachers
     batches: int = 0
+    waited: int = 0  # probes another query was asking: answered by it, not sent again
 
 
 def _retry_locked(fn, seconds: float = 60.0):
@@ -97,7 +126,10 @@ class ResponseCache:
             found.update({k: (kind, v, x) for k, kind, v, x in rows})
         return found
 
-    def put_many(self, teacher: str, kind: str, items: list[tuple[str, bytes | None, bytes | None]]) -> None:
+    def put_many(self, teacher: str, kind: str, items: list[tuple[str, bytes | None, bytes | None]],
+                 owner: str | None = None) -> None:
+        """Store answers (first one wins) and, in the same transaction, drop the claims on them; with
+        `owner`, renew that query's remaining claims."""
         conn = self._conn()
         now = time.time()
         conn.execute("BEGIN IMMEDIATE")
@@ -106,10 +138,50 @@ class ResponseCache:
                 "INSERT OR IGNORE INTO responses (key, teacher, kind, vals, idx, created) VALUES (?, ?, ?, ?, ?, ?)",
                 [(k, teacher, kind, v, x, now) for k, v, x in items],
             )
+            conn.executemany("DELETE FROM inflight WHERE key = ?", [(k,) for k, _, _ in items])
+            if owner is not None:
+                conn.execute("UPDATE inflight SET expires = ? WHERE owner = ?", (now + CLAIM_LEASE_S, owner))
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+
+    def claim(self, keys: list[str], owner: str, lease: float = CLAIM_LEASE_S
+              ) -> tuple[list[str], dict[str, tuple[str, bytes | None, bytes | None]]]:
+        """Claim the unanswered `keys` nobody else is asking, in one transaction.
+
+        Returns (claimed keys, answers already stored). Keys in neither are being asked by a live
+        query elsewhere. A claim whose process is gone (this host) or whose lease has expired is
+        taken over."""
+        conn = self._conn()
+        now = time.time()
+        mine: list[str] = []
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            done = self.get_many(keys)
+            rest = [k for k in keys if k not in done]
+            held = {}
+            for i in range(0, len(rest), 500):
+                chunk = rest[i : i + 500]
+                held.update({k: (o, h, p, e) for k, o, h, p, e in conn.execute(
+                    f"SELECT key, owner, host, pid, expires FROM inflight WHERE key IN ({','.join('?' * len(chunk))})",
+                    chunk)})
+            pid = os.getpid()
+            for k in rest:
+                h = held.get(k)
+                if h is None or h[0] == owner or h[3] < now or (h[1] == _HOST and not _pid_alive(h[2])):
+                    mine.append(k)
+            conn.executemany("INSERT OR REPLACE INTO inflight (key, owner, host, pid, expires) VALUES (?, ?, ?, ?, ?)",
+                             [(k, owner, _HOST, pid, now + lease) for k in mine])
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return mine, done
+
+    def release(self, owner: str) -> None:
+        """Drop every claim of `owner` (its query ended, answered or not)."""
+        _retry_locked(lambda: self._conn().execute("DELETE FROM inflight WHERE owner = ?", (owner,)))
 
     def count(self, teacher: str | None = None) -> int:
         sql, args = "SELECT COUNT(*) FROM responses", ()
@@ -154,7 +226,10 @@ def cached_query(
     `ask(x, on_part=cb)` hands over the parts of a batch as they arrive (an HTTP teacher's
     requests) and each is stored at once. `keys` (one per probe) replace `probe_key` for probes
     that are not one array (a generative request: prompt + noise); `inputs[rows]` must then
-    select rows by a list of indices. Rows come back as stored: flat float32 / int32."""
+    select rows by a list of indices. Rows come back as stored: flat float32 / int32.
+
+    Misses are claimed before they are asked (`ResponseCache.claim`); misses that another query
+    holds are waited for and counted in `stats.waited`, not asked again."""
     if keys is None:
         keys = [probe_key(teacher_name, kind, p) for p in inputs]
     found = cache.get_many(list(dict.fromkeys(keys)))
@@ -171,13 +246,13 @@ def cached_query(
             f"teacher {teacher_name!r}: {len(to_ask)} new queries needed, {budget - stats.queries} left of the budget {budget}"
         )
     lock = threading.Lock()
-    for start in range(0, len(to_ask), batch_size):
-        rows = to_ask[start : start + batch_size]
+    owner = f"{_HOST}:{os.getpid()}:{uuid.uuid4().hex}"
 
+    def ask_rows(rows: list[int]) -> None:
         def store(offset: int, out: TeacherOutput, rows=rows) -> None:
             part = rows[offset : offset + len(out)]
             items = [(keys[r], *_row_bytes(out, j)) for j, r in enumerate(part)]
-            cache.put_many(teacher_name, kind, items)
+            cache.put_many(teacher_name, kind, items, owner=owner)
             with lock:  # streamed parts arrive on the teacher's worker threads
                 stats.queries += len(part)
                 stats.batches += 1
@@ -189,6 +264,30 @@ def cached_query(
                 raise TeacherError(f"teacher {teacher_name!r} returned without handing over every part")
         else:
             store(0, ask(inputs[rows]))
+
+    pending, delay = to_ask, 0.02
+    try:
+        while pending:
+            claimed, done = cache.claim([keys[i] for i in pending], owner)
+            found.update(done)
+            stats.waited += len(done)
+            claimed = set(claimed)
+            mine = [i for i in pending if keys[i] in claimed]
+            for start in range(0, len(mine), batch_size):
+                ask_rows(mine[start : start + batch_size])
+            pending = [i for i in pending if keys[i] not in found]
+            if pending:  # being asked by another query: wait for its answers (or for its claim to lapse)
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
+                got = cache.get_many([keys[i] for i in pending])
+                found.update(got)
+                stats.waited += len(got)
+                pending = [i for i in pending if keys[i] not in found]
+            else:
+                delay = 0.02
+    finally:
+        if to_ask:
+            cache.release(owner)
     return _from_rows(kind, [found[k][1:] for k in keys])
 
 
