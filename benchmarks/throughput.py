@@ -614,7 +614,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--torch-device", default="cpu",
                     help="where the PyTorch side runs (cpu, cuda, ...); JAX runs on its default backend. "
                          "Workload d (end-to-end detect, torch teachers on host arrays) needs cpu")
-    ap.add_argument("--tag", default=None, help="results file stem (default throughput, throughput_quick with --quick)")
+    ap.add_argument("--tag", default=None, help="results file stem (default throughput, throughput_gpu with --preset gpu, "
+                                                "throughput_quick with --quick); a run in progress writes <stem>.partial.*")
     args = ap.parse_args(argv)
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     if not workloads or any(w not in ALL_WORKLOADS for w in workloads):
@@ -623,6 +624,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("workload d runs its torch teachers on host arrays: use --torch-device cpu, or leave d out")
     global TORCH_DEVICE
     TORCH_DEVICE = args.torch_device
+    if args.quick and args.preset != "cpu":
+        ap.error("--quick has its own tiny sizes: leave --preset out")
     s = dict(QUICK if args.quick else GPU if args.preset == "gpu" else FULL)
     if args.steps is not None:
         s["steps"] = args.steps
@@ -651,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join([sys.executable, *(sys.argv if argv is None else ["benchmarks/throughput.py", *argv])])
     log(f"throughput benchmark: workloads {workloads}, {threads} threads, load {load_start}")
     results = {}
-    stem = args.tag or ("throughput_quick" if args.quick else "throughput")
+    stem = args.tag or ("throughput_quick" if args.quick else "throughput_gpu" if args.preset == "gpu" else "throughput")
     with tempfile.TemporaryDirectory(prefix="kdd-throughput-") as tmp:
         root = Path(tmp)
         for wl in workloads:
@@ -665,10 +668,13 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 results["d"] = workload_d(s, root, log)
             results[wl]["wall_s"] = time.perf_counter() - t0
-            # written after every workload: a run cut short (time limit on a lent GPU) keeps what it measured
-            _write(args.out, stem, _result(results, s, args, workloads, command, env, load_start, t_start))
+            # written after every workload, beside the final files: a run cut short (a lent GPU's time limit)
+            # keeps what it measured without replacing a complete earlier result
+            _write(args.out, stem + ".partial", _result(results, s, args, workloads, command, env, load_start, t_start))
     res = _result(results, s, args, workloads, command, env, load_start, t_start)
     _write(args.out, stem, res)
+    for ext in ("json", "md"):
+        (args.out / f"{stem}.partial.{ext}").unlink(missing_ok=True)
     log(f"done in {res['total_s']:.0f} s -> {args.out / stem}.{{md,json}}")
     return 0
 

@@ -211,26 +211,31 @@ def slow_teacher(asked, delay=0.15):
 
 def test_concurrent_misses_of_the_same_probes_are_paid_once(tmp_path):
     """Two queries (threads, each with its own cache connection) miss the same probes at the same
-    time: each probe is sent once, both get every answer, and the waiting is counted."""
+    time: each probe is sent once, both get every answer; what one did not ask it either waited for
+    or found already stored."""
     path = tmp_path / "c.sqlite"
-    asked, outs, stats = [], {}, {}
+    asked, outs, stats, errors = [], {}, {}, []
     shared, own = probes(24, seed=1), {0: probes(6, seed=2), 1: probes(6, seed=3)}
     start = threading.Barrier(2)
 
     def run(i):
-        teacher = slow_teacher(asked)
-        t = CachedTeacher(teacher, ResponseCache(path), batch_size=8)
-        x = np.concatenate([shared, own[i]]) if i == 0 else np.concatenate([own[i], shared[::-1]])
-        start.wait()
-        outs[i], stats[i] = (x, t.query(x)), t.stats
+        try:
+            t = CachedTeacher(slow_teacher(asked), ResponseCache(path), batch_size=8)
+            x = np.concatenate([shared, own[i]]) if i == 0 else np.concatenate([own[i], shared[::-1]])
+            start.wait(30)
+            outs[i], stats[i] = (x, t.query(x)), t.stats
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in (0, 1)]
     for th in threads:
         th.start()
     for th in threads:
         th.join(60)
+    assert not errors and not any(th.is_alive() for th in threads)
     assert len(asked) == len(set(asked)) == 24 + 12  # every distinct probe sent exactly once
-    assert stats[0].queries + stats[1].queries == 36 and stats[0].waited + stats[1].waited > 0
+    assert stats[0].queries + stats[1].queries == 36
+    assert stats[0].waited + stats[0].hits + stats[1].waited + stats[1].hits == 24
     for x, out in outs.values():
         np.testing.assert_allclose(out.values, linear_teacher().query(x).values, rtol=1e-6)
     assert _inflight(path) == []  # every claim released
@@ -242,40 +247,47 @@ def test_stale_claims_are_taken_over_and_live_ones_waited_for(tmp_path):
     import subprocess
     import sys
 
-    from kdd_jax.teachers.cache import _HOST, probe_key
+    from kdd_jax.teachers.cache import _HOST, _PROCESS, probe_key
 
     path = tmp_path / "c.sqlite"
     cache = ResponseCache(path)
-    x = probes(6)
+    x = probes(7)
     keys = [probe_key("lin", "logits", p) for p in x]
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead_pid = int(dead.stdout)
-    with sqlite3.connect(path) as conn:  # a killed process's claim (this host), and an expired one
-        conn.execute("INSERT INTO inflight VALUES (?, 'gone', ?, ?, ?)", (keys[0], _HOST, dead_pid, time.time() + 1e6))
-        conn.execute("INSERT INTO inflight VALUES (?, 'late', 'other-host', 1, ?)", (keys[1], time.time() - 1))
+    now, pid = time.time(), os.getpid()
+    with sqlite3.connect(path) as conn:  # stale: a finished process (this host), an earlier process with this
+        conn.executemany("INSERT INTO inflight VALUES (?, ?, ?, ?, ?)", [  # PID, another host's expired lease
+            (keys[0], f"{_HOST}:{int(dead.stdout)}:x:q", _HOST, int(dead.stdout), now + 30),
+            (keys[1], f"{_HOST}:{pid}:earlier:q", _HOST, pid, now + 30),
+            (keys[2], "far:1:x:q", "far", 1, now - 1)])
     calls = []
     t = CachedTeacher(linear_teacher(calls=calls), cache)
     t0 = time.monotonic()
-    t.query(x[:2])
-    assert sum(calls) == 2 and time.monotonic() - t0 < 5 and _inflight(path) == []
+    t.query(x[:3])
+    assert sum(calls) == 3 and time.monotonic() - t0 < 5 and _inflight(path) == []
 
-    # a live claim (another query of this very process) is waited for, not asked again
+    # live: another query of this very process (even past its lease: on its host a claim lasts as long
+    # as its process), and another host's unexpired lease; both are waited for, not asked again
     with sqlite3.connect(path) as conn:
-        conn.executemany("INSERT INTO inflight VALUES (?, 'busy', ?, ?, ?)",
-                         [(k, _HOST, os.getpid(), time.time() + 1e6) for k in keys[2:]])
+        conn.executemany("INSERT INTO inflight VALUES (?, ?, ?, ?, ?)",
+                         [(k, f"{_HOST}:{pid}:{_PROCESS}:busy", _HOST, pid, now - 1) for k in keys[3:6]]
+                         + [(keys[6], "far:1:x:q", "far", 1, now + 30)])
     answers = linear_teacher().query(x).values
-    answer = threading.Timer(0.4, lambda: ResponseCache(path).put_many(  # the claim's owner stores its answers
-        "lin", "logits", [(k, np.asarray(answers[i], np.float32).tobytes(), None) for i, k in enumerate(keys) if i >= 2]))
-    answer.start()
+    answer = threading.Timer(0.4, lambda: ResponseCache(path).put_many(  # the claims' owners store their answers
+        "lin", "logits", [(k, np.asarray(answers[i], np.float32).tobytes(), None) for i, k in enumerate(keys) if i >= 3]))
     calls.clear()
     t0 = time.monotonic()
+    answer.start()
     out = t.query(x)
+    answer.join(10)
     assert calls == [] and time.monotonic() - t0 >= 0.35 and t.stats.waited == 4
-    np.testing.assert_allclose(out.values, linear_teacher().query(x).values, rtol=1e-6)
+    np.testing.assert_allclose(out.values, answers, rtol=1e-6)
     assert _inflight(path) == []
 
 
 def test_a_failed_query_releases_its_claims(tmp_path):
+    from kdd_jax.teachers.cache import CacheStats, cached_query
+
     path = tmp_path / "c.sqlite"
 
     def broken(x):
@@ -284,7 +296,12 @@ def test_a_failed_query_releases_its_claims(tmp_path):
     t = CachedTeacher(CallableTeacher("lin", broken, num_classes=5, spec=SPEC, output="logits"), ResponseCache(path))
     with pytest.raises(TeacherError, match="down"):
         t.query(probes(4))
-    assert _inflight(path) == []  # a later query asks at once instead of waiting for a lease
+    assert _inflight(path) == []  # a later query asks at once instead of waiting for the process to end
+    # an unvalidated ask that answers fewer rows than asked is an error, not a probe asked again forever
+    with pytest.raises(TeacherError, match="answered 2 rows for 4 probes"):
+        cached_query(ResponseCache(path), "lin", "logits", probes(4), lambda x: linear_teacher().query(x[:2]),
+                     stats=CacheStats())
+    assert _inflight(path) == []
     ok = CachedTeacher(linear_teacher(), ResponseCache(path))
     t0 = time.monotonic()
     ok.query(probes(4))

@@ -71,16 +71,20 @@ def test_throughput_options(tmp_path, monkeypatch):
     seen = []
     real_c = throughput.workload_c
 
-    def spy_c(s, log):  # when (c) starts, (a)'s results must already be written
-        seen.append(json.loads((tmp_path / "t.json").read_text())["settings"]["workloads_done"])
+    def spy_c(s, log):  # when (c) starts, (a)'s results are on disk, beside (not over) the final file
+        seen.append(json.loads((tmp_path / "t.partial.json").read_text())["settings"]["workloads_done"])
+        seen.append((tmp_path / "t.json").exists())
         return real_c(s, log)
 
     monkeypatch.setattr(throughput, "workload_c", spy_c)
     assert throughput.main(["--quick", "--workloads", "a,c", "--tag", "t", "--out", str(tmp_path)]) == 0
-    assert seen == [["a"]]
+    assert seen == [["a"], False]
     res = json.loads((tmp_path / "t.json").read_text())
     assert res["settings"]["workloads_done"] == ["a", "c"] and res["settings"]["preset"] == "cpu"
-    assert (tmp_path / "t.md").is_file() and not (tmp_path / "throughput_quick.json").exists()
+    assert (tmp_path / "t.md").is_file() and not list(tmp_path.glob("t.partial.*"))
+    assert not (tmp_path / "throughput_quick.json").exists()
+    with pytest.raises(SystemExit):
+        throughput.main(["--quick", "--preset", "gpu", "--out", str(tmp_path)])
 
 
 def test_reference_scores_equal_kdd_jax():

@@ -804,7 +804,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda, cuda:1, ...)")
     ap.add_argument("--preset", choices=("cpu", "gpu"), default="cpu",
                     help="cpu: the committed zoo (manifest.json); gpu: the same zoo trained ~25x longer, built "
-                         "into gpu/cache/ with gpu/manifest.json (needs --device cuda)")
+                         "into gpu/cache/ with gpu/manifest.json (meant for --device cuda)")
     ap.add_argument("--worker-id", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--manifest", type=Path, default=None, help="default: manifest.json here (full) or <out>")
@@ -856,7 +856,14 @@ def main(argv=None):
         cmd = [sys.executable, "-m", "benchmarks.zoo_diffusion.build", "--out", str(args.out),
                "--device", args.device, "--preset", args.preset, "--workers", str(args.workers)]
         cmd += ["--smoke"] if args.smoke else []
-        # claims are per run: a claim left by a killed run (on this or another machine) must not block this one
+        # one build per folder at a time (its workers are this process's children); claims are per run, so a
+        # claim left by a killed run (on this or another machine) must not block this one
+        import fcntl
+        lock_file = open(args.out / "build.lock", "w")  # noqa: SIM115 - held until the process exits
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(f"another build is running in {args.out} (it holds {args.out / 'build.lock'})") from None
         shutil.rmtree(args.out / "claims", ignore_errors=True)
         cmd += ["--only", *args.only] if args.only else []
         env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
@@ -874,13 +881,19 @@ def main(argv=None):
 
         save_state("running")
 
+        procs = []
+
         def on_term(signum, frame):
+            # a signal to this process alone must not leave workers training on. No Popen.wait here: the
+            # interrupted frame may be inside one, holding the lock it needs (it would spin to its timeout)
+            for p in procs:
+                p.terminate()
             save_state(f"interrupted (signal {signum}); finished models are kept, a re-run resumes")
             raise SystemExit(128 + signum)
 
         import signal
         signal.signal(signal.SIGTERM, on_term)
-        procs = []
+        signal.signal(signal.SIGINT, on_term)
         for i in range(args.workers):
             procs.append(subprocess.Popen(cmd + ["--worker-id", str(i)], cwd=str(REPO), env=env))
             time.sleep(2)

@@ -7,9 +7,10 @@ The first answer stored for a key wins: a repeated or concurrent query never ove
 
 Probes being asked are claimed in the same database (table `inflight`), so processes (and threads)
 that miss the cache for the same probes at the same time pay for them once: the first claims and
-asks, the others wait for its answers. A claim is held for a lease (renewed as answers arrive); it is
-taken over at once when its process is gone (same host) or when its lease has run out (any host),
-and released when its query fails, so a crash or an error never strands the probes.
+asks, the others wait for its answers. On the claimant's host a claim lasts as long as its process
+(a claim of a process that is gone, or of an earlier process that had this one's PID, is taken over
+at once); a claim from another host lasts for a lease its owner renews while it asks. A query
+releases its claims when it ends, answered or not, so a crash or an error never strands the probes.
 """
 
 from __future__ import annotations
@@ -40,14 +41,16 @@ CREATE TABLE IF NOT EXISTS responses (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS inflight (
     key      TEXT PRIMARY KEY,
-    owner    TEXT NOT NULL,  -- the claiming query: host:pid:token
+    owner    TEXT NOT NULL,  -- the claiming query: host:pid:process token:query token
     host     TEXT NOT NULL,
     pid      INTEGER NOT NULL,
-    expires  REAL NOT NULL   -- time.time() after which anyone may take the claim over
+    expires  REAL NOT NULL   -- time.time() after which another host may take the claim over
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS inflight_owner ON inflight (owner);
 """
-CLAIM_LEASE_S = 300.0  # a claim's lifetime without news from its owner (renewed with every answer stored)
+CLAIM_LEASE_S = 300.0  # a claim's lifetime for other hosts; its owner renews it every quarter of that
 _HOST = socket.gethostname()
+_PROCESS = uuid.uuid4().hex  # tells this process from an earlier one that had its PID (a restarted container)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -126,10 +129,8 @@ class ResponseCache:
             found.update({k: (kind, v, x) for k, kind, v, x in rows})
         return found
 
-    def put_many(self, teacher: str, kind: str, items: list[tuple[str, bytes | None, bytes | None]],
-                 owner: str | None = None) -> None:
-        """Store answers (first one wins) and, in the same transaction, drop the claims on them; with
-        `owner`, renew that query's remaining claims."""
+    def put_many(self, teacher: str, kind: str, items: list[tuple[str, bytes | None, bytes | None]]) -> None:
+        """Store answers (first one wins) and, in the same transaction, drop the claims on them."""
         conn = self._conn()
         now = time.time()
         conn.execute("BEGIN IMMEDIATE")
@@ -138,9 +139,7 @@ class ResponseCache:
                 "INSERT OR IGNORE INTO responses (key, teacher, kind, vals, idx, created) VALUES (?, ?, ?, ?, ?, ?)",
                 [(k, teacher, kind, v, x, now) for k, v, x in items],
             )
-            conn.executemany("DELETE FROM inflight WHERE key = ?", [(k,) for k, _, _ in items])
-            if owner is not None:
-                conn.execute("UPDATE inflight SET expires = ? WHERE owner = ?", (now + CLAIM_LEASE_S, owner))
+            conn.executemany("DELETE FROM inflight WHERE key = ?", [(k,) for k, _, _ in items])  # answered now
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -167,9 +166,20 @@ class ResponseCache:
                     f"SELECT key, owner, host, pid, expires FROM inflight WHERE key IN ({','.join('?' * len(chunk))})",
                     chunk)})
             pid = os.getpid()
+            alive: dict[int, bool] = {}
             for k in rest:
                 h = held.get(k)
-                if h is None or h[0] == owner or h[3] < now or (h[1] == _HOST and not _pid_alive(h[2])):
+                if h is None or h[0] == owner:
+                    mine.append(k)
+                elif h[1] == _HOST:  # same host: the claim lives exactly as long as its process
+                    p = h[2]
+                    if p == pid:  # this PID: ours if the process token matches, else an earlier process's
+                        stale = h[0].split(":")[2:3] != [_PROCESS]
+                    else:
+                        stale = not alive.setdefault(p, _pid_alive(p))
+                    if stale:
+                        mine.append(k)
+                elif h[3] < now:  # another host's claim whose owner stopped renewing it
                     mine.append(k)
             conn.executemany("INSERT OR REPLACE INTO inflight (key, owner, host, pid, expires) VALUES (?, ?, ?, ?, ?)",
                              [(k, owner, _HOST, pid, now + lease) for k in mine])
@@ -178,6 +188,11 @@ class ResponseCache:
             conn.execute("ROLLBACK")
             raise
         return mine, done
+
+    def renew(self, owner: str, lease: float = CLAIM_LEASE_S) -> None:
+        """Extend `owner`'s claims (for other hosts: on its own host a claim lasts as long as its process)."""
+        _retry_locked(lambda: self._conn().execute("UPDATE inflight SET expires = ? WHERE owner = ?",
+                                                   (time.time() + lease, owner)))
 
     def release(self, owner: str) -> None:
         """Drop every claim of `owner` (its query ended, answered or not)."""
@@ -246,13 +261,13 @@ def cached_query(
             f"teacher {teacher_name!r}: {len(to_ask)} new queries needed, {budget - stats.queries} left of the budget {budget}"
         )
     lock = threading.Lock()
-    owner = f"{_HOST}:{os.getpid()}:{uuid.uuid4().hex}"
+    owner = f"{_HOST}:{os.getpid()}:{_PROCESS}:{uuid.uuid4().hex}"
 
     def ask_rows(rows: list[int]) -> None:
         def store(offset: int, out: TeacherOutput, rows=rows) -> None:
             part = rows[offset : offset + len(out)]
             items = [(keys[r], *_row_bytes(out, j)) for j, r in enumerate(part)]
-            cache.put_many(teacher_name, kind, items, owner=owner)
+            cache.put_many(teacher_name, kind, items)
             with lock:  # streamed parts arrive on the teacher's worker threads
                 stats.queries += len(part)
                 stats.batches += 1
@@ -263,9 +278,16 @@ def cached_query(
             if any(keys[r] not in found for r in rows):
                 raise TeacherError(f"teacher {teacher_name!r} returned without handing over every part")
         else:
-            store(0, ask(inputs[rows]))
+            out = ask(inputs[rows])
+            if len(out) != len(rows):
+                raise TeacherError(f"teacher {teacher_name!r} answered {len(out)} rows for {len(rows)} probes")
+            store(0, out)
 
     pending, delay = to_ask, 0.02
+    stop = threading.Event()
+    if to_ask:  # renew the lease while asking (it matters to other hosts; a slow, retried request can outlast it)
+        threading.Thread(target=_heartbeat, args=(cache, owner, stop), daemon=True,
+                         name=f"kdd-claims-{teacher_name}").start()
     try:
         while pending:
             claimed, done = cache.claim([keys[i] for i in pending], owner)
@@ -286,9 +308,18 @@ def cached_query(
             else:
                 delay = 0.02
     finally:
+        stop.set()
         if to_ask:
             cache.release(owner)
     return _from_rows(kind, [found[k][1:] for k in keys])
+
+
+def _heartbeat(cache: ResponseCache, owner: str, stop: threading.Event, lease: float = CLAIM_LEASE_S) -> None:
+    while not stop.wait(lease / 4):
+        try:
+            cache.renew(owner, lease)
+        except sqlite3.Error:  # a renewal that fails only shortens the lease other hosts see
+            pass
 
 
 class CachedTeacher:
