@@ -39,7 +39,8 @@ Parts (sizes: see FULL / QUICK and the flags):
   concurrency  (a) P `kdd detect` processes at once on one cache directory (pairs with equal
                seeds ask the same probes at the same time); (b) P library processes hammering one
                cache with random overlapping queries while one of them is SIGKILLed per round.
-               Checked: integrity, answers lost, wrong values, verdicts.
+               Checked: integrity, answers lost, wrong values, verdicts, and probes paid twice
+               (each writer's teacher logs what it is asked; goal 0 among live processes).
   determinism  `kdd detect` twice with one seed (probe sha256 and verdict identical), another
                seed (differs), 1 vs 8 forced CPU devices (XLA_FLAGS in a subprocess: verdict
                within rtol 1e-5), with and without the persistent compilation cache.
@@ -1424,12 +1425,21 @@ def writer_task():
 
 def cache_writer(path: Path, seed: int, log_path: Path, seconds: float) -> None:
     """Worker: random overlapping queries through one shared cache; logs the keys it got back
-    (exit status 3 if an answer differs from the teacher's)."""
-    from kdd_jax.teachers import CachedTeacher, ResponseCache, probe_key
+    (exit status 3 if an answer differs from the teacher's), and in `<log>.asked` the keys its
+    teacher was asked (written before answering: a probe paid for twice shows up twice)."""
+    from kdd_jax.teachers import CachedTeacher, CallableTeacher, ResponseCache, probe_key
 
     teacher, pool = writer_task()
+    asked_log = open(log_path.with_name(log_path.name + ".asked"), "a")  # noqa: SIM115 - for the worker's life
+
+    def asking(x):
+        asked_log.write("".join(probe_key("lin", "logits", p) + "\n" for p in x))
+        asked_log.flush()
+        return teacher.query(x).values
+
+    logged = CallableTeacher("lin", asking, num_classes=teacher.num_classes, spec=teacher.spec)
     rng = np.random.default_rng(seed)
-    cached = CachedTeacher(teacher, ResponseCache(path), batch_size=int(rng.integers(8, 64)))
+    cached = CachedTeacher(logged, ResponseCache(path), batch_size=int(rng.integers(8, 64)))
     stop = time.monotonic() + seconds
     with open(log_path, "a") as f:
         while time.monotonic() < stop:
@@ -1492,7 +1502,8 @@ def run_concurrency(cfg: dict, args, work: Path, fleet: Fleet) -> dict:
         shutil.rmtree(root, ignore_errors=True)
     # (b) library processes hammering one cache, one SIGKILLed per round
     lib = {"rounds": 0, "processes": 0, "killed": 0, "failed": 0, "cache_corrupt": 0, "answers_lost": 0,
-           "wrong_values": 0, "unknown_rows": 0, "answers_logged": 0, "cache_rows": 0}
+           "wrong_values": 0, "unknown_rows": 0, "answers_logged": 0, "cache_rows": 0,
+           "probes_asked": 0, "asked_twice": 0, "asked_again_after_kill": 0}
     pool = np.random.default_rng(12345).uniform(size=(600, 1, 4, 4)).astype(np.float32)
     w = np.random.default_rng(5).normal(size=(16, 5)).astype(np.float32)
     teacher = CallableTeacher("lin", lambda x: x.reshape(len(x), -1) @ w, num_classes=5, spec=InputSpec((4, 4), 1))
@@ -1528,6 +1539,19 @@ def run_concurrency(cfg: dict, args, work: Path, fleet: Fleet) -> dict:
             if lp.exists():
                 logged |= {line for line in lp.read_text().split("\n") if len(line) == 64}
         stored = {k: np.frombuffer(v, np.float32) for k, v in rows}
+        # probes paid for more than once: among the survivors (goal 0: concurrent misses are claimed), and
+        # ones the killed writer had asked but not stored, which a survivor then had to ask again
+        asked = {}
+        for i in range(len(procs)):
+            lp = root / f"log{i}.asked"
+            for line in (lp.read_text().split("\n") if lp.exists() else []):
+                if len(line) == 64:
+                    asked.setdefault(line, []).append(i)
+        lib["probes_asked"] += sum(len(v) for v in asked.values())
+        for who in asked.values():
+            survivors = sum(i != victim for i in who)
+            lib["asked_twice"] += max(0, survivors - 1)
+            lib["asked_again_after_kill"] += (len(who) - 1 - max(0, survivors - 1)) if victim in who else 0
         lib["rounds"] += 1
         lib["cache_corrupt"] += integrity != "ok"
         lib["answers_logged"] += len(logged)
@@ -1644,6 +1668,9 @@ def headline(res: dict) -> list[tuple[str, str, str]]:
         crashes += sum(r["counts"]["crash"] for r in fz.values())
     if fa or ki:
         rows.append(("queries repeated (a probe answered again after its answer was received)", str(rep), "0"))
+    if co:
+        twice = co["cli"]["concurrent_duplicate_queries"] + co["library"].get("asked_twice", 0)
+        rows.append(("probes paid twice by processes missing the cache at once (live ones)", str(twice), "0"))
     if fa or ki or co:
         rows.append(("answers lost (received, then missing from the cache)", str(lost), "0"))
         rows.append(("cache corruptions (integrity_check)", str(corrupt), "0"))
@@ -1769,7 +1796,10 @@ def write_report(res: dict, out: Path, name: str) -> None:
               f"{res['meta']['config']['conc_seconds']:g} s, one SIGKILLed per round ({b['killed']} killed): failed "
               f"{b['failed']}, cache corrupt {b['cache_corrupt']}, answers returned to a process but missing from the "
               f"cache {b['answers_lost']} (of {b['answers_logged']}), wrong values {b['wrong_values']}, unknown rows "
-              f"{b['unknown_rows']}; {b['cache_rows']} rows in all", ""]
+              f"{b['unknown_rows']}; {b['cache_rows']} rows in all; probes asked {b.get('probes_asked', '-')}, asked "
+              f"twice by surviving writers {b.get('asked_twice', '-')} (goal 0: concurrent misses are claimed), asked "
+              f"again after the killed writer had asked them {b.get('asked_again_after_kill', '-')} (its claims are "
+              "taken over)", ""]
     de = res.get("determinism")
     if de:
         L += ["## Determinism", "",
