@@ -624,6 +624,15 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("workload d runs its torch teachers on host arrays: use --torch-device cpu, or leave d out")
     global TORCH_DEVICE
     TORCH_DEVICE = args.torch_device
+    if TORCH_DEVICE != "cpu":  # refuse before any work, not after minutes of JAX measurements
+        import torch
+
+        try:
+            dev = torch.device(TORCH_DEVICE)
+        except RuntimeError as e:
+            ap.error(f"--torch-device {TORCH_DEVICE!r}: {e}")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            ap.error(f"--torch-device {TORCH_DEVICE!r}: torch {torch.__version__} sees no CUDA GPU")
     if args.quick and args.preset != "cpu":
         ap.error("--quick has its own tiny sizes: leave --preset out")
     s = dict(QUICK if args.quick else GPU if args.preset == "gpu" else FULL)
@@ -680,9 +689,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _write(out: Path, stem: str, res: dict) -> None:
+    from kdd_jax.io import atomic_write_bytes  # a run killed mid-write leaves the previous file whole
+
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(res, indent=1, default=_json_default) + "\n")
-    (out / f"{stem}.md").write_text(render_markdown(res))
+    atomic_write_bytes(out / f"{stem}.json", (json.dumps(res, indent=1, default=_json_default) + "\n").encode())
+    atomic_write_bytes(out / f"{stem}.md", render_markdown(res).encode())
 
 
 def _result(results, s, args, workloads, command, env, load_start, t_start) -> dict:

@@ -85,6 +85,10 @@ def test_throughput_options(tmp_path, monkeypatch):
     assert not (tmp_path / "throughput_quick.json").exists()
     with pytest.raises(SystemExit):
         throughput.main(["--quick", "--preset", "gpu", "--out", str(tmp_path)])
+    if not torch.cuda.is_available():  # a torch device that cannot run is refused before any work
+        with pytest.raises(SystemExit):
+            throughput.main(["--quick", "--workloads", "c", "--torch-device", "cuda", "--tag", "u", "--out", str(tmp_path)])
+        assert not list(tmp_path.glob("u.*"))
 
 
 def test_reference_scores_equal_kdd_jax():

@@ -263,7 +263,7 @@ def train_loop(unet, steps: int, lr: float, loss_fn, log_name: str) -> dict:
     opt = torch.optim.Adam(unet.parameters(), lr=lr)
     unet.train()
     t0, ema, hist, pending = time.time(), None, [], []
-    # Losses are read back every SYNC_EVERY steps (a read is a device sync; on a GPU a sync every step
+    # Losses are read back every `sync_every` steps (a read is a device sync; on a GPU a sync every step
     # keeps the host from queueing ahead). The values, and so the build, are the same either way.
     sync_every = 1 if DEVICE.type == "cpu" else 50
     for step in range(steps):

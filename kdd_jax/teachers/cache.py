@@ -305,8 +305,6 @@ def cached_query(
                 found.update(got)
                 stats.waited += len(got)
                 pending = [i for i in pending if keys[i] not in found]
-            else:
-                delay = 0.02
     finally:
         stop.set()
         if to_ask:
