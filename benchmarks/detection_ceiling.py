@@ -22,6 +22,10 @@ For each pool and score:
   teachers, so a model that is merely closer to every teacher gains nothing) against the largest
   excess any independent control shows for that teacher. A student inside the controls' range
   cannot be told from an independent model by that score on these probes.
+- mistake inheritance (default pools only: needs true labels and which images each model trained on):
+  on the probes a student's own teacher labels wrongly, how often the student gives the teacher's wrong
+  label, against the independent controls and the other teachers. It says whether a student carries
+  its teacher at all beyond what independent models share, with labels no audit has at detection time.
 
 Outputs: benchmarks/results/TAG.{md,json} (TAG: --tag, default detection_ceiling). Per-model logits
 are cached in benchmarks/_work/ceiling/ keyed by the model file's hash.
@@ -67,6 +71,42 @@ def fashion_pools(size: int = POOL_SIZE) -> dict[str, np.ndarray]:
     train, test = p["real"].images, p["aux"].images
     idx = np.sort(np.random.default_rng(0).choice(len(train), size, replace=False))
     return {"test": test[:size], "train": train[idx]}
+
+
+def fashion_truth(size: int = POOL_SIZE) -> dict[str, dict]:
+    """For fashion_pools' pools: true labels, and for `train` the training-set index of each image (to
+    tell which images a model trained on)."""
+    from benchmarks.zoo.fashion import load_fashion
+
+    _, y_train = load_fashion("train")
+    _, y_test = load_fashion("test")
+    idx = np.sort(np.random.default_rng(0).choice(len(y_train), size, replace=False))
+    return {"test": {"labels": y_test[:size], "index": None}, "train": {"labels": y_train[idx], "index": idx}}
+
+
+def mistake_inheritance(top1: dict[str, np.ndarray], truth: dict, students: list[str], controls: list[str],
+                        teachers: list[str], entries: dict[str, dict]) -> dict:
+    """Does a student repeat its teacher's mistakes more often than an independent model does?
+
+    For each student: the probes its own teacher gets wrong (for the `train` pool, only those among the
+    student's own training images, i.e. where a hard-label distiller was taught the mistake), and on
+    them the share where the student's top-1 is the teacher's wrong label, against the same share for
+    each independent control and for the other teachers."""
+    from benchmarks.zoo.fashion import training_indices
+
+    rows = []
+    for s in students:
+        t = entries[s]["teacher"]
+        wrong = top1[t] != truth["labels"]
+        if truth["index"] is not None:
+            wrong &= np.isin(truth["index"], training_indices(s, entries))
+        follow = lambda m: float(np.mean(top1[m][wrong] == top1[t][wrong])) if wrong.any() else float("nan")  # noqa: E731
+        cs = [follow(c) for c in controls]
+        rows.append({"student": s, "n": int(wrong.sum()), "student_follows": follow(s),
+                     "controls_mean": float(np.mean(cs)), "controls_max": float(np.max(cs)),
+                     "other_teachers_mean": float(np.mean([follow(o) for o in teachers if o != t])),
+                     "above_controls": bool(follow(s) > np.max(cs))})
+    return {"students": rows, "above_controls": int(sum(r["above_controls"] for r in rows)), "n": len(rows)}
 
 
 def pool_logits(model, config, raw: np.ndarray, path: Path) -> np.ndarray:
@@ -198,6 +238,25 @@ def markdown(results: dict, meta: dict, students: list[str], recipes: list[str],
             top = teachers[row["top_teacher"]]
             lines.append(f"| `{name}` | {r} | {row['own_excess']:+.3f} | {row['controls_max_excess']:+.3f} | "
                          f"{'yes' if row['above_controls'] else 'no'} | {top}{'' if row['attributed'] else ' (wrong)'} |")
+    if any("mistakes" in res for res in results.values()):
+        lines += ["", "## Does a student repeat its teacher's mistakes?", "",
+                  "Probes the student's own teacher labels wrongly (on `train`: only the student's own training "
+                  "images, where a hard-label or low-temperature distiller was taught the mistake). Share of them where "
+                  "the student's top-1 is the teacher's wrong label, against the independent controls on the same "
+                  "probes (mean and max) and the other teachers (mean). Per recipe: mean over its students; *above*: "
+                  "students beyond every control.", "",
+                  "| pool | recipe | wrong probes per student | student follows | controls mean / max | other teachers | above |",
+                  "|---|---|---|---|---|---|---|"]
+        for pool, res in results.items():
+            if "mistakes" not in res:
+                continue
+            rows = res["mistakes"]["students"]
+            for r in dict.fromkeys(recipes):
+                sel = [row for row, rr in zip(rows, recipes) if rr == r]
+                m = lambda k: np.mean([row[k] for row in sel])  # noqa: E731
+                lines.append(f"| {pool} | {r} | {m('n'):.0f} | {m('student_follows'):.2f} | {m('controls_mean'):.2f} / "
+                             f"{m('controls_max'):.2f} | {m('other_teachers_mean'):.2f} | "
+                             f"{sum(row['above_controls'] for row in sel)}/{len(sel)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -217,8 +276,10 @@ def main(argv=None) -> int:
         with np.load(args.pools) as z:
             pools = {k: np.asarray(z[k], np.float32) for k in z.files}
         sources = {k: f"images from {args.pools}" for k in pools}
+        truth = None  # no labels or training-set indices: the mistake-inheritance section is skipped
     else:
         pools = fashion_pools()
+        truth = fashion_truth()
         sources = {"test": "Fashion-MNIST test images (no zoo model trained on them)",
                    "train": "Fashion-MNIST training images, a seeded sample (the paper's oracle: the zoo's own training data)"}
     log(f"converting {len(manifest['models'])} zoo models")
@@ -241,6 +302,10 @@ def main(argv=None) -> int:
         t_logp = teacher_logp(np.stack([logits[t] for t in teachers]), "probs", c)
         per = {m: per_probe_scores(logits[m], t_logp) for m in students + controls}
         results[pool] = evaluate_pool(per, labels, students, controls, recipes)
+        if truth is not None:
+            results[pool]["mistakes"] = mistake_inheritance(
+                {m: logits[m].argmax(-1) for m in logits}, truth[pool], students, controls, teachers,
+                {n: e for n, (_, _, e) in zoo.items()})
         log(f"{pool}: dark_corr {results[pool]['dark_corr']['accuracy']:.3f}, "
             f"{results[pool]['dark_corr']['detectability']['above_controls']}/{len(students)} above the controls")
     meta = {"machine": {**machine(), "jax_backend": jax.default_backend()}, "versions": versions(),

@@ -114,3 +114,64 @@ def test_detection_ceiling_refuses_a_pool_the_students_cannot_take(toy_zoo, tmp_
     with pytest.raises(SynthesisError, match=r"pools\.npz\['big'\].*shape \(5, 1, 28, 28\)"):
         bench.main(argv)
     assert not (tmp_path / "work").exists() and not (tmp_path / "results").exists()
+
+
+def _entry(pool, size, seed, idx=None, teacher=None):
+    import hashlib
+
+    import numpy as np
+
+    d = {"pool": pool, "size": size, "subset_seed": seed,
+         "indices_sha256": hashlib.sha256(np.asarray(idx, dtype="<i8").tobytes()).hexdigest() if idx is not None else ""}
+    return {"data": d, "teacher": teacher}
+
+
+def test_training_indices_rebuild_a_students_data_and_check_the_recorded_hash():
+    """A `teacher_train` student's images are a subset of its teacher's; a manifest whose hash does not
+    match what the split rebuilds is refused, naming the model."""
+    import numpy as np
+
+    from benchmarks.zoo.fashion import subset, training_indices, zoo_split
+
+    t_idx = subset(zoo_split()["teacher_pool"], 500, 11)
+    s_idx = subset(t_idx, 100, 12)
+    entries = {"t": _entry("teacher_pool", 500, 11, t_idx), "s": _entry("teacher_train", 100, 12, s_idx, teacher="t")}
+    got = training_indices("s", entries)
+    assert np.array_equal(got, s_idx) and np.isin(got, t_idx).all()
+    entries["s"]["data"]["subset_seed"] = 13
+    with pytest.raises(ValueError, match="manifest entry 's'"):
+        training_indices("s", entries)
+
+
+def test_mistake_inheritance_counts_only_the_teachers_mistakes_on_the_students_own_images():
+    """A student that copies its teacher's wrong labels lies above controls that answer the truth; on
+    the `train` pool only the student's own training images count."""
+    import numpy as np
+
+    from benchmarks.detection_ceiling import mistake_inheritance
+    from benchmarks.zoo.fashion import subset, training_indices, zoo_split
+
+    t_idx = subset(zoo_split()["teacher_pool"], 400, 21)
+    s_idx = subset(t_idx, 200, 22)
+    entries = {"ta": _entry("teacher_pool", 400, 21, t_idx), "tb": _entry("teacher_pool", 400, 21, t_idx),
+               "s": _entry("teacher_train", 200, 22, s_idx, teacher="ta")}
+    assert np.array_equal(training_indices("s", entries), s_idx)
+    rng = np.random.default_rng(0)
+    index = np.sort(rng.choice(t_idx, 300, replace=False))  # pool images: some the student saw, some not
+    seen = np.isin(index, s_idx)
+    labels = rng.integers(0, 10, 300)
+    ta = labels.copy()
+    ta[:60] = (labels[:60] + 1) % 10                       # teacher-a is wrong on the first 60 probes
+    tb = labels.copy()
+    student = labels.copy()
+    student[:60] = np.where(seen[:60], ta[:60], labels[:60])  # copies the mistakes it was taught, not the others
+    top1 = {"ta": ta, "tb": tb, "s": student, "c1": labels.copy(), "c2": (labels + 3) % 10}
+    test = mistake_inheritance(top1, {"labels": labels, "index": None}, ["s"], ["c1", "c2"], ["ta", "tb"], entries)
+    train = mistake_inheritance(top1, {"labels": labels, "index": index}, ["s"], ["c1", "c2"], ["ta", "tb"], entries)
+    r, q = test["students"][0], train["students"][0]
+    assert r["n"] == 60 and abs(r["student_follows"] - seen[:60].mean()) < 1e-12
+    assert q["n"] == seen[:60].sum() and q["student_follows"] == 1.0
+    assert r["controls_max"] == 0.0 and r["other_teachers_mean"] == 0.0 and q["above_controls"]
+    top1["c1"] = ta.copy()                                 # a control that makes the same mistakes
+    again = mistake_inheritance(top1, {"labels": labels, "index": index}, ["s"], ["c1", "c2"], ["ta", "tb"], entries)
+    assert not again["students"][0]["above_controls"] and again["above_controls"] == 0

@@ -21,6 +21,7 @@ The 10 000 test images (split "test") are used only for evaluation.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 from pathlib import Path
 
@@ -99,3 +100,21 @@ def normalise(images: np.ndarray) -> np.ndarray:
     x = images.astype(np.float32) / 255.0
     x = (x - PREPROCESSING["mean"][0]) / PREPROCESSING["std"][0]
     return x[:, None, :, :]
+
+
+def training_indices(name: str, models: dict[str, dict]) -> np.ndarray:
+    """The training-image indices of zoo model `name`, rebuilt from its manifest entry's `data` record
+    (`models`: manifest entries by name; a `teacher_train` student draws from its teacher's own subset)
+    and checked against the recorded `indices_sha256`, so a changed split or manifest cannot pass silently."""
+    entry = models[name]
+    d = entry["data"]
+    if d["pool"] == "teacher_train":
+        pool = training_indices(entry["teacher"], models)
+    else:
+        pool = zoo_split(d.get("split_seed", SPLIT_SEED))[d["pool"]]
+    idx = subset(pool, d["size"], d["subset_seed"])
+    digest = hashlib.sha256(np.asarray(idx, dtype="<i8").tobytes()).hexdigest()
+    if digest != d["indices_sha256"]:
+        raise ValueError(f"manifest entry {name!r}: rebuilt training indices hash to {digest[:12]}, "
+                         f"the manifest records {d['indices_sha256'][:12]}")
+    return idx
