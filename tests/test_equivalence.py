@@ -32,7 +32,8 @@ def jax_logits_and_grad(model, x: np.ndarray, w: np.ndarray):
         logits = model(xn)
         return (jax.nn.log_softmax(logits, -1) * w).sum(), logits
 
-    (_, logits), grad = jax.value_and_grad(loss, has_aux=True)(jnp.asarray(x.transpose(0, 2, 3, 1)))
+    # jitted, as every library path runs the model (eager op-by-op dispatch costs ~15x the compile here)
+    (_, logits), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(jnp.asarray(x.transpose(0, 2, 3, 1)))
     return np.asarray(logits), np.asarray(grad).transpose(0, 3, 1, 2)
 
 

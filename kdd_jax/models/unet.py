@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kdd_jax.config import ConfigError, parse_dataclass, to_json_dict
-from kdd_jax.models.layers import Dropout, conv2d, conv_general_dilated, linear
+from kdd_jax.models.layers import Dropout, conv2d, conv_general_dilated, linear, he_uniform_init
 
 DIFFUSERS_CLASS_NAME = "UNet2DModel"
 DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D")
@@ -274,7 +274,7 @@ class Downsample2D(nnx.Module):
     def __init__(self, channels: int, padding: int, rngs: nnx.Rngs):
         pad = ((0, 1), (0, 1)) if padding == 0 else ((padding, padding), (padding, padding))
         self.conv = nnx.Conv(channels, channels, (3, 3), strides=(2, 2), padding=pad,
-                             conv_general_dilated=conv_general_dilated, rngs=rngs)
+                             conv_general_dilated=conv_general_dilated, kernel_init=he_uniform_init, rngs=rngs)
 
     def __call__(self, x):
         return self.conv(x)
