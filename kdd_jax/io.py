@@ -196,12 +196,59 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths (Linux renameat2 RENAME_EXCHANGE). False where the platform,
+    libc or filesystem cannot, so the caller falls back to two renames."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):  # no libc symbol (glibc < 2.28, musl builds without it)
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: this filesystem or kernel cannot exchange
+        return False
+    raise OSError(err, f"exchanging {a} and {b}: {os.strerror(err)}")
+
+
 class StagingDir:
     """A directory built under a temporary name and published by one rename.
 
-    Readers see either nothing or the complete directory; a crash leaves only a `.tmp-*`
-    sibling, which the next publish into the same parent removes.
+    Readers see either nothing or the complete directory; a crash leaves only a `.NAME.tmp-*`
+    sibling, which nothing reads (safe to delete; not removed automatically, since a concurrent
+    publisher's may be in progress). Replacing an existing
+    directory (`overwrite`) swaps the two in one atomic exchange on Linux, so the target is
+    never missing; elsewhere it takes two renames, and a crash between them leaves the
+    previous version in a `.NAME.old-*` sibling, which `recover` (called by the next publish)
+    puts back.
     """
+
+    @staticmethod
+    def recover(target: str | Path) -> bool:
+        """If `target` is missing because a crash fell between the two renames of an overwrite,
+        put its previous version back. True when something was restored."""
+        target = Path(target).absolute()
+        if target.exists() or not target.parent.is_dir():
+            return False
+        olds = sorted(target.parent.glob(f".{target.name}.old-*/old"), key=lambda p: p.stat().st_mtime)
+        if not olds:
+            return False
+        os.replace(olds[-1], target)
+        for o in olds[:-1]:
+            shutil.rmtree(o.parent, ignore_errors=True)
+        shutil.rmtree(target.parent / olds[-1].parent.name, ignore_errors=True)
+        return True
 
     def __init__(self, target: str | Path, *, overwrite: bool = False):
         self.target = Path(target).absolute()
@@ -210,6 +257,8 @@ class StagingDir:
 
     def __enter__(self) -> Path:
         self.target.parent.mkdir(parents=True, exist_ok=True)
+        if self.overwrite:
+            self.recover(self.target)
         if self.target.exists() and not self.overwrite:
             raise FileExistsError(f"{self.target} already exists (pass overwrite to replace it)")
         self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
@@ -221,6 +270,9 @@ class StagingDir:
             shutil.rmtree(self.path, ignore_errors=True)
             return
         if self.target.exists():
+            if _exchange(self.path, self.target):  # self.path now holds the previous version
+                shutil.rmtree(self.path, ignore_errors=True)
+                return
             trash = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.old-", dir=self.target.parent))
             os.replace(self.target, trash / "old")
             os.replace(self.path, self.target)

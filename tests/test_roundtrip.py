@@ -106,3 +106,77 @@ def test_students_sharing_a_config_stay_independent(make_student):
     assert any(not np.array_equal(x, y) for x, y in zip(_leaves(a.model), _leaves(b.model)))
     abstract, _ = model_structure(a.config)
     assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(nnx.state(abstract)))
+
+
+def _publish(target, text, **kw):
+    from kdd_jax.io import StagingDir
+
+    with StagingDir(target, **kw) as tmp:
+        (tmp / "payload.txt").write_text(text)
+
+
+def test_overwrite_swaps_in_one_exchange_so_the_target_is_never_missing(tmp_path, monkeypatch):
+    """On Linux an overwrite is one atomic exchange: a crash at any later point (here: the first
+    os.replace, which the old two-rename publish needed) still leaves a complete target."""
+    import kdd_jax.io as kio
+
+    target = tmp_path / "latest"
+    _publish(target, "v1")
+    if not kio._exchange(tmp_path / "latest", tmp_path / "latest"):
+        pytest.skip("this platform or filesystem has no RENAME_EXCHANGE")
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt("killed mid-publish")
+
+    monkeypatch.setattr(kio.os, "replace", crash)
+    _publish(target, "v2", overwrite=True)
+    assert (target / "payload.txt").read_text() == "v2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest"]
+
+
+def test_a_crash_between_the_two_renames_is_recovered_by_the_next_reader(tmp_path, monkeypatch):
+    """Where no exchange exists, an overwrite takes two renames; a kill between them leaves the previous
+    version aside, and `recover` (run by the synthesis checkpoint's restore and by the next publish)
+    puts it back: the last complete version is never lost."""
+    import kdd_jax.io as kio
+    from kdd_jax.io import StagingDir
+
+    target = tmp_path / "latest"
+    _publish(target, "v1")
+    monkeypatch.setattr(kio, "_exchange", lambda a, b: False)
+    real_replace, calls = kio.os.replace, []
+
+    def replace(a, b):
+        calls.append((a, b))
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed between the renames")
+        real_replace(a, b)
+
+    monkeypatch.setattr(kio.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        _publish(target, "v2", overwrite=True)
+    monkeypatch.setattr(kio.os, "replace", real_replace)
+    assert not target.exists()  # the window the exchange closes
+    assert StagingDir.recover(target) and (target / "payload.txt").read_text() == "v1"
+    assert not StagingDir.recover(target)  # nothing left to recover
+    assert not any(".old-" in p.name for p in tmp_path.iterdir())
+    _publish(target, "v3", overwrite=True)  # the fallback path still publishes
+    assert (target / "payload.txt").read_text() == "v3"
+
+
+def test_synthesis_checkpoint_restore_recovers_a_version_left_aside(tmp_path):
+    """The synthesis checkpoint reads through `recover`: a snapshot left aside by a crash mid-overwrite
+    is restored, not silently replaced by a fresh start."""
+    import jax.numpy as jnp
+
+    from kdd_jax.synthesis.probes import Checkpointer
+
+    ck = Checkpointer(tmp_path / "ck", fingerprint="f", every=1)
+    carry = {"x": jnp.arange(4.0)}
+    ck.save(carry, 3, np.zeros(3, np.float32))
+    aside = tmp_path / "ck" / ".latest.old-abc"
+    aside.mkdir()
+    (tmp_path / "ck" / "latest").rename(aside / "old")
+    restored = ck.restore(carry)
+    assert restored is not None and restored[1] == 3
+    np.testing.assert_array_equal(np.asarray(restored[0]["x"]), np.arange(4.0))

@@ -98,8 +98,9 @@ class Checkpointer:
         """(carry, step, history) from the latest snapshot made for this fingerprint, else None."""
         import json
 
-        from kdd_jax.io import restore_state
+        from kdd_jax.io import StagingDir, restore_state
 
+        StagingDir.recover(self._latest)  # a kill between an overwrite's two renames (non-Linux) left it aside
         meta_path = self._latest / "meta.json"
         try:
             meta = json.loads(meta_path.read_text())
