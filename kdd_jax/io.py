@@ -201,8 +201,9 @@ _RENAME_EXCHANGE = 2  # linux/fs.h
 
 def _exchange(a: Path, b: Path) -> bool:
     """Atomically swap two existing paths (Linux renameat2 RENAME_EXCHANGE). False where the platform,
-    libc or filesystem cannot, so the caller falls back to two renames."""
+    libc or filesystem cannot, or where `b` has vanished meanwhile, so the caller falls back to renames."""
     import ctypes
+    import errno
     import sys
 
     if not sys.platform.startswith("linux"):
@@ -217,9 +218,16 @@ def _exchange(a: Path, b: Path) -> bool:
     if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
         return True
     err = ctypes.get_errno()
-    if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: this filesystem or kernel cannot exchange
-        return False
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOENT):
+        return False  # this kernel or filesystem cannot exchange; or nothing left to exchange with
     raise OSError(err, f"exchanging {a} and {b}: {os.strerror(err)}")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 class StagingDir:
@@ -227,27 +235,43 @@ class StagingDir:
 
     Readers see either nothing or the complete directory; a crash leaves only a `.NAME.tmp-*`
     sibling, which nothing reads (safe to delete; not removed automatically, since a concurrent
-    publisher's may be in progress). Replacing an existing
-    directory (`overwrite`) swaps the two in one atomic exchange on Linux, so the target is
-    never missing; elsewhere it takes two renames, and a crash between them leaves the
-    previous version in a `.NAME.old-*` sibling, which `recover` (called by the next publish)
-    puts back.
+    publisher's may be in progress). Replacing an existing directory (`overwrite`) swaps the two
+    in one atomic exchange on Linux, so the target is never missing; elsewhere it takes two
+    renames, and a crash between them leaves the previous version in a `.NAME.old-*/old`
+    sibling, which `recover` (called by the next overwrite, and by readers that must not miss a
+    version, such as the synthesis checkpoint) puts back. Overwrites of one target assume a
+    single writer at a time: a `recover` running while another process sits between its two
+    renames makes that publish fail (nothing complete is lost).
     """
 
     @staticmethod
-    def recover(target: str | Path) -> bool:
+    def _set_aside(target: Path) -> list[Path]:
+        """This target's complete set-aside versions (`.NAME.old-XXXXXXXX/old`), oldest first."""
+        import re
+
+        pattern = re.compile(rf"\.{re.escape(target.name)}\.old-[A-Za-z0-9_]{{8}}")
+        found = []
+        for d in target.parent.iterdir():
+            if pattern.fullmatch(d.name) and (d / "old").exists():
+                try:
+                    found.append((d.stat().st_mtime, d / "old"))  # the time it was set aside
+                except FileNotFoundError:  # removed meanwhile
+                    continue
+        return [p for _, p in sorted(found)]
+
+    @classmethod
+    def recover(cls, target: str | Path) -> bool:
         """If `target` is missing because a crash fell between the two renames of an overwrite,
-        put its previous version back. True when something was restored."""
+        put its previous version back (the latest set aside). True when something was restored."""
         target = Path(target).absolute()
         if target.exists() or not target.parent.is_dir():
             return False
-        olds = sorted(target.parent.glob(f".{target.name}.old-*/old"), key=lambda p: p.stat().st_mtime)
+        olds = cls._set_aside(target)
         if not olds:
             return False
         os.replace(olds[-1], target)
-        for o in olds[:-1]:
+        for o in olds:
             shutil.rmtree(o.parent, ignore_errors=True)
-        shutil.rmtree(target.parent / olds[-1].parent.name, ignore_errors=True)
         return True
 
     def __init__(self, target: str | Path, *, overwrite: bool = False):
@@ -269,13 +293,17 @@ class StagingDir:
         if exc_type is not None:
             shutil.rmtree(self.path, ignore_errors=True)
             return
-        if self.target.exists():
+        if self.target.exists() or self.target.is_symlink():
             if _exchange(self.path, self.target):  # self.path now holds the previous version
-                shutil.rmtree(self.path, ignore_errors=True)
+                _remove(self.path)
                 return
+        if self.target.exists() or self.target.is_symlink():
             trash = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.old-", dir=self.target.parent))
             os.replace(self.target, trash / "old")
             os.replace(self.path, self.target)
+            # renamed before deleting: a kill mid-delete never leaves a partial copy named `old`
+            os.replace(trash / "old", trash / "gone")
+            _remove(trash / "gone")
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(self.path, self.target)

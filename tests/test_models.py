@@ -204,6 +204,8 @@ def test_build_model_draws_he_uniform_init_fixed_by_the_seed():
         w = la[k]
         bound = np.sqrt(6.0 / np.prod(w.shape[:-1]))
         assert np.abs(w).max() <= bound and np.abs(w).max() > 0.9 * bound, k
+        if w.size >= 1000:  # He uniform's spread, not flax's truncated normal (0.71x) nor torch's bare default
+            assert abs(w.std() / (bound / np.sqrt(3)) - 1) < 0.1, k
         np.testing.assert_array_equal(w, lb[k])
         assert not np.array_equal(w, lc[k]), k
     flat = [la[k].ravel()[:8] for k in kernels if la[k].size >= 8]

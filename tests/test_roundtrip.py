@@ -120,10 +120,15 @@ def test_overwrite_swaps_in_one_exchange_so_the_target_is_never_missing(tmp_path
     os.replace, which the old two-rename publish needed) still leaves a complete target."""
     import kdd_jax.io as kio
 
+    probe_a, probe_b = tmp_path / "probe-a", tmp_path / "probe-b"
+    probe_a.mkdir()
+    probe_b.mkdir()
+    if not kio._exchange(probe_a, probe_b):
+        pytest.skip("this platform or filesystem has no RENAME_EXCHANGE")
+    probe_a.rmdir()
+    probe_b.rmdir()
     target = tmp_path / "latest"
     _publish(target, "v1")
-    if not kio._exchange(tmp_path / "latest", tmp_path / "latest"):
-        pytest.skip("this platform or filesystem has no RENAME_EXCHANGE")
 
     def crash(*a, **k):
         raise KeyboardInterrupt("killed mid-publish")
@@ -162,6 +167,30 @@ def test_a_crash_between_the_two_renames_is_recovered_by_the_next_reader(tmp_pat
     assert not any(".old-" in p.name for p in tmp_path.iterdir())
     _publish(target, "v3", overwrite=True)  # the fallback path still publishes
     assert (target / "payload.txt").read_text() == "v3"
+    # killed again between the renames, twice: the next overwrite itself recovers the latest version first
+    calls.clear()
+    monkeypatch.setattr(kio.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        _publish(target, "v4", overwrite=True)
+    monkeypatch.setattr(kio.os, "replace", real_replace)
+    assert not target.exists()
+    with StagingDir(target, overwrite=True) as tmp:
+        assert (target / "payload.txt").read_text() == "v3"  # put back before the new version is staged
+        (tmp / "payload.txt").write_text("v5")
+    assert (target / "payload.txt").read_text() == "v5"
+    assert sorted(p.name for p in tmp_path.iterdir() if ".tmp-" not in p.name) == ["latest"]
+
+
+def test_recover_only_takes_this_targets_set_aside_versions(tmp_path):
+    """`.a.old-x.old-XXXXXXXX` belongs to a target named `a.old-x`, not `a`; glob characters in a name are
+    literal."""
+    from kdd_jax.io import StagingDir
+
+    (tmp_path / ".a.old-x.old-abcd1234" / "old").mkdir(parents=True)
+    assert not StagingDir.recover(tmp_path / "a") and not (tmp_path / "a").exists()
+    odd = tmp_path / "b[1]"
+    (tmp_path / ".b[1].old-zzzz1234" / "old").mkdir(parents=True)
+    assert StagingDir.recover(odd) and odd.is_dir()
 
 
 def test_synthesis_checkpoint_restore_recovers_a_version_left_aside(tmp_path):
@@ -174,7 +203,7 @@ def test_synthesis_checkpoint_restore_recovers_a_version_left_aside(tmp_path):
     ck = Checkpointer(tmp_path / "ck", fingerprint="f", every=1)
     carry = {"x": jnp.arange(4.0)}
     ck.save(carry, 3, np.zeros(3, np.float32))
-    aside = tmp_path / "ck" / ".latest.old-abc"
+    aside = tmp_path / "ck" / ".latest.old-abcd1234"
     aside.mkdir()
     (tmp_path / "ck" / "latest").rename(aside / "old")
     restored = ck.restore(carry)

@@ -111,8 +111,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
 def he_uniform_init(key, shape, dtype=jnp.float32):
     """He (kaiming) uniform init, U(+-sqrt(6 / fan_in)), fan_in counting the kernel window and one group's
     input channels (all but the last axis of a flax kernel): keeps activations' scale through ReLU layers,
-    as the kaiming init torchvision gives its ResNets and VGGs (torch's bare layer default, a third of this
-    variance, leaves a random BN-free VGG with near-constant logits). Drawn on the host from a numpy generator
+    as the kaiming init torchvision gives its ResNets and VGG convolutions does (theirs is normal, over
+    fan_out); torch's bare layer default, a sixth of this variance, leaves a random BN-free VGG with
+    near-constant logits. Drawn on the host from a numpy generator
     seeded by the JAX key: only random models (`build_model`, `build_unet`) use it, and jax.random would
     compile once per weight shape (0.3-1 s each on XLA:CPU: 12 s to build one ResNet-20); converted students
     carry their own weights. Under a trace (`abstract_model`'s eval_shape, or a jitted constructor) the
