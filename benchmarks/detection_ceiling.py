@@ -64,13 +64,17 @@ SUBSETS = 10
 CURVE_SCORES = ("dark_corr", "top1")
 
 
+def train_sample(n_train: int, size: int = POOL_SIZE) -> np.ndarray:
+    """The seeded sample of training-set indices that makes the `train` pool (shared by its images and labels)."""
+    return np.sort(np.random.default_rng(0).choice(n_train, size, replace=False))
+
+
 def fashion_pools(size: int = POOL_SIZE) -> dict[str, np.ndarray]:
     """Raw NCHW float images in [0, 1] (detection_accuracy's pools): the test set and a seeded
     sample of the training set."""
     p = pools()
     train, test = p["real"].images, p["aux"].images
-    idx = np.sort(np.random.default_rng(0).choice(len(train), size, replace=False))
-    return {"test": test[:size], "train": train[idx]}
+    return {"test": test[:size], "train": train[train_sample(len(train), size)]}
 
 
 def fashion_truth(size: int = POOL_SIZE) -> dict[str, dict]:
@@ -80,7 +84,7 @@ def fashion_truth(size: int = POOL_SIZE) -> dict[str, dict]:
 
     _, y_train = load_fashion("train")
     _, y_test = load_fashion("test")
-    idx = np.sort(np.random.default_rng(0).choice(len(y_train), size, replace=False))
+    idx = train_sample(len(y_train), size)
     return {"test": {"labels": y_test[:size], "index": None}, "train": {"labels": y_train[idx], "index": idx}}
 
 
@@ -91,21 +95,37 @@ def mistake_inheritance(top1: dict[str, np.ndarray], truth: dict, students: list
     For each student: the probes its own teacher gets wrong (for the `train` pool, only those among the
     student's own training images, i.e. where a hard-label distiller was taught the mistake), and on
     them the share where the student's top-1 is the teacher's wrong label, against the same share for
-    each independent control and for the other teachers."""
+    each independent control and for the other teachers. On `train`, each of those is measured only on
+    the probes it did not train on itself: a model that learnt an image's true label would otherwise
+    look less like the teacher than an independent model is."""
     from benchmarks.zoo.fashion import training_indices
+
+    seen = {}
+
+    def trained_on(m):
+        if m not in seen:
+            seen[m] = np.isin(truth["index"], training_indices(m, entries))
+        return seen[m]
+
+    def follow(m, t, wrong):
+        mask = wrong if truth["index"] is None else wrong & ~trained_on(m)
+        return float(np.mean(top1[m][mask] == top1[t][mask])) if mask.any() else float("nan")
 
     rows = []
     for s in students:
         t = entries[s]["teacher"]
         wrong = top1[t] != truth["labels"]
         if truth["index"] is not None:
-            wrong &= np.isin(truth["index"], training_indices(s, entries))
-        follow = lambda m: float(np.mean(top1[m][wrong] == top1[t][wrong])) if wrong.any() else float("nan")  # noqa: E731
-        cs = [follow(c) for c in controls]
-        rows.append({"student": s, "n": int(wrong.sum()), "student_follows": follow(s),
-                     "controls_mean": float(np.mean(cs)), "controls_max": float(np.max(cs)),
-                     "other_teachers_mean": float(np.mean([follow(o) for o in teachers if o != t])),
-                     "above_controls": bool(follow(s) > np.max(cs))})
+            wrong &= trained_on(s)
+        own = float(np.mean(top1[s][wrong] == top1[t][wrong])) if wrong.any() else float("nan")
+        cs = [follow(c, t, wrong) for c in controls]
+        others = [follow(o, t, wrong) for o in teachers if o != t]
+        agg = lambda f, v: float(f([x for x in v if not np.isnan(x)])) if any(not np.isnan(x) for x in v) else float("nan")  # noqa: E731
+        c_max = agg(np.max, cs)
+        rows.append({"student": s, "n": int(wrong.sum()), "student_follows": own,
+                     "controls_mean": agg(np.mean, cs), "controls_max": c_max,
+                     "other_teachers_mean": agg(np.mean, others),
+                     "above_controls": bool(own > c_max)})  # False when nothing to compare with
     return {"students": rows, "above_controls": int(sum(r["above_controls"] for r in rows)), "n": len(rows)}
 
 

@@ -143,18 +143,22 @@ def test_training_indices_rebuild_a_students_data_and_check_the_recorded_hash():
         training_indices("s", entries)
 
 
-def test_mistake_inheritance_counts_only_the_teachers_mistakes_on_the_students_own_images():
+def test_mistake_inheritance_counts_only_the_teachers_mistakes_on_the_students_own_images(monkeypatch):
     """A student that copies its teacher's wrong labels lies above controls that answer the truth; on
     the `train` pool only the student's own training images count."""
     import numpy as np
 
+    import benchmarks.zoo.fashion as fashion
     from benchmarks.detection_ceiling import mistake_inheritance
     from benchmarks.zoo.fashion import subset, training_indices, zoo_split
 
+    real = fashion.training_indices
     t_idx = subset(zoo_split()["teacher_pool"], 400, 21)
     s_idx = subset(t_idx, 200, 22)
+    c_idx = subset(zoo_split()["student_pool"], 300, 23)  # a control trained on images the pool never draws
     entries = {"ta": _entry("teacher_pool", 400, 21, t_idx), "tb": _entry("teacher_pool", 400, 21, t_idx),
-               "s": _entry("teacher_train", 200, 22, s_idx, teacher="ta")}
+               "s": _entry("teacher_train", 200, 22, s_idx, teacher="ta"),
+               "c1": _entry("student_pool", 300, 23, c_idx), "c2": _entry("student_pool", 300, 23, c_idx)}
     assert np.array_equal(training_indices("s", entries), s_idx)
     rng = np.random.default_rng(0)
     index = np.sort(rng.choice(t_idx, 300, replace=False))  # pool images: some the student saw, some not
@@ -172,6 +176,14 @@ def test_mistake_inheritance_counts_only_the_teachers_mistakes_on_the_students_o
     assert r["n"] == 60 and abs(r["student_follows"] - seen[:60].mean()) < 1e-12
     assert q["n"] == seen[:60].sum() and q["student_follows"] == 1.0
     assert r["controls_max"] == 0.0 and r["other_teachers_mean"] == 0.0 and q["above_controls"]
+    assert np.isnan(q["other_teachers_mean"])  # teacher-b trained on every pool image: nothing to compare on
     top1["c1"] = ta.copy()                                 # a control that makes the same mistakes
     again = mistake_inheritance(top1, {"labels": labels, "index": index}, ["s"], ["c1", "c2"], ["ta", "tb"], entries)
     assert not again["students"][0]["above_controls"] and again["above_controls"] == 0
+    # a control that trained on some probed images (learning their true labels) is compared only on the others
+    c3_idx = index[:30]
+    top1["c3"] = np.where(np.isin(index, c3_idx), labels, ta)  # right where it trained, the teacher's label elsewhere
+    monkeypatch.setattr(fashion, "training_indices", lambda name, ents: c3_idx if name == "c3" else real(name, ents))
+    r3 = mistake_inheritance(top1, {"labels": labels, "index": index}, ["s"], ["c3"], ["ta", "tb"], entries)
+    assert seen[:30].any() and seen[30:60].any() and r3["students"][0]["n"] == q["n"]  # c3 saw some, not all
+    assert r3["students"][0]["controls_max"] == 1.0 and not r3["above_controls"]
