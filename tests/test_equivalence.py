@@ -105,3 +105,20 @@ def test_inferred_config_gives_same_function(name, make_student):
     from kdd_jax.config import parse_config
 
     assert_equivalent(result.model, tmodel, parse_config(cfg))
+
+
+def test_verification_fails_a_wrong_conversion_and_compiles_weights_as_an_argument(make_student):
+    """`verify_conversion` (the check `kdd convert` runs) rejects a model whose weights differ from the
+    checkpoint, and its compiled check, shared by models of one architecture, never reuses another model's
+    weights: correct, corrupted, correct again."""
+    from converters.verify import verify_conversion
+
+    result = convert_student(make_student("resnet20", seed=4))
+    assert verify_conversion(result)["ok"]
+    conv = result.model.conv1
+    good = np.asarray(conv.kernel[...])
+    conv.kernel.set_value(jnp.asarray(good).at[..., 0].multiply(1.01))  # one output filter 1% off
+    bad = verify_conversion(result)
+    assert not bad["ok"] and bad["max_rel_logit_diff"] > 1e-4
+    conv.kernel.set_value(jnp.asarray(good))
+    assert verify_conversion(result)["ok"]
