@@ -88,6 +88,19 @@ def fashion_truth(size: int = POOL_SIZE) -> dict[str, dict]:
     return {"test": {"labels": y_test[:size], "index": None}, "train": {"labels": y_train[idx], "index": idx}}
 
 
+def check_training_records(entries: dict[str, dict]) -> list[str]:
+    """Models whose manifest entry has no training-data record (the mistake section is then skipped).
+    Where every entry has one, each is rebuilt and hash-checked now, so a manifest that does not match
+    the split fails before any work, naming the model (ValueError)."""
+    from benchmarks.zoo.fashion import training_indices
+
+    lacking = [n for n, e in entries.items() if "indices_sha256" not in (e.get("data") or {})]
+    if not lacking:
+        for n in entries:
+            training_indices(n, entries)
+    return lacking
+
+
 def mistake_inheritance(top1: dict[str, np.ndarray], truth: dict, students: list[str], controls: list[str],
                         teachers: list[str], entries: dict[str, dict]) -> dict:
     """Does a student repeat its teacher's mistakes more often than an independent model does?
@@ -313,6 +326,12 @@ def main(argv=None) -> int:
 
     for pool, raw in pools.items():  # a pool the students cannot take: say which, before any work
         ImagePool(raw, None, f"{args.pools or 'Fashion-MNIST'}[{pool!r}]").check(zoo[students[0]][1])
+    if truth is not None:  # the mistake section needs every model's training data: check it before any work
+        lacking = check_training_records({n: e for n, (_, _, e) in zoo.items()})
+        if lacking:
+            log(f"mistake-inheritance section skipped: no training-data record (data.indices_sha256) for {lacking[:3]}"
+                f"{' ...' if len(lacking) > 3 else ''} in {args.manifest}")
+            truth = None
     results = {}
     for pool, raw in pools.items():
         logits = {}

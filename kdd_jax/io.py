@@ -9,6 +9,7 @@ read-only memory map, so memory stays bounded by what the caller actually uses. 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -199,21 +200,31 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 _RENAME_EXCHANGE = 2  # linux/fs.h
 
 
+@functools.cache
+def _renameat2():
+    """libc's renameat2, or None (not Linux; glibc < 2.28 or a libc built without it)."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Atomically swap two existing paths (Linux renameat2 RENAME_EXCHANGE). False where the platform,
     libc or filesystem cannot, or where `b` has vanished meanwhile, so the caller falls back to renames."""
     import ctypes
     import errno
-    import sys
 
-    if not sys.platform.startswith("linux"):
+    renameat2 = _renameat2()
+    if renameat2 is None:
         return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):  # no libc symbol (glibc < 2.28, musl builds without it)
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     at_fdcwd = -100
     if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
         return True

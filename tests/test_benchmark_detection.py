@@ -143,6 +143,22 @@ def test_training_indices_rebuild_a_students_data_and_check_the_recorded_hash():
         training_indices("s", entries)
 
 
+def test_ceiling_checks_training_records_before_any_work():
+    """A manifest without training-data records skips the mistake section (names returned); one whose
+    record does not match the split is refused up front, naming the model."""
+    from benchmarks.detection_ceiling import check_training_records
+    from benchmarks.zoo.fashion import subset, zoo_split
+
+    t_idx = subset(zoo_split()["teacher_pool"], 300, 31)
+    entries = {"t": _entry("teacher_pool", 300, 31, t_idx), "s": {"data": None, "teacher": "t"}}
+    assert check_training_records(entries) == ["s"]
+    entries["s"] = _entry("teacher_train", 100, 32, subset(t_idx, 100, 32), teacher="t")
+    assert check_training_records(entries) == []
+    entries["t"]["data"]["size"] = 299
+    with pytest.raises(ValueError, match="manifest entry 't'"):
+        check_training_records(entries)
+
+
 def test_mistake_inheritance_counts_only_the_teachers_mistakes_on_the_students_own_images(monkeypatch):
     """A student that copies its teacher's wrong labels lies above controls that answer the truth; on
     the `train` pool only the student's own training images count."""

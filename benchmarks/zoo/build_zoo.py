@@ -43,7 +43,7 @@ REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.zoo.fashion import (  # noqa: E402
-    PREPROCESSING, SPLIT_SEED, load_fashion, subset, zoo_split, normalise)
+    PREPROCESSING, SPLIT_SEED, draw_indices, indices_sha256, load_fashion, zoo_split, normalise)
 from converters.torch_reference import build_torch_model  # noqa: E402
 
 ZOO_FORMAT = 1  # bump when the meaning of a zoo member changes
@@ -192,11 +192,8 @@ class Data:
 
     def indices(self, spec: Spec, specs: dict[str, Spec]) -> np.ndarray:
         d = spec.data
-        if d["pool"] == "teacher_train":
-            pool = self.indices(specs[spec.teacher], specs)
-        else:
-            pool = self.split[d["pool"]]
-        return subset(pool, d["size"], d["seed"])
+        teacher = self.indices(specs[spec.teacher], specs) if d["pool"] == "teacher_train" else None
+        return draw_indices(d["pool"], d["size"], d["seed"], teacher, self.split)
 
 
 def describe_indices(spec: Spec, idx: np.ndarray) -> dict:
@@ -206,7 +203,7 @@ def describe_indices(spec: Spec, idx: np.ndarray) -> dict:
     else:
         how = f"fashion.subset(zoo_split()['{d['pool']}'], {d['size']}, seed={d['seed']})"
     return {"pool": d["pool"], "size": int(len(idx)), "subset_seed": d["seed"], "split_seed": SPLIT_SEED,
-            "how": how, "indices_sha256": hashlib.sha256(np.asarray(idx, dtype="<i8").tobytes()).hexdigest()}
+            "how": how, "indices_sha256": indices_sha256(idx)}
 
 
 def augment(x: torch.Tensor, gen: torch.Generator, pad_value: float) -> torch.Tensor:

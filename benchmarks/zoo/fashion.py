@@ -102,18 +102,31 @@ def normalise(images: np.ndarray) -> np.ndarray:
     return x[:, None, :, :]
 
 
+def draw_indices(pool: str, size: int, seed: int, teacher_indices: np.ndarray | None = None,
+                 split: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """A zoo model's training indices: `size` of `pool` ("teacher_pool" / "student_pool" of the split, or
+    "teacher_train": its teacher's own indices, passed as `teacher_indices`), drawn with `seed`."""
+    if pool == "teacher_train":
+        if teacher_indices is None:
+            raise ValueError("a teacher_train subset needs its teacher's indices")
+        return subset(teacher_indices, size, seed)
+    return subset((split if split is not None else zoo_split())[pool], size, seed)
+
+
+def indices_sha256(idx: np.ndarray) -> str:
+    """The digest a manifest records for a model's training indices (sorted int64, little-endian)."""
+    return hashlib.sha256(np.asarray(idx, dtype="<i8").tobytes()).hexdigest()
+
+
 def training_indices(name: str, models: dict[str, dict]) -> np.ndarray:
     """The training-image indices of zoo model `name`, rebuilt from its manifest entry's `data` record
     (`models`: manifest entries by name; a `teacher_train` student draws from its teacher's own subset)
     and checked against the recorded `indices_sha256`, so a changed split or manifest cannot pass silently."""
     entry = models[name]
     d = entry["data"]
-    if d["pool"] == "teacher_train":
-        pool = training_indices(entry["teacher"], models)
-    else:
-        pool = zoo_split(d.get("split_seed", SPLIT_SEED))[d["pool"]]
-    idx = subset(pool, d["size"], d["subset_seed"])
-    digest = hashlib.sha256(np.asarray(idx, dtype="<i8").tobytes()).hexdigest()
+    teacher = training_indices(entry["teacher"], models) if d["pool"] == "teacher_train" else None
+    idx = draw_indices(d["pool"], d["size"], d["subset_seed"], teacher, zoo_split(d.get("split_seed", SPLIT_SEED)))
+    digest = indices_sha256(idx)
     if digest != d["indices_sha256"]:
         raise ValueError(f"manifest entry {name!r}: rebuilt training indices hash to {digest[:12]}, "
                          f"the manifest records {d['indices_sha256'][:12]}")

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kdd_jax.config import ConfigError, parse_dataclass, to_json_dict
-from kdd_jax.models.layers import Dropout, conv2d, conv_general_dilated, linear, he_uniform_init
+from kdd_jax.models.layers import Dropout, conv2d, conv_general_dilated, he_uniform_init, linear
 
 DIFFUSERS_CLASS_NAME = "UNet2DModel"
 DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D")
