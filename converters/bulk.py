@@ -77,9 +77,14 @@ def _convert_one(src, target, config, verify, allow_pickle, overwrite) -> Outcom
             result.report["verification"] = outcome.verification
             if not outcome.verification["ok"]:
                 v = outcome.verification
+                a = v.get("float64_arbiter")
+                arb = "" if a is None else (
+                    f"; re-run in float64 on the {len(a['probes'])} probe(s) whose float32 gradient failed, still "
+                    f"apart: logit {a['max_logit_diff']:.3g}, gradient {a['max_input_grad_rel_l2']:.3g} relative")
                 raise ValueError(
                     f"{src.weights}: verification against PyTorch failed (max logit diff "
-                    f"{v['max_abs_logit_diff']:.3g}, input-grad relative L2 error {v['input_grad_rel_l2']:.3g}); not written"
+                    f"{v['max_abs_logit_diff']:.3g}, input-grad relative L2 error {v['input_grad_rel_l2']:.3g}{arb}); "
+                    "not written"
                 )
         else:
             result.report["verification"] = {"skipped": True}

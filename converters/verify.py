@@ -7,12 +7,25 @@ Matmul precision is pinned to "highest" (GPUs default to TF32, TPUs to bf16).
 
 Tolerance policy (never relaxed to make a check pass): whole-model logits must satisfy
 |jax - torch| <= atol + rtol * |torch| with rtol = atol = 1e-4; input gradients must satisfy
-||g_jax - g_torch||_2 <= 1e-4 * ||g_torch||_2. The gradient uses a norm, not an element-wise
-bound, because input-gradients of ReLU/max-pool nets are piecewise: a pre-activation within
-float rounding of zero can land on either side in two correct implementations and move every
-gradient element in that unit's receptive field (seen: XLA's fused jit vs. eager, 51 of 24576
-elements at 4e-4 relative, while the norm error was 7e-5). The element-wise maximum is reported.
-The JAX side runs jitted, as every stage of the library runs the model, so the check covers the
+||g_jax - g_torch||_2 <= 1e-4 * ||g_torch||_2 per probe. The gradient uses a norm, not an
+element-wise bound, because input-gradients of ReLU/max-pool nets are piecewise: a pre-activation
+within float rounding of zero can land on either side in two correct float32 implementations and
+move every gradient element in that unit's receptive field (a "kink flip": seen at 2e-4 to 5e-3
+relative on one probe, on the PyTorch side as often as on ours, against 1e-6 on the other probes).
+The deeper the net, the likelier a flip: of 52 CIFAR-size students with random BatchNorm
+statistics (`benchmarks/convert_bench.py`, ResNet-20 to -110, VGG-11 to -16, MobileNetV2,
+DenseNet-BC-40/100), 18 had one or two flipped probes of eight; a rule that redrew one flipped
+probe failed 5 of them.
+
+So a flip is settled in float64, where rounding is 1e-16 and no pre-activation sits that close to
+zero: when the logits pass and at most half the probes fail the float32 gradient bound, those
+probes are re-run with both models in float64 (the same float32 weights, upcast exactly; on the
+CPU backend, which every jax install has) and must agree to 1e-9 in logits and gradient. Correct
+conversions agree there to 1e-15 to 1e-12; a conversion error is a different function and stays as
+far apart as in float32 (a filter 1e-6 off, invisible in float32, fails). A failure on more than
+half the probes is never a flip and fails outright.
+
+The float32 side runs jitted, as every stage of the library runs the model, so the check covers the
 program the audit will execute. (It ran eagerly, op by op like PyTorch, until op-by-op dispatch
 was measured at 42 s for one MobileNetV2 on 2 CPU cores, against ~2 s compiled: every `kdd
 convert` of a new architecture paid it.)
@@ -20,6 +33,7 @@ convert` of a new architecture paid it.)
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import numpy as np
@@ -27,6 +41,7 @@ import numpy as np
 LOGIT_RTOL = 1e-4
 LOGIT_ATOL = 1e-4
 GRAD_RTOL = 1e-4
+FLOAT64_RTOL = 1e-9  # logits (rtol = atol) and per-probe gradient relative L2 in the float64 arbiter
 
 
 class VerificationUnavailable(RuntimeError):
@@ -82,15 +97,15 @@ def verify_conversion(result, *, n_probes: int = 8, seed: int = 0) -> dict:
     n_classes = int(tmodel(torch.from_numpy(x[:1])).shape[-1])
     w = np.random.default_rng(seed + 1).normal(size=(n_probes, n_classes)).astype(np.float32)
 
-    def both(x, w):
+    def both(x, w, tm=tmodel, st=state):
         """(torch logits, torch input-grad, jax logits, jax input-grad) of the same scalar loss."""
         # Scalar loss touching every logit through log-softmax, as a KL/CE synthesis loss would.
         xt = torch.from_numpy(x).requires_grad_(True)
-        t_logits = tmodel(xt)
+        t_logits = tm(xt)
         (torch.log_softmax(t_logits, -1) * torch.from_numpy(w)).sum().backward()
 
         with jax.default_matmul_precision("highest"):  # part of jit's cache key: compiled at this precision
-            (_, j_logits), j_grad = _jax_loss_and_grad()(graphdef, jnp.asarray(x.transpose(0, 2, 3, 1)), state,
+            (_, j_logits), j_grad = _jax_loss_and_grad()(graphdef, jnp.asarray(x.transpose(0, 2, 3, 1)), st,
                                                           jnp.asarray(w))
         return (t_logits.detach().numpy(), xt.grad.numpy(), np.asarray(j_logits),
                 np.asarray(j_grad).transpose(0, 3, 1, 2))
@@ -104,20 +119,27 @@ def verify_conversion(result, *, n_probes: int = 8, seed: int = 0) -> dict:
     kl = float(np.mean(np.sum(p_ref * (np.log(p_ref + 1e-30) - np.log(_softmax(j_logits) + 1e-30)), -1)))
     logits_ok = bool(np.all(d_logit <= LOGIT_ATOL + LOGIT_RTOL * np.abs(ref_logits)))
     grad_rel_l2 = float(np.linalg.norm(j_grad - ref_grad) / max(np.linalg.norm(ref_grad), 1e-30))
-    grads_ok = grad_rel_l2 <= GRAD_RTOL
-    redrawn: list[int] = []
-    if logits_ok and not grads_ok:
-        # A kink flip (module docstring) changes ONE probe's gradient, by as much as 5e-3 relative on
-        # trained nets, where float64 on both sides agrees to 1e-15; a conversion error shows on every
-        # probe. So: if at most one probe in eight fails, redraw each failing probe once (new pixels,
-        # same loss weights); pass only if every redrawn probe passes the same 1e-4 bound.
-        per_probe = _rel_l2_per_probe(j_grad, ref_grad)
-        bad = np.flatnonzero(per_probe > GRAD_RTOL)
-        if 0 < len(bad) <= max(1, n_probes // 8):
-            x2 = probe_inputs(result.config, len(bad), seed + 7919)
-            _, ref_grad2, _, j_grad2 = both(x2, w[bad])
-            redrawn = bad.tolist()
-            grads_ok = bool(np.all(_rel_l2_per_probe(j_grad2, ref_grad2) <= GRAD_RTOL))
+    per_probe = _rel_l2_per_probe(j_grad, ref_grad)
+    bad = np.flatnonzero(per_probe > GRAD_RTOL)
+    grads_ok = len(bad) == 0
+    arbiter = None
+    if logits_ok and 0 < len(bad) <= n_probes // 2:
+        # Kink flips or a conversion error? Settle it in float64 (module docstring).
+        with jax.enable_x64(True), jax.default_device(jax.devices("cpu")[0]):
+            st64 = jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float64)) if jnp.issubdtype(a.dtype, jnp.floating)
+                                else jnp.asarray(a), state)
+            # Only the failing probes (XLA:CPU runs float64 convolutions ~90x slower than float32: 18 s for
+            # eight ResNet-18 probes), padded to a power of two so an architecture compiles at most 3 sizes.
+            idx = np.resize(bad, 1 << (len(bad) - 1).bit_length())
+            r_l, r_g, j_l, j_g = (a[: len(bad)] for a in both(x[idx].astype(np.float64), w[idx].astype(np.float64),
+                                                                copy.deepcopy(tmodel).double(), st64))
+        arbiter = {
+            "probes": bad.tolist(),
+            "max_logit_diff": float((np.abs(j_l - r_l) / (1 + np.abs(r_l))).max()),  # |diff| / (1 + |ref|), as gated
+            "max_input_grad_rel_l2": float(_rel_l2_per_probe(j_g, r_g).max()),
+        }
+        grads_ok = arbiter["max_logit_diff"] <= FLOAT64_RTOL and arbiter["max_input_grad_rel_l2"] <= FLOAT64_RTOL
+        arbiter["ok"] = grads_ok
     return {
         "ok": logits_ok and grads_ok,
         "probes": n_probes,
@@ -130,9 +152,11 @@ def verify_conversion(result, *, n_probes: int = 8, seed: int = 0) -> dict:
         "max_abs_input_grad_diff": float(d_grad.max()),
         "input_grad_rel_diff": float(d_grad.max() / max(grad_scale, 1e-30)),
         "input_grad_rel_l2": grad_rel_l2,
+        "input_grad_rel_l2_per_probe": [float(v) for v in per_probe],
         "input_grad_cosine": float(np.sum(j_grad * ref_grad) / (np.linalg.norm(j_grad) * np.linalg.norm(ref_grad) + 1e-30)),
-        "redrawn_probes": redrawn,
-        "tolerances": {"logit_rtol": LOGIT_RTOL, "logit_atol": LOGIT_ATOL, "grad_rtol": GRAD_RTOL},
+        "float64_arbiter": arbiter,
+        "tolerances": {"logit_rtol": LOGIT_RTOL, "logit_atol": LOGIT_ATOL, "grad_rtol": GRAD_RTOL,
+                       "float64_rtol": FLOAT64_RTOL},
     }
 
 

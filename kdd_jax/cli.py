@@ -83,6 +83,9 @@ def _describe(o) -> str:
     v = o.verification
     check = "not verified" if v is None else (
         f"verified: max logit diff {v['max_abs_logit_diff']:.1e}, input-grad rel. L2 error {v['input_grad_rel_l2']:.1e}"
+        + ("" if not v.get("float64_arbiter") else
+           f" (float32 ReLU kink flip on {len(v['float64_arbiter']['probes'])} probe(s); float64 agrees to "
+           f"{v['float64_arbiter']['max_input_grad_rel_l2']:.0e})")
     )
     inferred = f"; config inferred ({len(o.inferred)} assumptions, see report)" if o.inferred else ""
     return f"ok: {o.family}, {o.parameters:,} params, {o.seconds:.1f}s, {check}{inferred}"

@@ -122,3 +122,40 @@ def test_verification_fails_a_wrong_conversion_and_compiles_weights_as_an_argume
     assert not bad["ok"] and bad["max_rel_logit_diff"] > 1e-4
     conv.kernel.set_value(jnp.asarray(good))
     assert verify_conversion(result)["ok"]
+
+
+def test_float64_arbiter_settles_kink_flips_and_still_catches_errors_float32_cannot_see(make_student, monkeypatch):
+    """A float32 ReLU kink flip moves one probe's input-gradient while the conversion is right; the check
+    re-runs both models in float64, where rounding cannot flip a kink, and passes. The same flip on a
+    model with one filter 1e-6 off (below anything float32 can resolve) fails there; a gradient that
+    disagrees on most probes is never a flip and fails without the arbiter."""
+    import converters.verify as cv
+
+    result = convert_student(make_student("resnet20", seed=5))
+    real = cv._jax_loss_and_grad()
+    flipped = [0]
+
+    def with_flip(graphdef, x, state, w):
+        (loss, logits), g = real(graphdef, x, state, w)
+        if g.dtype == jnp.float32:  # only the float32 program flips
+            g = g.at[np.asarray(flipped)].multiply(1.01)
+        return (loss, logits), g
+
+    monkeypatch.setattr(cv, "_jax_loss_and_grad", lambda: with_flip)
+    v = cv.verify_conversion(result)
+    assert v["ok"] and v["input_grad_rel_l2_per_probe"][0] > cv.GRAD_RTOL
+    a = v["float64_arbiter"]
+    assert a["ok"] and a["probes"] == [0] and a["max_input_grad_rel_l2"] < 1e-12
+
+    conv = result.model.conv1
+    good = np.asarray(conv.kernel[...])
+    conv.kernel.set_value(jnp.asarray(good).at[..., 0].multiply(1 + 1e-6))
+    v = cv.verify_conversion(result)
+    assert max(v["input_grad_rel_l2_per_probe"][1:]) <= cv.GRAD_RTOL and v["max_rel_logit_diff"] < cv.LOGIT_RTOL
+    assert not v["ok"] and not v["float64_arbiter"]["ok"]
+    assert v["float64_arbiter"]["max_logit_diff"] > cv.FLOAT64_RTOL
+    conv.kernel.set_value(jnp.asarray(good))
+
+    flipped[:] = [0, 1, 2, 3, 4]  # five of eight probes: not a flip
+    v = cv.verify_conversion(result)
+    assert not v["ok"] and v["float64_arbiter"] is None
