@@ -20,7 +20,10 @@ What it does, all in one process and one run:
 4. A per-stage breakdown: the real `convert_many` once more, with the library functions it calls
    wrapped by timers (exclusive time per stage and student; see INSTRUMENT). The library's own
    functools caches are cleared before every pass, so each pass pays what a fresh process pays.
-5. Experiments that measure candidate speed-ups on the same files (nothing here changes the
+5. A verification pass: `convert_many(verify=True)` (the `kdd convert` default) once, with the check
+   against PyTorch timed per student: first student of each architecture (pays the jit compile)
+   against the repeats, passes, float32 kink flips settled in float64 (--no-verify skips it).
+6. Experiments that measure candidate speed-ups on the same files (nothing here changes the
    library): per-config caching of abstract_model/build_keymap, the jax tracer error-message
    cost inside abstract_model, kernel-transpose strategies, and alternative state writers.
 
@@ -292,7 +295,7 @@ def clear_library_caches() -> list[str]:
     return sorted(cleared)
 
 
-def bulk_pass(zoo_dir: Path, out_dir: Path, on_start=None) -> tuple[float, dict[str, float]]:
+def bulk_pass(zoo_dir: Path, out_dir: Path, on_start=None, verify: bool = False) -> tuple[float, dict[str, float]]:
     """Wall seconds of one convert_many over the zoo, and the per-student seconds it reports."""
     from converters.bulk import convert_many
 
@@ -302,7 +305,7 @@ def bulk_pass(zoo_dir: Path, out_dir: Path, on_start=None) -> tuple[float, dict[
     gc.collect()
     os.sync()  # the previous pass's dirty pages must not be flushed on this pass's clock
     t0 = time.perf_counter()
-    outcomes = list(convert_many([zoo_dir], out_dir, verify=False, on_start=on_start))
+    outcomes = list(convert_many([zoo_dir], out_dir, verify=verify, on_start=on_start))
     wall = time.perf_counter() - t0
     failed = [o for o in outcomes if o.status != "ok"]
     if failed:
@@ -419,6 +422,69 @@ def breakdown_pass(zoo_dir: Path, out_dir: Path) -> tuple[dict[str, dict[str, fl
         out[name] = st
     return out, {"installed": installed, "missing": missing, "wall_s": round(wall, 3),
                  "per_student_sum_s": round(sum(seconds.values()), 4)}
+
+
+def verify_pass(zoo_dir: Path, out_dir: Path, members: dict) -> dict:
+    """One real convert_many(verify=True) over the zoo (library caches cleared first, as a fresh
+    `kdd convert` process), with converters.verify.verify_conversion wrapped by a timer: what the
+    check against PyTorch adds per student, split into the first student of each architecture (which
+    pays the jit compile of the Flax side) and the repeats (which reuse it)."""
+    import converters.verify as cv
+
+    rows: list[dict] = []
+    current = [None]
+    orig = cv.verify_conversion
+
+    def timed(result, **kw):
+        t0 = time.perf_counter()
+        rep = orig(result, **kw)
+        rows.append({"student": current[0], "seconds": time.perf_counter() - t0, "ok": rep["ok"],
+                     "float32_flipped_probes": len((rep["float64_arbiter"] or {}).get("probes", [])),
+                     "float64_arbiter_ok": (rep["float64_arbiter"] or {}).get("ok"),
+                     "max_abs_logit_diff": rep["max_abs_logit_diff"],
+                     "input_grad_rel_l2": rep["input_grad_rel_l2"]})
+        return rep
+
+    def on_start(i, n, src):
+        current[0] = src.name
+
+    cv.verify_conversion = timed  # bulk imports it at call time, so the wrapper is what runs
+    try:
+        wall, seconds = bulk_pass(zoo_dir, out_dir, on_start=on_start, verify=True)
+    finally:
+        cv.verify_conversion = orig
+    seen: set[str] = set()
+    for r in rows:  # discovery order is the conversion order
+        m = members[r["student"]]
+        r |= {"variant": m["variant"], "family": m["family"], "dtype": m["dtype"],
+              "first_of_architecture": m["variant"] not in seen}
+        seen.add(m["variant"])
+
+    def agg(sel):
+        secs = [r["seconds"] for r in sel]
+        return {"students": len(sel), "verify_s": round(sum(secs), 3),
+                "median_s": round(statistics.median(secs), 4) if secs else None,
+                "max_s": round(max(secs), 4) if secs else None}
+
+    per_family = {}
+    for fam in dict.fromkeys(r["family"] for r in rows):
+        fr = [r for r in rows if r["family"] == fam]
+        per_family[fam] = {"first": agg([r for r in fr if r["first_of_architecture"]]),
+                           "repeat": agg([r for r in fr if not r["first_of_architecture"]])}
+    return {
+        "wall_s": round(wall, 3), "per_student_sum_s": round(sum(seconds.values()), 4),
+        "verify_s": round(sum(r["seconds"] for r in rows), 3),
+        "passed": sum(r["ok"] for r in rows), "students": len(rows),
+        "arbitrated_students": sum(r["float32_flipped_probes"] > 0 for r in rows),
+        "arbitrated_ok": sum(r["float64_arbiter_ok"] is True for r in rows),
+        "flipped_probes_histogram": dict(sorted(Counter(r["float32_flipped_probes"] for r in rows).items())),
+        "max_abs_logit_diff": max(r["max_abs_logit_diff"] for r in rows),
+        "max_input_grad_rel_l2": max(r["input_grad_rel_l2"] for r in rows),
+        "first": agg([r for r in rows if r["first_of_architecture"]]),
+        "repeat": agg([r for r in rows if not r["first_of_architecture"]]),
+        "per_family": per_family,
+        "rows": [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
+    }
 
 
 # ----------------------------------------------------------------------------- experiments
@@ -1014,6 +1080,30 @@ def render_markdown(res: dict) -> str:
               f"{s['breakdown']['state_MB_total']} MB of state in total):", "",
               _md_table(fit_rows, [("what", "per-file seconds of"), ("fixed_s", "fixed s"), ("s_per_leaf", "s/leaf"),
                                    ("s_per_state_MB", "s/MB"), ("r2", "R^2")])]
+    v = res.get("verification")
+    if v:
+        conv_med = statistics.median(s["repeats"]["bulk_wall_s"])
+        fam_rows = [{"family": f, "first_n": d["first"]["students"], "first_med": d["first"]["median_s"],
+                     "repeat_n": d["repeat"]["students"], "repeat_med": d["repeat"]["median_s"] or "-",
+                     "total": round(d["first"]["verify_s"] + d["repeat"]["verify_s"], 3)}
+                    for f, d in v["per_family"].items()]
+        lines += [
+            "## Verification against PyTorch (`verify=True`, the `kdd convert` default)",
+            "",
+            f"One `convert_many(verify=True)` pass over the same zoo (library caches cleared first, as a fresh process): "
+            f"**{v['wall_s']} s** wall against {conv_med:.2f} s without the check (median above). The check itself "
+            f"(`converters.verify.verify_conversion`: PyTorch reference forward + input gradient, the jitted Flax side at "
+            f"`highest` precision, 8 probes) took {v['verify_s']} s in all: {v['first']['verify_s']} s for the first "
+            f"student of each of {v['first']['students']} architectures (median {v['first']['median_s']} s; it pays "
+            f"the jit compile) and {v['repeat']['verify_s']} s for the {v['repeat']['students']} repeats (median "
+            f"{v['repeat']['median_s']} s). {v['passed']}/{v['students']} passed; {v['arbitrated_students']} had float32 "
+            f"ReLU kink flips on some probes (students by flipped probes: {v['flipped_probes_histogram']}) and went to "
+            f"the float64 arbiter, which passed {v['arbitrated_ok']} of them; largest float32 absolute logit difference {v['max_abs_logit_diff']:.2g}, largest "
+            f"input-gradient relative L2 difference (all probes together) {v['max_input_grad_rel_l2']:.2g}.",
+            "",
+            _md_table(fam_rows, [("family", "family"), ("first_n", "architectures"), ("first_med", "first, median s"),
+                                 ("repeat_n", "repeats"), ("repeat_med", "repeat, median s"), ("total", "verify s")]),
+        ]
     if e:
         lines += ["## Experiments (measured on the same files; the library is unchanged)", ""]
         if "floor" in e:
@@ -1093,6 +1183,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--breakdown-repeats", type=int, default=1, help="instrumented per-stage passes (default 1)")
     ap.add_argument("--quick", action="store_true", help="a 6-checkpoint zoo of tiny models: a smoke test, not a benchmark")
     ap.add_argument("--no-experiments", action="store_true", help="skip the speed-up experiments")
+    ap.add_argument("--no-verify", action="store_true", help="skip the verify=True pass (needs torch)")
     args = ap.parse_args(argv)
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
     if repeats < 1 or args.breakdown_repeats < 1:
@@ -1142,6 +1233,11 @@ def main(argv: list[str] | None = None) -> int:
             + (f" (not found, so not timed separately: {instrumentation['missing']})" if instrumentation["missing"] else ""))
 
     summary = summarise(manifest, files, names, bf16_names, bare_reps, bulk_reps, bulk_file_reps, breakdown_reps)
+    verification = None
+    if not args.no_verify:
+        verification = verify_pass(zoo_dir, out_dir, members)
+        log(f"verification pass: {verification['wall_s']:.2f} s wall, check {verification['verify_s']:.2f} s, "
+            f"{verification['passed']}/{verification['students']} passed")
 
     experiments = {}
     if not args.no_experiments:
@@ -1200,10 +1296,12 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(),
         "versions": all_versions(),
         "settings": {"repeats": repeats, "breakdown_repeats": args.breakdown_repeats, "quick": args.quick,
-                     "work": str(work), "page_cache_warm_s": round(warm_s, 3), "verify": False},
+                     "work": str(work), "page_cache_warm_s": round(warm_s, 3), "verify": False,
+                     "verify_pass": not args.no_verify},
         "zoo": zoo,
         "instrumentation": instrumentation | {"caches_cleared_before_each_pass": clear_library_caches()},
         "summary": summary,
+        "verification": verification,
         "experiments": experiments,
         "notes": notes,
     }
