@@ -159,3 +159,26 @@ def test_float64_arbiter_settles_kink_flips_and_still_catches_errors_float32_can
     flipped[:] = [0, 1, 2, 3, 4]  # five of eight probes: not a flip
     v = cv.verify_conversion(result)
     assert not v["ok"] and v["float64_arbiter"] is None
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2_cifar", "vgg_bn_torchvision", "densenet_bc_small"])
+def test_float64_arbiter_on_every_family_with_three_flips(make_student, monkeypatch, name):
+    """Three flipped probes (re-run padded to four, then sliced back) on the other families, whose
+    layers (depthwise convolution with its own gradient, max-pool, concatenation) must all compute in
+    float64 there: float32 arithmetic anywhere would leave ~1e-7, not ~1e-15."""
+    import converters.verify as cv
+
+    result = convert_student(make_student(name, seed=6))
+    real = cv._jax_loss_and_grad()
+
+    def with_flip(graphdef, x, state, w):
+        (loss, logits), g = real(graphdef, x, state, w)
+        if g.dtype == jnp.float32:
+            g = g.at[np.asarray([0, 2, 5])].multiply(1.01)
+        return (loss, logits), g
+
+    monkeypatch.setattr(cv, "_jax_loss_and_grad", lambda: with_flip)
+    v = cv.verify_conversion(result)
+    a = v["float64_arbiter"]
+    assert v["ok"] and a["probes"] == [0, 2, 5]
+    assert a["max_logit_diff"] < 1e-12 and a["max_input_grad_rel_l2"] < 1e-12
