@@ -295,8 +295,11 @@ def clear_library_caches() -> list[str]:
     return sorted(cleared)
 
 
-def bulk_pass(zoo_dir: Path, out_dir: Path, on_start=None, verify: bool = False) -> tuple[float, dict[str, float]]:
-    """Wall seconds of one convert_many over the zoo, and the per-student seconds it reports."""
+def bulk_pass(zoo_dir: Path, out_dir: Path, on_start=None, verify: bool = False,
+              failures: list | None = None) -> tuple[float, dict[str, float]]:
+    """Wall seconds of one convert_many over the zoo, and the per-student seconds it reports. A failed
+    student stops the benchmark, unless `failures` is given: then (name, error) pairs are appended
+    to it and the pass goes on (the verification pass must report a failing check, not lose the run)."""
     from converters.bulk import convert_many
 
     if out_dir.exists():
@@ -308,7 +311,9 @@ def bulk_pass(zoo_dir: Path, out_dir: Path, on_start=None, verify: bool = False)
     outcomes = list(convert_many([zoo_dir], out_dir, verify=verify, on_start=on_start))
     wall = time.perf_counter() - t0
     failed = [o for o in outcomes if o.status != "ok"]
-    if failed:
+    if failures is not None:
+        failures.extend((o.name, o.error) for o in failed)
+    elif failed:
         raise SystemExit(f"conversion failed for {len(failed)} student(s): {failed[0].name}: {failed[0].error}")
     shutil.rmtree(out_dir)
     return wall, {o.name: o.seconds for o in outcomes}
@@ -451,9 +456,10 @@ def verify_pass(zoo_dir: Path, out_dir: Path, members: dict) -> dict:
     def on_start(i, n, src):
         current[0] = src.name
 
+    failures: list = []
     cv.verify_conversion = timed  # bulk imports it at call time, so the wrapper is what runs
     try:
-        wall, seconds = bulk_pass(zoo_dir, out_dir, on_start=on_start, verify=True)
+        wall, seconds = bulk_pass(zoo_dir, out_dir, on_start=on_start, verify=True, failures=failures)
     finally:
         cv.verify_conversion = orig
     seen: set[str] = set()
@@ -478,6 +484,7 @@ def verify_pass(zoo_dir: Path, out_dir: Path, members: dict) -> dict:
         "wall_s": round(wall, 3), "per_student_sum_s": round(sum(seconds.values()), 4),
         "verify_s": round(sum(r["seconds"] for r in rows), 3),
         "passed": sum(r["ok"] for r in rows), "students": len(rows),
+        "failures": [{"student": n, "error": e} for n, e in failures],
         "arbitrated_students": sum(r["float64_rerun_probes"] > 0 for r in rows),
         "arbitrated_ok": sum(r["float64_ok"] is True for r in rows),
         "rerun_probes_histogram": {str(k): c for k, c in sorted(Counter(r["float64_rerun_probes"] for r in rows).items())},
@@ -1104,15 +1111,18 @@ def render_markdown(res: dict) -> str:
             f"`highest` precision, 8 probes) took {v['verify_s']} s in all: {v['first']['verify_s']} s for the first "
             f"student of each of {v['first']['students']} architectures (median {v['first']['median_s']} s; it pays "
             f"the jit compile) and {v['repeat']['verify_s']} s for the {v['repeat']['students']} repeats (median "
-            f"{v['repeat']['median_s']} s). {v['passed']}/{v['students']} passed. {v['arbitrated_students']} had probes failing the "
-            f"float32 gradient bound (students by number of such probes: {v['rerun_probes_histogram']}) and had those "
+            f"{v['repeat']['median_s']} s). {v['passed']}/{v['students']} passed. {v['arbitrated_students']} had "
+            f"probes failing the float32 gradient bound (students by number of such probes: {v['rerun_probes_histogram']}) and had those "
             f"probes re-run in float64, which passed {v['arbitrated_ok']} of them, with at most "
             f"{v['float64_max_logit_diff'] or 0:.1g} logit and {v['float64_max_input_grad_rel_l2'] or 0:.1g} gradient "
-            f"difference (bound {v['float64_bound']:g}: float32 ReLU kink flips, not conversion errors); the float64 re-runs (XLA:CPU "
-            f"runs float64 convolutions slowly) took {v['float64_seconds']} s of the check's time, counted in the "
-            f"per-student times of the students re-run, first of their architecture or repeat. Largest float32 absolute logit difference {v['max_abs_logit_diff']:.2g}, largest "
-            f"input-gradient relative L2 difference (all probes together) {v['max_input_grad_rel_l2']:.2g}.",
+            f"difference (bound {v['float64_bound']:g}: float32 ReLU kink flips, not conversion errors); the float64 "
+            f"re-runs (XLA:CPU runs float64 convolutions slowly) took {v['float64_seconds']} s of the check's time, "
+            f"counted in the per-student times of the students re-run, first of their architecture or repeat. "
+            f"Largest float32 absolute logit difference {v['max_abs_logit_diff']:.2g}, largest input-gradient "
+            f"relative L2 difference (all probes together) {v['max_input_grad_rel_l2']:.2g}.",
             "",
+            *([f"**Failed** ({len(v['failures'])}):", ""] + [f"- `{f['student']}`: {f['error']}" for f in v["failures"]]
+              + [""] if v.get("failures") else []),
             _md_table(fam_rows, [("family", "family"), ("first_n", "architectures"), ("first_med", "first, median s"),
                                  ("repeat_n", "repeats"), ("repeat_med", "repeat, median s"), ("total", "verify s")]),
         ]

@@ -22,8 +22,8 @@ zero: when the logits pass and at most half the probes fail the float32 gradient
 probes are re-run with both models in float64 (the same float32 weights, upcast exactly; on the
 default device, or the CPU where the default is a TPU) and must agree to 1e-9 in logits and
 gradient. Correct conversions agree there to ~1e-14 (largest seen 7e-15 over 52 CIFAR-size
-checkpoints: `benchmarks/results/convert_bench.md`, "Verification"); a conversion error is a different function and stays as far
-apart as in float32. (A filter 1e-6 off fails that re-run too; it is caught only when a flip
+checkpoints: `benchmarks/results/convert_bench.md`, "Verification"); a conversion error is a
+different function and stays as far apart as in float32. (A filter 1e-6 off fails that re-run too; it is caught only when a flip
 triggers the re-run, while errors of 1e-4 and more fail the float32 check on their own.) A failure
 on more than half the probes is never a flip and fails outright.
 
