@@ -79,15 +79,22 @@ def render(rows: list[dict]) -> str:
     lines = ["# Data-free probe search on the Fashion-MNIST zoo", "",
              "Rows appended by `python benchmarks/datafree_probes.py CONFIG --students ... --seeds ...` (each row "
              "records its own command, date, machine and versions). Accuracy / one-vs-rest AUC over the distilled "
-             "students named, probabilities API, N = n_probes; chance accuracy 0.25. Agreement: top-1, on the probes. Seconds per student are wall time on a shared 2-core machine with other jobs running: not throughput figures.",
+             "students named, probabilities API, N = n_probes; chance accuracy 0.25. Agreement: top-1, on the probes. Seconds per student are wall time on a shared 2-core machine with other jobs running: not throughput figures. "
+             "Own-family picks: share of the students whose top-scored teacher has the student's architecture family, "
+             "a wrong answer for the cross-family students s09-s16 (chance 0.25). Zoo weights: a digest of the teachers' "
+             "and students' weight hashes (rows before it was recorded ran on the original build; the zoo rebuilt on "
+             "2026-11-23 on another machine has slightly different weights: benchmarks/zoo/README.md, Determinism).",
              "", "| settings | students x seeds | " + " | ".join(SCORES)
-             + " | teachers agree | student = own teacher | student = other teachers | s / student |",
-             "|---|---|" + "---|" * (len(SCORES) + 4)]
+             + " | teachers agree | student = own teacher | student = other teachers | s / student "
+             "| picks of the student's own family (" + " / ".join(SCORES) + ") | zoo weights |",
+             "|---|---|" + "---|" * (len(SCORES) + 6)]
     for r in rows:
         lines.append(f"| `{json.dumps(r['cfg'])}` | {r['n_students']} x {len(r['seeds'])} | "
                      + " | ".join(f"{r[s][0]:.2f} / {r[s][1]:.2f}" for s in SCORES)
                      + f" | {r['teacher_agree']:.2f} | {r['student_own_agree']:.2f} | {r['student_other_agree']:.2f}"
-                     f" | {r['secs_per_student']:.1f} |")
+                     f" | {r['secs_per_student']:.1f} | "
+                     + (" / ".join(f"{r['own_family_pick'][s]:.2f}" for s in SCORES) if "own_family_pick" in r else "")
+                     + f" | {r['zoo_weights_sha256'][:8] if 'zoo_weights_sha256' in r else 'original build'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -99,6 +106,7 @@ def main(argv=None) -> int:
     ap.add_argument("--zoo", type=Path, default=REPO / "benchmarks/zoo/cache")
     ap.add_argument("--manifest", type=Path, default=REPO / "benchmarks/zoo/manifest.json")
     ap.add_argument("--work", type=Path, default=REPO / "benchmarks/_work/datafree")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="JSONL the row is appended to (markdown beside it)")
     ap.add_argument("--render", action="store_true", help="only rebuild the markdown from the JSONL")
     args = ap.parse_args(argv)
     if not args.render:
@@ -110,8 +118,8 @@ def main(argv=None) -> int:
         except (ValueError, TypeError) as e:  # bad JSON, unknown field, invalid value
             ap.error(f"CONFIG {args.config!r}: {e}")
         run(args)
-    rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
-    atomic_write_bytes(RESULTS.with_suffix(".md"), render(rows).encode())
+    rows = [json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
+    atomic_write_bytes(args.results.with_suffix(".md"), render(rows).encode())
     return 0
 
 
@@ -137,12 +145,21 @@ def run(args) -> None:
             res[(seed, n)] = probe_logits(n, wids[n], model, config, sc, teachers, work / "logits")
             da.log(f"{n} seed {seed}: {float(res[(seed, n)]['secs']):.1f} s")
     n_probes = SynthesisConfig(**{"n_probes": 100, **over}).n_probes
-    row = {"cfg": over, "n_students": len(students), "seeds": seeds}
+    row = {"cfg": over, "n_students": len(students), "seeds": seeds,
+           # which weights: a zoo rebuilt on another machine differs (benchmarks/zoo/README.md, Determinism)
+           "zoo_weights_sha256": hashlib.sha256(json.dumps({n: wids[n] for n in tnames + students},
+                                                           sort_keys=True).encode()).hexdigest()[:12]}
+    # Family bias: how often the top-scored teacher is of the student's own architecture family (all
+    # students here are cross-family, so such a pick is always wrong; chance 1/4).
+    same_family = np.array([[zoo[t][2]["family"] == zoo[n][2]["family"] for t in tnames] for n in students])
+    row["own_family_pick"] = {}
     for score in SCORES:
-        s = np.array([[da.all_scores(res[(r, n)]["student"], da.teacher_logp(res[(r, n)]["teachers"], "probs", 10))[score][n_probes]
+        s = np.array([[da.all_scores(res[(r, n)]["student"], da.teacher_logp(res[(r, n)]["teachers"], "probs", zoo[n][1].arch.num_classes),
+                                      ns=(n_probes,))[score][n_probes]
                        for n in students] for r in seeds])
         m = multiple_choice_metrics(s, labels)
         row[score] = [round(m["accuracy"], 3), round(m["auc"], 3)]
+        row["own_family_pick"][score] = round(float(np.mean(same_family[np.arange(len(students)), s.argmax(-1)])), 3)
     ag = np.array([agreement(res[(r, n)], tnames.index(zoo[n][2]["teacher"])) for r in seeds for n in students])
     row |= {"teacher_agree": round(float(ag[:, 0].mean()), 3), "student_own_agree": round(float(ag[:, 1].mean()), 3),
             "student_other_agree": round(float(ag[:, 2].mean()), 3),
@@ -150,7 +167,8 @@ def run(args) -> None:
             "command": "python benchmarks/datafree_probes.py " + " ".join(sys.argv[1:]),
             "date": datetime.date.today().isoformat(), "machine": machine(), "versions": versions()}
     print(json.dumps({k: row[k] for k in ("cfg", *SCORES, "teacher_agree", "student_own_agree", "student_other_agree")}))
-    with open(RESULTS, "a") as f:
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.results, "a") as f:
         f.write(json.dumps(row) + "\n")
 
 

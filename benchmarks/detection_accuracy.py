@@ -147,20 +147,20 @@ def teacher_logp(t_logits: np.ndarray, output: str, num_classes: int) -> np.ndar
                      for tl in t_logits])
 
 
-def all_scores(s_logits: np.ndarray, t_logp: np.ndarray) -> dict[str, dict[int, np.ndarray]]:
-    """score name -> N -> [K] scores on the first N probes."""
+def all_scores(s_logits: np.ndarray, t_logp: np.ndarray, ns=N_VALUES) -> dict[str, dict[int, np.ndarray]]:
+    """score name -> N -> [K] scores on the first N probes, for each N in `ns` (set scores: N > 2)."""
     out = {}
     for name in SCORE_NAMES:
         fn, kind, _ = SCORES[name]
         out[name] = {}
         if kind == "pointwise":
             per = np.asarray(jax.vmap(lambda y: fn(s_logits, y))(t_logp))  # [K, N]
-            for n in N_VALUES:
+            for n in ns:
                 if n <= per.shape[1]:
                     out[name][n] = per[:, :n].mean(-1)
         else:
             x = jax.nn.log_softmax(jnp.asarray(s_logits), -1)
-            for n in N_VALUES:
+            for n in ns:
                 if 2 < n <= x.shape[0]:  # set scores need a set
                     out[name][n] = np.asarray(jax.vmap(lambda y: fn(x[:n], y[:n]))(jnp.asarray(t_logp)))
     return out

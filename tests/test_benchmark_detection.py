@@ -203,3 +203,34 @@ def test_mistake_inheritance_counts_only_the_teachers_mistakes_on_the_students_o
     r3 = mistake_inheritance(top1, {"labels": labels, "index": index}, ["s"], ["c3"], ["ta", "tb"], entries)
     assert seen[:30].any() and seen[30:60].any() and r3["students"][0]["n"] == q["n"]  # c3 saw some, not all
     assert r3["students"][0]["controls_max"] == 1.0 and not r3["above_controls"]
+
+
+def test_datafree_probe_search_smoke(toy_zoo, tmp_path):
+    """benchmarks/datafree_probes.py on the toy zoo: one row per run with accuracy, AUC, agreement
+    diagnostics, own-family picks and the weights it ran on; a re-run reads every logit from its cache."""
+    import math
+
+    from benchmarks import datafree_probes as bench
+
+    manifest = toy_manifest(tmp_path)
+    man = json.loads(manifest.read_text())
+    for m in man["models"]:  # teacher-a and the student share a family, teacher-b is another
+        m["family"] = "vgg" if m["name"] == "teacher-b" else "resnet"
+    manifest.write_text(json.dumps(man))
+    results = tmp_path / "results" / "df.jsonl"
+    argv = ['{"method": "pixel", "steps": 3, "n_probes": 16}', "--students", "all", "--zoo", str(toy_zoo["root"]),
+            "--manifest", str(manifest), "--work", str(tmp_path / "work"), "--results", str(results)]
+    assert bench.main(argv) == 0
+    assert bench.main(argv) == 0
+    first, again = (json.loads(line) for line in results.read_text().splitlines())
+    assert first["n_students"] == 1 and first["cfg"] == {"method": "pixel", "steps": 3, "n_probes": 16}
+    for score in bench.SCORES:
+        acc, auc = first[score]
+        assert acc in (0.0, 1.0) and math.isnan(auc)  # one-vs-rest AUC is undefined for a single student
+        # one student, whose own teacher is its family's: an own-family pick is a correct pick
+        assert first["own_family_pick"][score] == acc
+    assert 0.0 <= first["student_other_agree"] <= 1.0 and len(first["zoo_weights_sha256"]) == 12
+    # the second run synthesised nothing: same logits, same synthesis time, same row
+    assert {k: v for k, v in again.items() if k not in ("command",)} == {k: v for k, v in first.items() if k != "command"}
+    md = results.with_suffix(".md").read_text()
+    assert first["zoo_weights_sha256"][:8] in md and "picks of the student's own family" in md
