@@ -1,6 +1,7 @@
 """The Fashion-MNIST zoo build (benchmarks/zoo/build_zoo.py --tiny) end to end, on a synthetic
 stand-in for Fashion-MNIST written in the IDX format (CI has no Fashion-MNIST package): it builds,
-writes the manifest and the markdown table, skips what is up to date, and rebuilds bit for bit."""
+writes the manifest and the markdown table, skips what is up to date, and rebuilds bit for bit,
+with one process or several (--jobs)."""
 
 from __future__ import annotations
 
@@ -40,12 +41,22 @@ def _digests(root) -> dict[str, str]:
             for p in sorted(root.rglob("model.safetensors"))}
 
 
-def test_tiny_zoo_builds_resumes_and_reproduces(fake_fashion, tmp_path, monkeypatch, capsys):
+@pytest.fixture(scope="module")
+def serial_digests(fake_fashion, tmp_path_factory):
+    from benchmarks.zoo import build_zoo
+
+    out = tmp_path_factory.mktemp("serial") / "zoo"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KDD_FASHION_DIR", str(fake_fashion))
+        assert build_zoo.main(["--tiny", "--out", str(out)]) == 0
+    return out, _digests(out)
+
+
+def test_tiny_zoo_builds_resumes_and_reproduces(fake_fashion, serial_digests, monkeypatch, capsys):
     from benchmarks.zoo import build_zoo
 
     monkeypatch.setenv("KDD_FASHION_DIR", str(fake_fashion))
-    out = tmp_path / "zoo"
-    assert build_zoo.main(["--tiny", "--out", str(out)]) == 0
+    out, first = serial_digests
     man = json.loads((out / "manifest.json").read_text())
     by_role = {m["role"]: m for m in man["models"]}
     assert sorted(by_role) == ["control", "student", "teacher"] and man["counts"]["student"] == 1
@@ -55,7 +66,6 @@ def test_tiny_zoo_builds_resumes_and_reproduces(fake_fashion, tmp_path, monkeypa
     assert 0.0 <= student["agreement"][teacher["name"]] <= 1.0 and student["agreement"][teacher["name"]] > 0.5
     md = (out / "zoo.md").read_text()
     assert man["machine"]["cpu_model"] in md and student["name"] in md
-    first = _digests(out)
     assert len(first) == 3
 
     # Resumable: a second run finds everything up to date and leaves the weights alone.
@@ -74,3 +84,35 @@ def test_tiny_zoo_builds_resumes_and_reproduces(fake_fashion, tmp_path, monkeypa
     log = capsys.readouterr().out
     assert "up to date, skipped: 2" in log and student["name"] in log
     assert _digests(out) == first
+
+
+def test_parallel_build_gives_the_serial_weights(fake_fashion, serial_digests, tmp_path, monkeypatch, capsys):
+    """--jobs 2: the teacher and the control train side by side, the student once its teacher is
+    written; every model's weights equal the serial build's, and the run is recorded."""
+    from benchmarks.zoo import build_zoo
+
+    monkeypatch.setenv("KDD_FASHION_DIR", str(fake_fashion))
+    out = tmp_path / "zoo"
+    assert build_zoo.main(["--tiny", "--out", str(out), "--jobs", "2"]) == 0
+    log = capsys.readouterr().out
+    assert "with 2 worker processes" in log and "(3/3)" in log
+    assert _digests(out) == serial_digests[1]
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["counts"] == {"teacher": 1, "student": 1, "control": 1}
+    assert man["build_runs"][-1]["jobs"] == 2 and len(man["build_runs"][-1]["built"]) == 3
+    with pytest.raises(SystemExit):
+        build_zoo.main(["--tiny", "--out", str(out), "--jobs", "0"])
+
+    # A worker's failure reaches the caller and loses nothing: a teacher file damaged after its
+    # student was built makes the student stale (its recorded teacher hash no longer matches); its
+    # rebuild fails to read the teacher, the build raises, and the student built before is intact.
+    teacher = next(p for p in out.rglob("model.safetensors") if p.parent.name == "tiny-teacher")
+    teacher.write_bytes(b"not a safetensors file")
+    capsys.readouterr()
+    with pytest.raises(Exception) as info:
+        build_zoo.main(["--tiny", "--out", str(out), "--jobs", "2", "--only", "tiny-student"])
+    log = capsys.readouterr().out
+    assert "FAILED tiny-student" in log and "done tiny-student" not in log, log
+    assert not isinstance(info.value, SystemExit)
+    after = _digests(out)
+    assert after["tiny-student"] == serial_digests[1]["tiny-student"]

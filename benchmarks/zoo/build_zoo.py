@@ -2,6 +2,7 @@
 """Build the real Fashion-MNIST teacher/student zoo for kdd-jax (torch, CPU, one thread).
 
     python benchmarks/zoo/build_zoo.py                        # full zoo, ~45-60 min on one core
+    python benchmarks/zoo/build_zoo.py --jobs 2               # the same weights, two models at a time
     python benchmarks/zoo/build_zoo.py --only s01-vgg-kd      # one model (+ its teacher if missing)
     python benchmarks/zoo/build_zoo.py --tiny --out /tmp/tz   # 3 small models, 1 epoch on 2k images, < 1 min
     python benchmarks/zoo/build_zoo.py --report-only          # rewrite manifest.json + results/zoo.md
@@ -713,6 +714,90 @@ def _record_run(out: Path, run: dict) -> None:
     os.replace(tmp, _state_path(out))
 
 
+# ----------------------------------------------------------------------------- parallel build
+
+_WORKER: dict = {}
+
+
+def _worker_init(out: Path, tiny: bool, stamp: float) -> None:
+    """Each worker process: one torch thread, deterministic kernels, the data loaded once."""
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    specs = tiny_specs() if tiny else zoo_specs()
+    _WORKER.update(out=out, by_name={s.name: s for s in specs}, data=Data(), tout={}, stamp=stamp)
+
+
+def _worker_build(name: str, needed: list[str], epochs_scale: float) -> str:
+    w = _WORKER
+    spec = w["by_name"][name]
+
+    def log(msg: str):  # the parent's clock, so interleaved lines from all workers sort by time
+        print(f"[{time.time() - w['stamp']:7.1f}s] [{name}] {msg.strip()}", flush=True)
+
+    if spec.teacher is not None and spec.teacher not in w["tout"]:
+        # One TeacherOutputs per teacher, over the same union of images the serial build uses
+        # (all of that teacher's students in this run), so the students get bit-identical targets.
+        w["tout"][spec.teacher] = TeacherOutputs(w["out"], w["by_name"], w["data"], log)
+        w["tout"][spec.teacher].get(spec.teacher, [w["by_name"][n] for n in needed])
+    build_one(spec, w["out"], w["data"], w["by_name"], w["tout"].get(spec.teacher), epochs_scale, log)
+    return name
+
+
+def build_parallel(order: list[Spec], out: Path, tiny: bool, epochs_scale: float, jobs: int, stamp: float,
+                   log, record) -> None:
+    """Build `order` with `jobs` worker processes. At most `jobs` models are handed to the pool at a
+    time, picked in `order` (teachers, then students grouped by teacher, then controls) among those
+    whose teacher, if rebuilt in this run, is written: a student goes ahead of the controls as soon
+    as its teacher is done. Each model is trained exactly as in the serial build (its own seed, one
+    thread, its teacher's outputs over the same images), so the weights are the same; only the wall
+    time changes. A failure (or Ctrl-C) starts nothing new, lets the running models finish or stop
+    (each is written atomically, so nothing finished is lost) and re-raises."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    needed = {t: [s.name for s in order if s.teacher == t] for t in {s.teacher for s in order} if t}
+    pending_teachers = {s.name for s in order if s.role == "teacher"}
+    queue = list(order)  # not yet handed to the pool, in build order
+    log(f"building {len(order)} model(s) with {jobs} worker processes")
+    pool = cf.ProcessPoolExecutor(min(jobs, len(order)), mp_context=mp.get_context("spawn"),
+                                  initializer=_worker_init, initargs=(out, tiny, stamp))
+    running: dict = {}
+    failure = None
+    n_done = 0
+    try:
+        while queue or running:
+            while failure is None and len(running) < jobs:
+                ready = next((s for s in queue if s.teacher not in pending_teachers), None)
+                if ready is None:
+                    break
+                queue.remove(ready)
+                running[pool.submit(_worker_build, ready.name, needed.get(ready.teacher, []), epochs_scale)] = ready
+            if not running:
+                break
+            done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+            for f in done:
+                s = running.pop(f)
+                try:
+                    f.result()
+                except BaseException as e:  # noqa: BLE001 - re-raised below, after the running ones end
+                    log(f"FAILED {s.name}: {type(e).__name__}: {e}")
+                    failure = failure or e
+                    queue = []
+                    continue
+                n_done += 1
+                record(s.name)
+                log(f"done {s.name} ({n_done}/{len(order)})")
+                pending_teachers.discard(s.name)
+    except BaseException:  # Ctrl-C or an error here: hand nothing more out, do not wait for the queue
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+    if failure is not None:
+        raise failure
+    if queue:  # cannot happen: every teacher in `pending_teachers` is in `order`
+        raise RuntimeError(f"zoo build: {[s.name for s in queue]} never became ready")
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -729,7 +814,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--manifest", type=Path, default=None,
                     help=f"manifest path (default {MANIFEST.relative_to(REPO)}; with --tiny <out>/manifest.json)")
     ap.add_argument("--list", action="store_true", help="print the zoo table and exit")
+    ap.add_argument("--jobs", type=int, default=1, metavar="N",
+                    help="build N models at once, one process and one torch thread each (default 1); same weights as --jobs 1")
     args = ap.parse_args(argv)
+    if args.jobs < 1:
+        ap.error("--jobs must be >= 1")
 
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
@@ -786,21 +875,29 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"rebuilding {s.name}: {why}")
         if skipped:
             log(f"up to date, skipped: {len(skipped)} ({', '.join(skipped[:6])}{', ...' if len(skipped) > 6 else ''})")
-        tout = TeacherOutputs(out, by_name, data, log)
         # Teachers first, then each teacher's students together (its outputs are computed once), then controls.
         order = ([s for s in todo if s.role == "teacher"]
                  + sorted([s for s in todo if s.role == "student"], key=lambda s: specs.index(by_name[s.teacher]))
                  + [s for s in todo if s.role == "control"])
-        for k, s in enumerate(order, start=1):
-            log(f"[{k}/{len(order)}] {s.role} {s.name}")
-            if s.teacher is not None:
-                tout.get(s.teacher, [x for x in order if x.teacher == s.teacher])
-            build_one(s, out, data, by_name, tout, args.epochs_scale, log)
-            built.append(s.name)
+
+        def record(name: str) -> None:
+            built.append(name)
             _record_run(out, {"started": t_start, "wall_seconds": round(time.perf_counter() - start, 1),
-                              "built": built, "epochs_scale": args.epochs_scale,
+                              "built": built, "epochs_scale": args.epochs_scale, "jobs": args.jobs,
                               "loadavg_1_5_15min": [round(v, 2) for v in os.getloadavg()],
                               "argv": sys.argv[1:] if argv is None else argv})
+
+        if args.jobs == 1:
+            tout = TeacherOutputs(out, by_name, data, log)
+            for k, s in enumerate(order, start=1):
+                log(f"[{k}/{len(order)}] {s.role} {s.name}")
+                if s.teacher is not None:
+                    tout.get(s.teacher, [x for x in order if x.teacher == s.teacher])
+                build_one(s, out, data, by_name, tout, args.epochs_scale, log)
+                record(s.name)
+        else:
+            stamp = time.time() - (time.perf_counter() - start)  # the wall-clock time `log` counts from
+            build_parallel(order, out, args.tiny, args.epochs_scale, args.jobs, stamp, log, record)
     write_manifest(out, specs, data, manifest_path, md_path, log)
     log(f"done: built {len(built)} model(s) in {time.perf_counter() - start:.0f}s")
     return 0
