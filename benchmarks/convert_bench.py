@@ -498,7 +498,8 @@ def verify_pass(zoo_dir: Path, out_dir: Path, members: dict) -> dict:
         "first": agg([r for r in rows if r["first_of_architecture"]]),
         "repeat": agg([r for r in rows if not r["first_of_architecture"]]),
         "per_family": per_family,
-        "rows": [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
+        # 4 significant figures, not decimal places: a 3e-7 gradient difference must not print as 0.0
+        "rows": [{k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
     }
 
 
