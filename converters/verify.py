@@ -132,8 +132,9 @@ def verify_conversion(result, *, n_probes: int = 8, seed: int = 0) -> dict:
         with jax.enable_x64(True), jax.default_device(_float64_device(jax)):
             st64 = jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float64)) if jnp.issubdtype(a.dtype, jnp.floating)
                                 else jnp.asarray(np.asarray(a)), state)
-            # Only the failing probes (XLA:CPU runs float64 convolutions ~90x slower than float32: 18 s for
-            # eight ResNet-18 probes), padded to a power of two so an architecture compiles at most 3 sizes.
+            # Only the failing probes (float64 costs more, and each new size compiles; XLA:CPU's own float64
+            # convolution is a slow reference loop, so our layers run it as an im2col matmul there:
+            # kdd_jax/models/layers.py), padded to a power of two so an architecture compiles at most 3 sizes.
             idx = np.resize(bad, 1 << (len(bad) - 1).bit_length())
             r_l, r_g, j_l, j_g = (a[: len(bad)] for a in both(x[idx].astype(np.float64), w[idx].astype(np.float64),
                                                                 copy.deepcopy(tmodel).double(), st64))

@@ -156,6 +156,43 @@ def test_depthwise_fast_path_matches_lax_forward_and_gradient(kernel, stride, pa
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("kernel, stride, pad, groups, dilation",
+                         [(3, 1, (1, 1), 1, 1), (3, 2, (1, 1), 1, 1), (1, 1, (0, 0), 1, 1), (7, 2, (3, 3), 1, 1),
+                          (3, 2, (1, 2), 2, 1), (3, 1, (2, 2), 4, 2), (5, 2, (2, 0), 1, 1)])
+def test_float64_cpu_path_matches_lax_forward_and_gradient(kernel, stride, pad, groups, dilation):
+    """In float64 on XLA:CPU (the conversion check's float64 re-run), layers.conv_general_dilated
+    runs convolutions as one im2col matmul instead of XLA's slow reference loop; it must equal lax's
+    convolution to float64 rounding, value and both gradients, for strides, asymmetric padding,
+    groups and dilation. Float32 keeps lax's kernel."""
+    import jax
+    import jax.numpy as jnp
+
+    from kdd_jax.models.layers import _NHWC_HWIO, conv_general_dilated
+
+    cin, cout = 8, 12
+    rng = np.random.default_rng(kernel * 100 + stride * 10 + groups)
+    args = dict(window_strides=(stride, stride), padding=(pad, pad[::-1]), lhs_dilation=(1, 1),
+                rhs_dilation=(dilation, dilation), dimension_numbers=_NHWC_HWIO, feature_group_count=groups)
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.normal(size=(2, 11, 10, cin)))
+        w = jnp.asarray(rng.normal(size=(kernel, kernel, cin // groups, cout)))
+
+        def ours(x, w):
+            return conv_general_dilated(x, w, **args)
+
+        def ref(x, w):
+            return jax.lax.conv_general_dilated(x, w, **{k: v for k, v in args.items() if k != "lhs_dilation"})
+
+        assert "conv_general_dilated" not in str(jax.make_jaxpr(ours)(x, w))  # the matmul path was taken
+        assert "conv_general_dilated" in str(jax.make_jaxpr(ours)(x.astype(jnp.float32), w.astype(jnp.float32)))
+        np.testing.assert_allclose(ours(x, w), ref(x, w), rtol=1e-12, atol=1e-12)
+        g_ours = jax.grad(lambda x, w: jnp.sum(jnp.sin(ours(x, w))), argnums=(0, 1))(x, w)
+        g_ref = jax.grad(lambda x, w: jnp.sum(jnp.sin(ref(x, w))), argnums=(0, 1))(x, w)
+        for a, b in zip(g_ours, g_ref):
+            assert a.dtype == jnp.float64
+            np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-11)
+
+
 @pytest.mark.parametrize("kernel, stride, pad, hw", [(2, 2, 0, (9, 10)), (2, 2, 0, (8, 8)), (3, 3, 0, (10, 7)),
                                                      (3, 2, 1, (9, 10))])
 def test_maxpool_matches_reduce_window_value_and_gradient(kernel, stride, pad, hw):

@@ -86,23 +86,67 @@ def _depthwise_forward(x, w, strides, padding):
     return out
 
 
+def _computes_on_cpu() -> bool:
+    """Whether the computation being traced runs on XLA:CPU: the device `jax.default_device` names
+    (e.g. verification's float64 re-run on the CPU of a GPU/TPU host), else the default backend."""
+    dev = jax.config.jax_default_device
+    if dev is None:
+        return jax.default_backend() == "cpu"
+    return (dev if isinstance(dev, str) else dev.platform) == "cpu"
+
+
+_NHWC_HWIO = jax.lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
+
+
+def _conv_as_matmuls(x, w, strides, padding, rhs_dilation, groups):
+    """NHWC x HWIO convolution as one matmul: the kh*kw strided slices of the padded input stacked
+    into patches [N, Ho, Wo, kh*kw*C_in] (im2col) times the kernel as a [kh*kw*C_in, C_out] matrix
+    (grouped: per group). For float64 on XLA:CPU, whose convolution is a slow reference loop there
+    (~75x float32 for a 3x3, 64-channel layer) while its float64 matmul is ~2x float32."""
+    (pt, pb), (pl, pr) = padding
+    sh, sw = strides
+    dh, dw = rhs_dilation
+    kh, kw, cin_g, cout = w.shape
+    xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    n, hp, wp, c = xp.shape
+    ho, wo = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+    taps = [jax.lax.slice(xp, (0, i * dh, j * dw, 0), (n, i * dh + sh * (ho - 1) + 1, j * dw + sw * (wo - 1) + 1, c),
+                          (1, sh, sw, 1)) for i in range(kh) for j in range(kw)]
+    patches = jnp.stack(taps, axis=3)  # [N, Ho, Wo, kh*kw, C_in]
+    if groups == 1:
+        return jnp.einsum("nhwtc,tco->nhwo", patches, w.reshape(kh * kw, cin_g, cout))
+    wg = w.reshape(kh * kw, cin_g, groups, cout // groups)  # HWIO: output channels grouped in order
+    out = jnp.einsum("nhwtgc,tcgo->nhwgo", patches.reshape(n, ho, wo, kh * kw, groups, cin_g), wg)
+    return out.reshape(n, ho, wo, cout)
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
-    """lax.conv_general_dilated, except depthwise 3x3-style convolutions on XLA:CPU.
+    """lax.conv_general_dilated, except two cases on XLA:CPU, computed in another form that gives
+    the same results to float rounding (other backends always keep lax's kernel):
 
-    Why: XLA:CPU runs the gradient of a grouped (depthwise) convolution 16x (stride 1) to 11x
-    (stride 2) slower than the same computation written as shifted multiply-adds (measured on
-    [100, 14, 14, 96]: 287 vs 18 ms, 518 vs 47 ms), and synthesis back-propagates through every
-    MobileNetV2 block. Results are identical to float rounding; other backends keep lax's kernel."""
+    - depthwise 3x3-style convolutions: XLA:CPU runs the gradient of a grouped (depthwise)
+      convolution 16x (stride 1) to 11x (stride 2) slower than the same computation written as
+      shifted multiply-adds (measured on [100, 14, 14, 96]: 287 vs 18 ms, 518 vs 47 ms), and
+      synthesis back-propagates through every MobileNetV2 block;
+    - float64 convolutions (conversion checks settle float32 rounding flips in float64,
+      `converters/verify.py`): XLA:CPU has only a slow reference loop for them, so they run as
+      per-tap matmuls (`_conv_as_matmuls`)."""
     c = lhs.shape[-1]
+    plain = (
+        lhs.ndim == 4 and not isinstance(padding, str) and all(d in (None, 1) for d in (lhs_dilation or (1,)))
+        and kwargs.get("out_sharding") is None and _computes_on_cpu()
+    )
     depthwise = (
-        feature_group_count > 1 and feature_group_count == c and lhs.ndim == 4 and rhs.shape[2] == 1
-        and rhs.shape[3] == c and not isinstance(padding, str)
-        and all(d in (None, 1) for d in (lhs_dilation or (1,))) and all(d in (None, 1) for d in (rhs_dilation or (1,)))
-        and jax.default_backend() == "cpu"
+        plain and feature_group_count > 1 and feature_group_count == c and rhs.shape[2] == 1 and rhs.shape[3] == c
+        and all(d in (None, 1) for d in (rhs_dilation or (1,)))
     )
     if depthwise:
         return _depthwise_shifted(lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in padding))
+    if (plain and lhs.dtype == jnp.float64 and rhs.dtype == jnp.float64 and dimension_numbers == _NHWC_HWIO
+            and all(p >= 0 for pair in padding for p in pair)):
+        return _conv_as_matmuls(lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in padding),
+                                tuple(rhs_dilation or (1, 1)), feature_group_count)
     return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
                                         rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
                                         feature_group_count=feature_group_count, precision=precision, **kwargs)
