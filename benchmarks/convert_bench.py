@@ -877,6 +877,75 @@ def exp_versions_cost() -> dict:
             "calls": len(cold)}
 
 
+RESNET18_IMAGENET = {"format_version": 1, "family": "resnet",
+                     "arch": {"block": "basic", "layers": [2, 2, 2, 2], "widths": [64, 128, 256, 512], "stem": "imagenet",
+                              "num_classes": 1000},
+                     "preprocessing": {"input_size": [224, 224], "channels": 3, "mean": [0.485, 0.456, 0.406],
+                                       "std": [0.229, 0.224, 0.225]}}
+
+
+def exp_float64_conv(reps, work: Path, log, probes: int = 2) -> dict:
+    """The conversion check's float64 re-run (converters.verify: loss + input gradient of `probes`
+    probes, both models upcast) with XLA's float64 convolution against the im2col matmul our layers
+    use for float64 on XLA:CPU (kdd_jax/models/layers.py): seconds to compile + run, then to run
+    again, and the largest relative difference of the input gradients. One distinct config per
+    family of the zoo plus an ImageNet-size ResNet-18 (random weights), where the run dominates."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from safetensors.torch import save_file
+
+    import kdd_jax.models.layers as layers
+    from converters import convert_student
+    from converters import verify as cv
+    from converters.torch_reference import build_torch_model, randomize_
+
+    d = work / "float64-resnet18-imagenet"
+    if not (d / "model.safetensors").is_file():
+        d.mkdir(parents=True, exist_ok=True)
+        m = randomize_(build_torch_model(RESNET18_IMAGENET), 0)
+        save_file({k: t.contiguous() for k, t in m.state_dict().items()}, str(d / "model.safetensors"),
+                  metadata={"format": "pt"})
+        (d / "config.json").write_text(json.dumps(RESNET18_IMAGENET))
+    sources = [("resnet18-imagenet (224x224, random)", d)]
+    seen = set()
+    for st in reps:
+        fam = json.loads(st.config.read_text())["family"]
+        if fam not in seen:
+            seen.add(fam)
+            sources.append((st.name, st.weights.parent))
+    rows = []
+    real = layers._NHWC_HWIO
+    for name, path in sources:
+        result = convert_student(path)
+        graphdef, state = nnx.split(result.model)
+        x = cv.probe_inputs(result.config, probes, 0).transpose(0, 2, 3, 1).astype(np.float64)
+        w = np.random.default_rng(1).normal(size=(probes, result.config.arch.num_classes))
+        row, grads = {"model": name}, {}
+        for path_name, dn in (("lax", None), ("im2col", real)):
+            layers._NHWC_HWIO = dn  # None never matches: XLA's own float64 convolution
+            jax.clear_caches()
+            try:
+                with jax.enable_x64(True), jax.default_device(jax.devices("cpu")[0]):
+                    st64 = jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float64)) if jnp.issubdtype(a.dtype, jnp.floating)
+                                        else jnp.asarray(np.asarray(a)), state)
+                    times = []
+                    for _ in range(2):
+                        t0 = time.perf_counter()
+                        _, g = cv._jax_loss_and_grad()(graphdef, jnp.asarray(x), st64, jnp.asarray(w))
+                        g.block_until_ready()
+                        times.append(time.perf_counter() - t0)
+                    grads[path_name] = np.asarray(g)
+            finally:
+                layers._NHWC_HWIO = real
+            row[f"{path_name}_first_s"], row[f"{path_name}_again_s"] = round(times[0], 3), round(times[1], 3)
+        row["grad_max_rel_diff"] = float(f"{np.abs(grads['lax'] - grads['im2col']).max() / np.abs(grads['lax']).max():.3g}")
+        rows.append(row)
+        log(f"float64 conv paths, {name}: {row}")
+    jax.clear_caches()
+    return {"probes": probes, "rows": rows}
+
+
 # ----------------------------------------------------------------------------- analysis
 
 
@@ -1190,6 +1259,15 @@ def render_markdown(res: dict) -> str:
             lines += ["", f"State writers, one student per distinct config ({len(w['per_student'])} students, "
                       f"{w['source_bytes'] / MB:.0f} MB source, {w['state_bytes'] / MB:.0f} MB float32 state), total seconds:", ""]
             lines += [_md_table([{"writer": k, "seconds": v} for k, v in w["totals"].items()], [("writer", "writer"), ("seconds", "seconds")])]
+        if "float64_conv" in e:
+            f = e["float64_conv"]
+            lines += ["", f"Float64 re-run of the conversion check ({f['probes']} probes: loss and input gradient, both models "
+                      "upcast), with XLA:CPU's own float64 convolution (a slow reference loop) against the im2col matmul "
+                      "the library's layers use for float64 on XLA:CPU; seconds to compile and run, then to run again:", ""]
+            lines += [_md_table(f["rows"], [("model", "model"), ("lax_first_s", "XLA conv: first"),
+                                            ("lax_again_s", "XLA conv: again"), ("im2col_first_s", "im2col: first"),
+                                            ("im2col_again_s", "im2col: again"),
+                                            ("grad_max_rel_diff", "gradient max rel. difference")])]
     lines += ["## Notes", ""] + [f"- {n}" for n in res["notes"]] + [""]
     return "\n".join(lines)
 
@@ -1274,6 +1352,8 @@ def main(argv: list[str] | None = None) -> int:
         experiments["floor"] = exp_floor([s.weights for s in students], bf16, work, repeats, log)
         experiments["sha_overlap"] = exp_sha_overlap(reps, log)
         experiments["writers"] = exp_writers(reps, work, log)
+        if not args.no_verify:
+            experiments["float64_conv"] = exp_float64_conv(reps, work, log)
 
     variants = []
     for v in zoo_spec:

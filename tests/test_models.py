@@ -159,14 +159,15 @@ def test_depthwise_fast_path_matches_lax_forward_and_gradient(kernel, stride, pa
 @pytest.mark.parametrize("kernel, stride, pad, groups, dilation",
                          [(3, 1, (1, 1), 1, 1), (3, 2, (1, 1), 1, 1), (1, 1, (0, 0), 1, 1), (7, 2, (3, 3), 1, 1),
                           (3, 2, (1, 2), 2, 1), (3, 1, (2, 2), 4, 2), (5, 2, (2, 0), 1, 1)])
-def test_float64_cpu_path_matches_lax_forward_and_gradient(kernel, stride, pad, groups, dilation):
+def test_float64_cpu_path_matches_lax_forward_and_gradient(kernel, stride, pad, groups, dilation, monkeypatch):
     """In float64 on XLA:CPU (the conversion check's float64 re-run), layers.conv_general_dilated
-    runs convolutions as one im2col matmul instead of XLA's slow reference loop; it must equal lax's
-    convolution to float64 rounding, value and both gradients, for strides, asymmetric padding,
-    groups and dilation. Float32 keeps lax's kernel."""
+    runs large convolutions as one im2col matmul instead of XLA's slow reference loop; it must equal
+    lax's convolution to float64 rounding, value and both gradients, for strides, asymmetric padding,
+    groups and dilation. Small ones (below F64_IM2COL_MIN_MACS) and float32 keep lax's kernel."""
     import jax
     import jax.numpy as jnp
 
+    from kdd_jax.models import layers
     from kdd_jax.models.layers import _NHWC_HWIO, conv_general_dilated
 
     cin, cout = 8, 12
@@ -183,7 +184,10 @@ def test_float64_cpu_path_matches_lax_forward_and_gradient(kernel, stride, pad, 
         def ref(x, w):
             return jax.lax.conv_general_dilated(x, w, **{k: v for k, v in args.items() if k != "lhs_dilation"})
 
-        assert "conv_general_dilated" not in str(jax.make_jaxpr(ours)(x, w))  # the matmul path was taken
+        assert "conv_general_dilated" in str(jax.make_jaxpr(ours)(x, w))  # small: XLA's loop is cheaper
+        monkeypatch.setattr(layers, "F64_IM2COL_MIN_MACS", 0)  # treat this test's convolution as a large one
+        # (a new function: make_jaxpr caches traces by function)
+        assert "conv_general_dilated" not in str(jax.make_jaxpr(lambda x, w: ours(x, w))(x, w))  # matmul path
         assert "conv_general_dilated" in str(jax.make_jaxpr(ours)(x.astype(jnp.float32), w.astype(jnp.float32)))
         np.testing.assert_allclose(ours(x, w), ref(x, w), rtol=1e-12, atol=1e-12)
         g_ours = jax.grad(lambda x, w: jnp.sum(jnp.sin(ours(x, w))), argnums=(0, 1))(x, w)

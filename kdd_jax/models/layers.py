@@ -96,6 +96,11 @@ def _computes_on_cpu() -> bool:
 
 
 _NHWC_HWIO = jax.lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
+# A float64 convolution goes the im2col way from this many multiply-adds (N*Ho*Wo*kh*kw*C_in/G*C_out).
+# Below it XLA's loop runs in less time than the matmul form takes to compile (its gradient is kh*kw
+# pads): on 2 CPU cores, a CIFAR ResNet-20's float64 re-run compiled and ran in 3.8 s with XLA's
+# convolution and 6.8 s with im2col everywhere, while an ImageNet ResNet-18's took 31 s against 15 s.
+F64_IM2COL_MIN_MACS = 1 << 23
 
 
 def _conv_as_matmuls(x, w, strides, padding, rhs_dilation, groups):
@@ -120,6 +125,15 @@ def _conv_as_matmuls(x, w, strides, padding, rhs_dilation, groups):
     return out.reshape(n, ho, wo, cout)
 
 
+def _conv_macs(x, w, strides, padding, rhs_dilation) -> int:
+    """Multiply-adds of an NHWC x HWIO convolution (per group's input channels)."""
+    kh, kw, cin_g, cout = w.shape
+    dh, dw = rhs_dilation or (1, 1)
+    ho = (x.shape[1] + sum(padding[0]) - dh * (kh - 1) - 1) // strides[0] + 1
+    wo = (x.shape[2] + sum(padding[1]) - dw * (kw - 1) - 1) // strides[1] + 1
+    return x.shape[0] * max(ho, 0) * max(wo, 0) * kh * kw * cin_g * cout
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
     """lax.conv_general_dilated, except two cases on XLA:CPU, computed in another form that gives
@@ -130,8 +144,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
       shifted multiply-adds (measured on [100, 14, 14, 96]: 287 vs 18 ms, 518 vs 47 ms), and
       synthesis back-propagates through every MobileNetV2 block;
     - float64 convolutions (conversion checks settle float32 rounding flips in float64,
-      `converters/verify.py`): XLA:CPU has only a slow reference loop for them, so they run as
-      per-tap matmuls (`_conv_as_matmuls`)."""
+      `converters/verify.py`): XLA:CPU has only a slow reference loop for them, so the large ones
+      run as one im2col matmul (`_conv_as_matmuls`, from `F64_IM2COL_MIN_MACS`)."""
     c = lhs.shape[-1]
     plain = (
         lhs.ndim == 4 and not isinstance(padding, str) and all(d in (None, 1) for d in (lhs_dilation or (1,)))
@@ -144,7 +158,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     if depthwise:
         return _depthwise_shifted(lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in padding))
     if (plain and lhs.dtype == jnp.float64 and rhs.dtype == jnp.float64 and dimension_numbers == _NHWC_HWIO
-            and all(p >= 0 for pair in padding for p in pair)):
+            and all(p >= 0 for pair in padding for p in pair) and _conv_macs(lhs, rhs, window_strides, padding,
+                                                                           rhs_dilation) >= F64_IM2COL_MIN_MACS):
         return _conv_as_matmuls(lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in padding),
                                 tuple(rhs_dilation or (1, 1)), feature_group_count)
     return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
