@@ -1186,7 +1186,7 @@ def render_markdown(res: dict) -> str:
             f"probes re-run in float64, which passed {v['arbitrated_ok']} of them, with at most "
             f"{v['float64_max_logit_diff'] or 0:.1g} logit and {v['float64_max_input_grad_rel_l2'] or 0:.1g} gradient "
             f"difference (bound {v['float64_bound']:g}: float32 ReLU kink flips, not conversion errors); the float64 "
-            f"re-runs (XLA:CPU runs float64 convolutions slowly) took {v['float64_seconds']} s of the check's time, "
+            f"re-runs (XLA:CPU's own float64 convolution is slow; the library runs large ones as im2col matmuls: last experiment below) took {v['float64_seconds']} s of the check's time, "
             f"counted in the per-student times of the students re-run, first of their architecture or repeat. "
             f"Largest float32 absolute logit difference {v['max_abs_logit_diff']:.2g}, largest input-gradient "
             f"relative L2 difference (all probes together) {v['max_input_grad_rel_l2']:.2g}.",
