@@ -889,7 +889,10 @@ def exp_float64_conv(reps, work: Path, log, probes: int = 2) -> dict:
     probes, both models upcast) with XLA's float64 convolution against the im2col matmul our layers
     use for float64 on XLA:CPU (kdd_jax/models/layers.py): seconds to compile + run, then to run
     again, and the largest relative difference of the input gradients. One distinct config per
-    family of the zoo plus an ImageNet-size ResNet-18 (random weights), where the run dominates."""
+    family of the zoo plus an ImageNet-size ResNet-18 (random weights), where the run dominates.
+    Only convolutions above the library's per-sample size bound take im2col (none of ResNet-20's,
+    some of DenseNet-BC-100's); depthwise ones take the library's CPU path in both arms. The arms
+    run in a fixed order (XLA first): "first" differences under a second are noise."""
     import jax
     import jax.numpy as jnp
     from flax import nnx

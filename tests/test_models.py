@@ -163,7 +163,8 @@ def test_float64_cpu_path_matches_lax_forward_and_gradient(kernel, stride, pad, 
     """In float64 on XLA:CPU (the conversion check's float64 re-run), layers.conv_general_dilated
     runs large convolutions as one im2col matmul instead of XLA's slow reference loop; it must equal
     lax's convolution to float64 rounding, value and both gradients, for strides, asymmetric padding,
-    groups and dilation. Small ones (below F64_IM2COL_MIN_MACS) and float32 keep lax's kernel."""
+    groups and dilation. Small ones (below F64_IM2COL_MIN_MACS_PER_SAMPLE), ones whose patches would
+    exceed F64_IM2COL_MAX_PATCH_BYTES, and float32 keep lax's kernel."""
     import jax
     import jax.numpy as jnp
 
@@ -185,9 +186,12 @@ def test_float64_cpu_path_matches_lax_forward_and_gradient(kernel, stride, pad, 
             return jax.lax.conv_general_dilated(x, w, **{k: v for k, v in args.items() if k != "lhs_dilation"})
 
         assert "conv_general_dilated" in str(jax.make_jaxpr(ours)(x, w))  # small: XLA's loop is cheaper
-        monkeypatch.setattr(layers, "F64_IM2COL_MIN_MACS", 0)  # treat this test's convolution as a large one
+        monkeypatch.setattr(layers, "F64_IM2COL_MIN_MACS_PER_SAMPLE", 0)  # treat this test's convolution as a large one
         # (a new function: make_jaxpr caches traces by function)
         assert "conv_general_dilated" not in str(jax.make_jaxpr(lambda x, w: ours(x, w))(x, w))  # matmul path
+        monkeypatch.setattr(layers, "F64_IM2COL_MAX_PATCH_BYTES", 1000)  # patches too large: lax again
+        assert "conv_general_dilated" in str(jax.make_jaxpr(lambda x, w: ours(x, w))(x, w))
+        monkeypatch.setattr(layers, "F64_IM2COL_MAX_PATCH_BYTES", 1 << 30)
         assert "conv_general_dilated" in str(jax.make_jaxpr(ours)(x.astype(jnp.float32), w.astype(jnp.float32)))
         np.testing.assert_allclose(ours(x, w), ref(x, w), rtol=1e-12, atol=1e-12)
         g_ours = jax.grad(lambda x, w: jnp.sum(jnp.sin(ours(x, w))), argnums=(0, 1))(x, w)
@@ -251,3 +255,21 @@ def test_build_model_draws_he_uniform_init_fixed_by_the_seed():
         assert not np.array_equal(w, lc[k]), k
     flat = [la[k].ravel()[:8] for k in kernels if la[k].size >= 8]
     assert len({tuple(np.round(f / np.abs(f).max(), 6)) for f in flat}) == len(flat)  # no two layers share a draw
+
+
+def test_cpu_fast_paths_follow_the_default_device(monkeypatch):
+    """The CPU-only forms (depthwise shifted adds, float64 im2col) are chosen for the device the
+    computation runs on: on a GPU/TPU host, inside jax.default_device(cpu) (the conversion check's
+    float64 re-run there), as a Device or the string 'cpu'; not on the accelerator itself."""
+    import jax
+
+    from kdd_jax.models import layers
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # pretend to be an accelerator host
+    assert not layers._computes_on_cpu()
+    with jax.default_device(jax.devices("cpu")[0]):
+        assert layers._computes_on_cpu()
+    with jax.default_device("cpu"):
+        assert layers._computes_on_cpu()
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert layers._computes_on_cpu()

@@ -96,16 +96,21 @@ def _computes_on_cpu() -> bool:
 
 
 _NHWC_HWIO = jax.lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
-# A float64 convolution goes the im2col way from this many multiply-adds (N*Ho*Wo*kh*kw*C_in/G*C_out).
-# Below it XLA's loop runs in less time than the matmul form takes to compile (its gradient is kh*kw
-# pads): on 2 CPU cores, a CIFAR ResNet-20's float64 re-run compiled and ran in 3.8 s with XLA's
-# convolution and 6.8 s with im2col everywhere, while an ImageNet ResNet-18's took 31 s against 15 s.
-F64_IM2COL_MIN_MACS = 1 << 23
+# A float64 convolution goes the im2col way from this many multiply-adds per sample
+# (Ho*Wo*kh*kw*C_in/G*C_out; per sample because compile time does not grow with the batch, so the
+# check's re-run of 1, 2 or 4 probes takes the same path). Below it XLA's loop runs in less time than
+# the matmul form takes to compile (its gradient is kh*kw pads): on 2 CPU cores, a CIFAR ResNet-20's
+# float64 re-run of 2 probes compiled and ran in 3.8 s with XLA's convolution and 6.8 s with im2col
+# everywhere, while an ImageNet ResNet-18's took 15.8 s against 6.4 s with this threshold
+# (benchmarks/results/convert_bench.md, float64_conv).
+F64_IM2COL_MIN_MACS_PER_SAMPLE = 1 << 22
+# ... and as long as its patches (kh*kw shifted copies of the input, kept for the gradient) fit in this.
+F64_IM2COL_MAX_PATCH_BYTES = 1 << 30
 
 
 def _conv_as_matmuls(x, w, strides, padding, rhs_dilation, groups):
     """NHWC x HWIO convolution as one matmul: the kh*kw strided slices of the padded input stacked
-    into patches [N, Ho, Wo, kh*kw*C_in] (im2col) times the kernel as a [kh*kw*C_in, C_out] matrix
+    into patches [N, Ho, Wo, kh*kw, C_in] (im2col), contracted with the kernel as [kh*kw, C_in, C_out]
     (grouped: per group). For float64 on XLA:CPU, whose convolution is a slow reference loop there
     (~75x float32 for a 3x3, 64-channel layer) while its float64 matmul is ~2x float32."""
     (pt, pb), (pl, pr) = padding
@@ -125,13 +130,18 @@ def _conv_as_matmuls(x, w, strides, padding, rhs_dilation, groups):
     return out.reshape(n, ho, wo, cout)
 
 
-def _conv_macs(x, w, strides, padding, rhs_dilation) -> int:
-    """Multiply-adds of an NHWC x HWIO convolution (per group's input channels)."""
+def _im2col_worth_it(x, w, strides, padding, rhs_dilation) -> bool:
+    """Whether a float64 NHWC x HWIO convolution is large enough per sample for the im2col form, and
+    its patches small enough (the two F64_IM2COL_* bounds)."""
     kh, kw, cin_g, cout = w.shape
     dh, dw = rhs_dilation or (1, 1)
     ho = (x.shape[1] + sum(padding[0]) - dh * (kh - 1) - 1) // strides[0] + 1
     wo = (x.shape[2] + sum(padding[1]) - dw * (kw - 1) - 1) // strides[1] + 1
-    return x.shape[0] * max(ho, 0) * max(wo, 0) * kh * kw * cin_g * cout
+    if ho <= 0 or wo <= 0:
+        return False
+    per_sample_macs = ho * wo * kh * kw * cin_g * cout
+    patch_bytes = x.shape[0] * ho * wo * kh * kw * x.shape[3] * 8
+    return per_sample_macs >= F64_IM2COL_MIN_MACS_PER_SAMPLE and patch_bytes <= F64_IM2COL_MAX_PATCH_BYTES
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
@@ -145,7 +155,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
       synthesis back-propagates through every MobileNetV2 block;
     - float64 convolutions (conversion checks settle float32 rounding flips in float64,
       `converters/verify.py`): XLA:CPU has only a slow reference loop for them, so the large ones
-      run as one im2col matmul (`_conv_as_matmuls`, from `F64_IM2COL_MIN_MACS`)."""
+      run as one im2col matmul (`_conv_as_matmuls`; bounds `F64_IM2COL_*`)."""
     c = lhs.shape[-1]
     plain = (
         lhs.ndim == 4 and not isinstance(padding, str) and all(d in (None, 1) for d in (lhs_dilation or (1,)))
@@ -158,8 +168,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     if depthwise:
         return _depthwise_shifted(lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in padding))
     if (plain and lhs.dtype == jnp.float64 and rhs.dtype == jnp.float64 and dimension_numbers == _NHWC_HWIO
-            and all(p >= 0 for pair in padding for p in pair) and _conv_macs(lhs, rhs, window_strides, padding,
-                                                                           rhs_dilation) >= F64_IM2COL_MIN_MACS):
+            and kwargs.get("preferred_element_type") is None and all(p >= 0 for pair in padding for p in pair)
+            and _im2col_worth_it(lhs, rhs, window_strides, padding, rhs_dilation)):
         return _conv_as_matmuls(lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in padding),
                                 tuple(rhs_dilation or (1, 1)), feature_group_count)
     return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
