@@ -76,8 +76,8 @@ def build_toy_zoo(root):
     # attribute correctly (seed 20241122 does not: data-free probes are weak, issue 4); seed 0 does, and
     # unpinned, that made those tests fail now and then. Pinned is not enough across hosts: on another
     # CPU (2026-11-23) seed 0's pixel probes named the wrong teacher with -KL (5 of 6 inits right, with
-    # -KL and with dark_corr), so test_detect asserts attribution on uniform-noise probes, half of the
-    # student's transfer set (6 of 6). test_audit still asserts it on pixel probes (dark_corr).
+    # -KL and with dark_corr), so test_detect and test_audit assert attribution on uniform-noise probes,
+    # half of the student's transfer set (6 of 6).
     torch.manual_seed(0)
     tcfg = {"format_version": 1, **TEACHER_ARCH, "preprocessing": PRE}
     scfg = {"format_version": 1, **STUDENT_ARCH, "preprocessing": PRE}
