@@ -930,8 +930,7 @@ def exp_float64_conv(reps, work: Path, log, probes: int = 2) -> dict:
             jax.clear_caches()
             try:
                 with jax.enable_x64(True), jax.default_device(jax.devices("cpu")[0]):
-                    st64 = jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float64)) if jnp.issubdtype(a.dtype, jnp.floating)
-                                        else jnp.asarray(np.asarray(a)), state)
+                    st64 = cv.float64_state(state)
                     times = []
                     for _ in range(2):
                         t0 = time.perf_counter()

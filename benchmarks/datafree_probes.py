@@ -118,6 +118,8 @@ def main(argv=None) -> int:
         except (ValueError, TypeError) as e:  # bad JSON, unknown field, invalid value
             ap.error(f"CONFIG {args.config!r}: {e}")
         run(args)
+    if not args.results.is_file():
+        ap.error(f"{args.results}: no results to render (run a CONFIG first)")
     rows = [json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
     atomic_write_bytes(args.results.with_suffix(".md"), render(rows).encode())
     return 0
@@ -149,8 +151,8 @@ def run(args) -> None:
            # which weights: a zoo rebuilt on another machine differs (benchmarks/zoo/README.md, Determinism)
            "zoo_weights_sha256": hashlib.sha256(json.dumps({n: wids[n] for n in tnames + students},
                                                            sort_keys=True).encode()).hexdigest()[:12]}
-    # Family bias: how often the top-scored teacher is of the student's own architecture family (all
-    # students here are cross-family, so such a pick is always wrong; chance 1/4).
+    # Family bias: how often the top-scored teacher is of the student's own architecture family (for the
+    # default students s09-s16, all cross-family, such a pick is always wrong; chance 1/4 with 4 teachers).
     same_family = np.array([[zoo[t][2]["family"] == zoo[n][2]["family"] for t in tnames] for n in students])
     row["own_family_pick"] = {}
     for score in SCORES:

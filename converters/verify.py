@@ -130,8 +130,7 @@ def verify_conversion(result, *, n_probes: int = 8, seed: int = 0) -> dict:
         # Kink flips or a conversion error? Settle it in float64 (module docstring).
         t_arb = time.perf_counter()
         with jax.enable_x64(True), jax.default_device(_float64_device(jax)):
-            st64 = jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float64)) if jnp.issubdtype(a.dtype, jnp.floating)
-                                else jnp.asarray(np.asarray(a)), state)
+            st64 = float64_state(state)
             # Only the failing probes (float64 costs more, and each new size compiles; XLA:CPU's own float64
             # convolution is a slow reference loop, so our layers run it as an im2col matmul there:
             # kdd_jax/models/layers.py), padded to a power of two so an architecture compiles at most 3 sizes.
@@ -164,6 +163,16 @@ def verify_conversion(result, *, n_probes: int = 8, seed: int = 0) -> dict:
         "tolerances": {"logit_rtol": LOGIT_RTOL, "logit_atol": LOGIT_ATOL, "grad_rtol": GRAD_RTOL,
                        "float64_rtol": FLOAT64_RTOL},
     }
+
+
+def float64_state(state):
+    """A model state with every floating leaf upcast exactly to float64 (the others as they are),
+    copied through the host; call inside `jax.enable_x64` and the target `jax.default_device`."""
+    import jax
+    import jax.numpy as jnp
+
+    return jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float64)) if jnp.issubdtype(a.dtype, jnp.floating)
+                        else jnp.asarray(np.asarray(a)), state)
 
 
 def _float64_device(jax):

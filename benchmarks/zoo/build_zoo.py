@@ -719,11 +719,10 @@ def _record_run(out: Path, run: dict) -> None:
 _WORKER: dict = {}
 
 
-def _worker_init(out: Path, tiny: bool, stamp: float) -> None:
+def _worker_init(out: Path, specs: list[Spec], stamp: float) -> None:
     """Each worker process: one torch thread, deterministic kernels, the data loaded once."""
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
-    specs = tiny_specs() if tiny else zoo_specs()
     _WORKER.update(out=out, by_name={s.name: s for s in specs}, data=Data(), tout={}, stamp=stamp)
 
 
@@ -743,7 +742,7 @@ def _worker_build(name: str, needed: list[str], epochs_scale: float) -> str:
     return name
 
 
-def build_parallel(order: list[Spec], out: Path, tiny: bool, epochs_scale: float, jobs: int, stamp: float,
+def build_parallel(order: list[Spec], out: Path, specs: list[Spec], epochs_scale: float, jobs: int, stamp: float,
                    log, record) -> None:
     """Build `order` with `jobs` worker processes. At most `jobs` models are handed to the pool at a
     time, picked in `order` (teachers, then students grouped by teacher, then controls) among those
@@ -760,7 +759,7 @@ def build_parallel(order: list[Spec], out: Path, tiny: bool, epochs_scale: float
     queue = list(order)  # not yet handed to the pool, in build order
     log(f"building {len(order)} model(s) with {jobs} worker processes")
     pool = cf.ProcessPoolExecutor(min(jobs, len(order)), mp_context=mp.get_context("spawn"),
-                                  initializer=_worker_init, initargs=(out, tiny, stamp))
+                                  initializer=_worker_init, initargs=(out, specs, stamp))
     running: dict = {}
     failure = None
     n_done = 0
@@ -897,7 +896,7 @@ def main(argv: list[str] | None = None) -> int:
                 record(s.name)
         else:
             stamp = time.time() - (time.perf_counter() - start)  # the wall-clock time `log` counts from
-            build_parallel(order, out, args.tiny, args.epochs_scale, args.jobs, stamp, log, record)
+            build_parallel(order, out, specs, args.epochs_scale, args.jobs, stamp, log, record)
     write_manifest(out, specs, data, manifest_path, md_path, log)
     log(f"done: built {len(built)} model(s) in {time.perf_counter() - start:.0f}s")
     return 0
