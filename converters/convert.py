@@ -100,7 +100,7 @@ def _layer_count(cfg: StudentConfig) -> int:
     a = cfg.arch
     return {"resnet": lambda: sum(a.layers), "vgg": lambda: sum(v != "M" for v in a.cfg),
             "mobilenetv2": lambda: sum(n for _, _, n, _ in a.inverted_residual_setting),
-            "densenet": lambda: sum(a.block_config)}.get(cfg.family, lambda: 0)()
+            "densenet": lambda: sum(a.block_config), "alexnet": lambda: 5}.get(cfg.family, lambda: 0)()
 
 
 def _resolve_config(src: StudentSource, tensors, override) -> tuple[StudentConfig, str, list[str]]:

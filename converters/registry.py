@@ -4,6 +4,6 @@ The key map itself is generic (`converters/keymap.py`); a family converter only 
 weights alone cannot say.
 """
 
-from converters import densenet, mobilenetv2, resnet, vgg
+from converters import alexnet, densenet, mobilenetv2, resnet, vgg
 
-CONVERTERS = {m.FAMILY: m for m in (resnet, vgg, mobilenetv2, densenet)}
+CONVERTERS = {m.FAMILY: m for m in (resnet, vgg, mobilenetv2, densenet, alexnet)}

@@ -106,10 +106,12 @@ def read_tensors(src: StudentSource, *, allow_pickle: bool = False) -> tuple[dic
             f"{src.weights}: pickle-based checkpoint refused (unpickling can run arbitrary code). "
             "Convert it to safetensors, or pass --allow-pickle to load it with torch.load(weights_only=True)."
         )
-    return _read_pickle(src.weights), "pickle(weights_only)"
+    return read_pickle(src.weights), "pickle(weights_only)"
 
 
-def _read_pickle(path: Path) -> dict[str, np.ndarray]:
+def read_pickle(path: Path) -> dict[str, np.ndarray]:
+    """A state dict from a pickle file via torch.load(weights_only=True): floats as float32 numpy.
+    Callers decide whether pickles are allowed at all."""
     try:
         import torch
     except ImportError:

@@ -336,6 +336,50 @@ class DenseNet(nn.Module):
         return self.classifier(torch.flatten(x, 1))
 
 
+# ----------------------------------------------------------------------------- alexnet
+
+
+class AlexNet(nn.Module):
+    """torchvision AlexNet (features.{idx}, avgpool, classifier.{idx}), widths and head sizes
+    generalised; with avgpool null the head takes the last feature map as it is."""
+
+    def __init__(self, arch: dict, input_size: list[int] | None):
+        super().__init__()
+        w, c = arch["widths"], arch["in_channels"]
+        self.features = nn.Sequential(
+            nn.Conv2d(c, w[0], kernel_size=11, stride=4, padding=2), nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2),
+            nn.Conv2d(w[0], w[1], kernel_size=5, padding=2), nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2),
+            nn.Conv2d(w[1], w[2], kernel_size=3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(w[2], w[3], kernel_size=3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(w[3], w[4], kernel_size=3, padding=1), nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2),
+        )
+        if arch["avgpool"] is not None:
+            self.avgpool = nn.AdaptiveAvgPool2d(tuple(arch["avgpool"]))
+            flat = w[4] * arch["avgpool"][0] * arch["avgpool"][1]
+        else:
+            if input_size is None:
+                raise ValueError("alexnet with avgpool null needs preprocessing.input_size")
+            self.avgpool = None
+            with torch.no_grad():
+                side = self.features(torch.zeros(1, c, *input_size)).shape[2:]
+            flat = w[4] * side[0] * side[1]
+        head: list[nn.Module] = []
+        for hidden in arch["classifier_hidden"]:
+            head += [nn.Dropout(arch["dropout_p"]), nn.Linear(flat, hidden), nn.ReLU(inplace=True)]
+            flat = hidden
+        head.append(nn.Linear(flat, arch["num_classes"]))
+        self.classifier = nn.Sequential(*head)
+
+    def forward(self, x):
+        x = self.features(x)
+        if self.avgpool is not None:
+            x = self.avgpool(x)
+        return self.classifier(torch.flatten(x, 1))
+
+
 # ----------------------------------------------------------------------------- public API
 
 
@@ -352,6 +396,8 @@ def build_torch_model(config: dict) -> nn.Module:
         model = VGG(arch, config.get("preprocessing", {}).get("input_size"))
     elif family == "mobilenetv2":
         model = MobileNetV2(arch)
+    elif family == "alexnet":
+        model = AlexNet(arch, config.get("preprocessing", {}).get("input_size"))
     else:
         model = DenseNet(arch)
     return model.eval()

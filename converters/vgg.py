@@ -16,7 +16,10 @@ _LINEAR = re.compile(r"^classifier\.(\d+)\.weight$")
 def matches(shapes: dict[str, tuple]) -> bool:
     has_features = any(_FLAT.match(k) or _NESTED.match(k) for k in shapes)
     is_mobilenet = any(".conv." in k for k in shapes)
-    return has_features and not is_mobilenet and any(_LINEAR.match(k) for k in shapes)
+    # every VGG conv is 3x3: this tells a plain VGG from torchvision's alexnet (same indices, 11x11/5x5)
+    all_3x3 = all(tuple(s[2:]) == (3, 3) for k, s in shapes.items()
+                  if (_FLAT.match(k) or _NESTED.match(k)) and k.endswith(".weight") and len(s) == 4)
+    return has_features and not is_mobilenet and all_3x3 and any(_LINEAR.match(k) for k in shapes)
 
 
 def _walk_block(layers: dict[int, str], widths: dict[int, int], where: str, trailing_pool: bool) -> list:

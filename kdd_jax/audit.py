@@ -67,11 +67,15 @@ def _generative(dc) -> bool:
     return isinstance(dc, GenerativeDetectConfig)
 
 
-def record_settings(dc, teachers: list[str]) -> dict:
+def record_settings(dc, teachers: list[str], feature_net=None) -> dict:
     """What a finished student's record must match to be reused: detection settings, the seed and
-    the candidate teachers (a verdict among other candidates answers another question)."""
+    the candidate teachers (a verdict among other candidates answers another question); for a
+    generative detection also the feature network it reads."""
     if _generative(dc):  # every field of a generative detection's config, the seed included
-        return {**{f"generative.{k}": v for k, v in dataclasses.asdict(dc).items()}, "teachers": list(teachers)}
+        from kdd_jax.calibration import feature_net_in_use
+
+        return {**{f"generative.{k}": v for k, v in dataclasses.asdict(dc).items()},
+                "generative.feature_net": feature_net_in_use(dc, feature_net), "teachers": list(teachers)}
     return {**settings_of(dc), "synthesis.seed": dc.synthesis.seed, "n_bootstrap": dc.n_bootstrap,
             "confidence": dc.confidence, "teachers": list(teachers)}
 
@@ -160,8 +164,8 @@ def audit(students: list[tuple[str, object]], teachers: list, dc, out: str | Pat
     if calibration is not None:  # before any work: a mismatch must not cost a synthesis or a query
         from kdd_jax.calibration import generative_settings
 
-        calibration.check_compatible(teacher_names, generative_settings(dc) if generative else settings_of(dc))
-    expected = record_settings(dc, teacher_names)
+        calibration.check_compatible(teacher_names, generative_settings(dc, feature_net) if generative else settings_of(dc))
+    expected = record_settings(dc, teacher_names, feature_net)
     if not resume and (out / "students").is_dir() and any((out / "students").iterdir()):
         raise AuditError(f"{out} already holds an audit; pass resume=True (--resume) to continue it, or use another folder")
     if barrier is not None:  # every process has looked at the folder before any writes to it

@@ -47,12 +47,24 @@ MATCHED_FIELDS = ("score", "direction", "temperature", "synthesis.method", "synt
 
 # Generative detections (kdd_jax/generative/detect.py): their settings carry kind "generative"; a classifier
 # calibration (no kind) is refused by them and the other way round.
-GENERATIVE_FIELDS = ("kind", "generative.probes", "generative.n", "generative.score")
+GENERATIVE_FIELDS = ("kind", "generative.probes", "generative.n", "generative.score", "generative.feature_net")
 
 
-def generative_settings(gc) -> dict:
-    """The GENERATIVE_FIELDS of a GenerativeDetectConfig (the seed is not among them)."""
-    return {"kind": "generative", "generative.probes": gc.probes, "generative.n": gc.n, "generative.score": gc.score}
+def feature_net_in_use(gc, feature_net) -> str | None:
+    """The fingerprint of the feature network a generative detection reads (its score's features or
+    its caption prompts), None when it reads none: another network (or other LPIPS heads) gives
+    other scores, so calibrations and finished audit records must match it."""
+    from kdd_jax.generative.detect import SET_SCORES
+
+    uses = gc.score in SET_SCORES or gc.score == "neg_lpips" or gc.probes == "caption"
+    return feature_net.fingerprint if uses and feature_net is not None else None
+
+
+def generative_settings(gc, feature_net=None) -> dict:
+    """The GENERATIVE_FIELDS of a GenerativeDetectConfig and the feature network it reads (the seed
+    is not among them)."""
+    return {"kind": "generative", "generative.probes": gc.probes, "generative.n": gc.n, "generative.score": gc.score,
+            "generative.feature_net": feature_net_in_use(gc, feature_net)}
 
 
 _TOL = 1 + 1e-9  # k * (1/(m+1)) must compare equal to alpha when it is, despite rounding

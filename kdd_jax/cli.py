@@ -174,12 +174,17 @@ def _sampling_overrides(args) -> dict:
 
 def _feature_net(args):
     if not args.feature_net:
+        if args.lpips_heads:
+            raise ValueError("--lpips-heads needs --feature-net (the backbone the heads were trained for)")
         return None
     from kdd_jax.detect import load_any_student
-    from kdd_jax.scores.images import classifier_feature_net
+    from kdd_jax.scores.images import classifier_feature_net, load_lpips_heads
 
     model, config = load_any_student(args.feature_net, what="feature network (--feature-net)")
-    return classifier_feature_net(model, config, name=Path(args.feature_net).name), (model, config)
+    net = classifier_feature_net(model, config, name=Path(args.feature_net).name)
+    if args.lpips_heads:
+        net = net.with_heads(load_lpips_heads(args.lpips_heads, net))
+    return net, (model, config)
 
 
 def _emit_detection(args, report: dict, result, save) -> int:
@@ -250,7 +255,8 @@ def cmd_detect_generative(args) -> int:
 
     report = {"command": "detect", "kind": "generative", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "student": str(args.student), "teachers_file": str(args.teachers),
-              "calibration_file": args.calibration, "feature_net": args.feature_net,
+              "calibration_file": args.calibration, "feature_net": args.feature_net, "lpips_heads": args.lpips_heads,
+              "feature_net_sha256": None if extra["feature_net"] is None else extra["feature_net"].fingerprint,
               "sampling": dataclasses.asdict(student.sampling), **result.to_dict()}
     return _emit_detection(args, report, result, lambda: save_generative_detection(args.out, report, result))
 
@@ -311,7 +317,7 @@ def cmd_calibrate(args) -> int:
 
             args.generative = True
             gc, extra = _generative_setup(args)
-            settings = generative_settings(gc)
+            settings = generative_settings(gc, extra["feature_net"])
         teachers = _open_teachers(args)
         if not generative:
             dc = _detect_config(args)
@@ -561,8 +567,10 @@ def _add_detection_options(p) -> None:
     g.add_argument("--prompts", default="empty", choices=["empty", "caption", "random"],
                    help="probe prompts given with the shared noise: empty (the paper's; default), caption (the class "
                         "--feature-net assigns to the student's empty-prompt image), random (a random class)")
-    g.add_argument("--feature-net", metavar="DIR", help="classifier directory whose BatchNorm features drive neg_lpips, "
-                   "the set scores and caption prompts")
+    g.add_argument("--feature-net", metavar="DIR", help="classifier directory whose features (BatchNorm outputs; an "
+                   "AlexNet's five ReLU outputs) drive neg_lpips, the set scores and caption prompts")
+    g.add_argument("--lpips-heads", metavar="FILE", help="learned LPIPS heads for --feature-net (.safetensors; LPIPS' "
+                   "own key names accepted, e.g. its alex.pth converted: examples/feature_nets/README.md)")
     g.add_argument("--num-inference-steps", type=int, help="the student's sampling steps (default: its "
                    "kdd_sampling.json, else 50)")
     g.add_argument("--guidance-scale", type=float, help="the student's guidance scale for class prompts")

@@ -28,6 +28,10 @@ CONFIGS: dict[str, dict] = {
     "mobilenetv2_cifar": {"family": "mobilenetv2", "arch": {"num_classes": 10, "width_mult": 0.35, "stem_stride": 1, "inverted_residual_setting": [[1, 16, 1, 1], [6, 24, 2, 2], [4, 32, 2, 2]], "last_channel": 128}},
     "mobilenetv2_wide": {"family": "mobilenetv2", "arch": {"num_classes": 4, "width_mult": 1.4, "inverted_residual_setting": [[1, 8, 1, 1], [6, 16, 2, 2]]}},
     "densenet_bc_small": {"family": "densenet", "arch": {"num_classes": 10, "growth_rate": 8, "block_config": [2, 3, 2], "num_init_features": 16, "stem": "small"}},
+    "alexnet_small": {"family": "alexnet", "arch": {"num_classes": 10, "widths": [8, 16, 24, 16, 16], "classifier_hidden": [32, 24]},
+                      "input_size": [64, 64]},
+    "alexnet_gray_pool2": {"family": "alexnet", "arch": {"num_classes": 5, "widths": [6, 12, 16, 12, 8], "in_channels": 1,
+                                                          "avgpool": [2, 2], "classifier_hidden": [16]}, "input_size": [96, 96]},
     "densenet_imagenet_stem": {"family": "densenet", "arch": {"num_classes": 6, "growth_rate": 6, "block_config": [2, 2], "num_init_features": 12, "bn_size": 2, "compression": 0.4}},
 }
 
@@ -36,6 +40,8 @@ def full_config(name: str) -> dict:
     cfg = copy.deepcopy(CONFIGS[name])
     channels = cfg["arch"].get("in_channels", 3)
     pre = copy.deepcopy(PRE_RGB32)
+    if "input_size" in cfg:  # AlexNet's strides need at least 63x63
+        pre["input_size"] = cfg.pop("input_size")
     pre["channels"] = channels
     pre["mean"], pre["std"] = pre["mean"][:channels], pre["std"][:channels]
     return {"format_version": 1, **cfg, "preprocessing": pre}

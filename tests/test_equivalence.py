@@ -88,7 +88,8 @@ def test_check_detects_a_wrong_conversion(perturb, make_student):
         assert_equivalent(result.model, tmodel, result.config)
 
 
-@pytest.mark.parametrize("name", ["resnet20", "resnext_bottleneck", "vgg_plain_nested", "densenet_bc_small"])
+@pytest.mark.parametrize("name", ["resnet20", "resnext_bottleneck", "vgg_plain_nested", "densenet_bc_small",
+                                  "alexnet_gray_pool2"])
 def test_inferred_config_gives_same_function(name, make_student):
     """Without config.json the architecture is inferred from keys/shapes; where the weights
     determine it, the model must be the same function."""
@@ -105,6 +106,24 @@ def test_inferred_config_gives_same_function(name, make_student):
     from kdd_jax.config import parse_config
 
     assert_equivalent(result.model, tmodel, parse_config(cfg))
+
+
+def test_alexnet_and_a_plain_vgg_with_the_same_layer_indices_are_told_apart():
+    """A BN-free VGG with cfg [a, M, b, M, c, d, e, M] has its convs at features.{0,3,6,8,10}, as
+    torchvision's alexnet does; the kernel sizes (11x11 first conv vs all 3x3) decide."""
+    from converters.inference import infer_config, shapes_of_config
+
+    vgg = shapes_of_config("vgg", {"cfg": [8, "M", 16, "M", 24, 16, 16, "M"], "num_classes": 10, "batch_norm": False,
+                                   "avgpool": None, "classifier_hidden": [32]}, (64, 64))
+    alex = shapes_of_config("alexnet", {"num_classes": 10, "widths": [8, 16, 24, 16, 16], "classifier_hidden": [32, 24]},
+                            (64, 64))
+    assert sorted(k for k in vgg if k.startswith("features")) == sorted(k for k in alex if k.startswith("features"))
+    assert infer_config(vgg, "v")[0]["family"] == "vgg"
+    cfg, notes = infer_config(alex, "a")
+    assert cfg["family"] == "alexnet"
+    assert cfg["arch"] == {"num_classes": 10, "widths": [8, 16, 24, 16, 16], "in_channels": 3, "avgpool": [6, 6],
+                           "classifier_hidden": [32, 24]}
+    assert any("224x224" in n for n in notes)
 
 
 def test_verification_fails_a_wrong_conversion_and_compiles_weights_as_an_argument(make_student):

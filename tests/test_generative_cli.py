@@ -127,7 +127,7 @@ def test_mixing_classifier_and_generative_teachers_is_refused(zoo, tmp_path, cap
     assert "are classifiers" in capsys.readouterr().err
 
 
-def test_kdd_audit_of_diffusion_students_resumes_and_refuses_classifier_teachers(zoo, tmp_path, capsys):
+def test_kdd_audit_of_diffusion_students_resumes_and_refuses_classifier_teachers(zoo, tmp_path, capsys, make_student):
     students = tmp_path / "students"
     students.mkdir()
     for name in ("student", "a"):  # teacher a's own weights audited as a "student": the closest is a itself
@@ -143,6 +143,9 @@ def test_kdd_audit_of_diffusion_students_resumes_and_refuses_classifier_teachers
     assert rec["kind"] == "generative" and rec["audit_settings"]["generative.score"] == "neg_pixel_mse"
     assert (tmp_path / "audit" / "students" / "student" / "images.safetensors").is_file()
     assert main(argv + ["--resume"]) == 0
+    assert sorted(json.loads(capsys.readouterr().out)["skipped"]) == ["a", "student"]
+    # a feature network the score does not read changes nothing: still resumable
+    assert main(argv + ["--resume", "--feature-net", str(make_student("alexnet_small"))]) == 0
     assert sorted(json.loads(capsys.readouterr().out)["skipped"]) == ["a", "student"]
     # another score in the same folder is refused, naming the setting
     assert main([*argv[:5], "--score", "ssim", *argv[7:], "--resume"]) == 1
@@ -162,7 +165,7 @@ def test_kdd_calibrate_then_detect_answers_none_of_the_candidates_for_diffusion_
     assert main(["calibrate", "--references", str(refs), "--out", str(cal), *common]) == 0
     doc = json.loads(cal.read_text())
     assert doc["settings"] == {"kind": "generative", "generative.probes": "empty", "generative.n": 4,
-                               "generative.score": "neg_pixel_mse"}
+                               "generative.score": "neg_pixel_mse", "generative.feature_net": None}
     assert len(doc["scores"]) == 3 and len(doc["scores"][0]) == 3
     # 3 references, 3 candidates: p >= 3 / 4 for anyone, so the answer is "none of the candidates", and it says why
     assert main(["detect", "--student", str(zoo / "student"), "--calibration", str(cal), "--json", *common]) == 0
@@ -173,6 +176,41 @@ def test_kdd_calibrate_then_detect_answers_none_of_the_candidates_for_diffusion_
     assert main(["detect", "--student", str(zoo / "student"), "--calibration", str(cal),
                  *[a if a != "neg_pixel_mse" else "ssim" for a in common]]) == 1
     assert "generative.score" in capsys.readouterr().err
+
+
+def test_an_alexnet_lpips_feature_net_drives_neg_lpips_and_binds_calibrations(zoo, tmp_path, capsys, make_student):
+    """--feature-net on a (tiny, random) torchvision-layout AlexNet with --lpips-heads: the detection
+    runs on its ReLU features, the report names the heads and the network's fingerprint, and a
+    calibration made with the heads is refused without them (other heads are another score)."""
+    from safetensors.numpy import save_file
+
+    alex = make_student("alexnet_small", seed=1)
+    heads = tmp_path / "alex.safetensors"
+    rng = np.random.default_rng(0)
+    save_file({f"lin{i}.model.1.weight": rng.uniform(0, 1, (1, c, 1, 1)).astype(np.float32)
+               for i, c in enumerate((8, 16, 24, 16, 16))}, str(heads))
+    refs = tmp_path / "refs"
+    for i in range(2):
+        (refs / f"ref{i}").mkdir(parents=True)
+        write_folder(refs / f"ref{i}", 50 + i)
+    teachers = tmp_path / "teachers.json"
+    teachers.write_text(json.dumps({"teachers": [{"name": n, "path": str(zoo / n)} for n in ("a", "c")]}))
+    common = ["--teachers", str(teachers), "--score", "neg_lpips", "--probes", "3", "--cache", str(tmp_path / "cache"),
+              "--feature-net", str(alex), "-q"]
+    cal = tmp_path / "cal.json"
+    assert main(["calibrate", "--references", str(refs), "--out", str(cal), *common, "--lpips-heads", str(heads)]) == 0
+    fingerprint = json.loads(cal.read_text())["settings"]["generative.feature_net"]
+    assert isinstance(fingerprint, str) and len(fingerprint) == 64
+    detect = ["detect", "--student", str(zoo / "student"), "--calibration", str(cal), "--json", *common]
+    assert main([*detect, "--lpips-heads", str(heads)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["lpips_heads"] == str(heads) and report["feature_net_sha256"] == fingerprint
+    assert report["verdict"]["winner"] in ("a", "c")
+    assert main(detect) == 1  # the same backbone without the heads
+    assert "generative.feature_net" in capsys.readouterr().err
+    assert main(["detect", "--student", str(zoo / "student"), "--teachers", str(teachers), "--lpips-heads", str(heads),
+                 "--cache", str(tmp_path / "cache"), "-q"]) == 1
+    assert "--lpips-heads needs --feature-net" in capsys.readouterr().err
 
 
 def test_classifier_and_generative_calibrations_are_not_interchangeable(tmp_path):

@@ -252,6 +252,15 @@ def test_lpips_heads_file(net, tmp_path):
     save_file({"lin0": -np.ones(4, np.float32), "lin1": np.ones(8, np.float32)}, str(bad))
     with pytest.raises(ValueError, match="'lin0'.*non-negative"):
         load_lpips_heads(bad, net)
+    bad.write_bytes(good.read_bytes()[:40])  # truncated: the strict reader names the file
+    with pytest.raises(ValueError, match="bad.safetensors"):
+        load_lpips_heads(bad, net)
+    save_file({"lin0": np.ones(4, np.float32), "lin0.model.1.weight": np.ones((1, 4, 1, 1), np.float32),
+               "lin1": np.ones(8, np.float32)}, str(bad))
+    with pytest.raises(ValueError, match="twice"):
+        load_lpips_heads(bad, net)
+    with pytest.raises(ValueError, match="must be a .safetensors"):
+        load_lpips_heads(tmp_path / "heads.npz", net)
 
 
 def test_image_pair_registry():
@@ -279,3 +288,82 @@ def test_residual_corr_finds_the_teacher_whose_departure_from_the_consensus_the_
         residual_corr(student, teachers[:1])
     with pytest.raises(ValueError, match="teachers must be"):
         residual_corr(student, teachers[:, :4])
+
+
+# ------------------------------------------------------------------------ AlexNet-LPIPS
+def _torch_lpips(tmodel, heads, a, b):
+    """LPIPS v0.1 (`lpips.LPIPS(net="alex")`, Zhang et al. 2018) re-implemented in PyTorch on a
+    torchvision-layout AlexNet: images in [0, 1] (its normalize=True path) -> [-1, 1] -> scaling
+    layer -> the five ReLU outputs -> unit-normalised over channels -> squared difference ->
+    1x1 conv heads -> spatial mean -> sum over layers."""
+    import torch
+
+    shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+    scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+
+    def feats(x):
+        x = (2 * torch.from_numpy(x).permute(0, 3, 1, 2) - 1 - shift) / scale
+        out = []
+        for i, layer in enumerate(tmodel.features):
+            x = layer(x)
+            if i in (1, 4, 7, 9, 11):
+                out.append(x)
+        return out
+
+    with torch.no_grad():
+        total = 0
+        for fa, fb, w in zip(feats(a), feats(b), heads):
+            na = fa / (torch.sqrt(torch.sum(fa ** 2, dim=1, keepdim=True)) + 1e-10)
+            nb = fb / (torch.sqrt(torch.sum(fb ** 2, dim=1, keepdim=True)) + 1e-10)
+            d = torch.nn.functional.conv2d((na - nb) ** 2, torch.from_numpy(w))
+            total = total + d.mean(dim=(2, 3), keepdim=True)
+    return total.flatten().numpy()
+
+
+def test_alexnet_feature_net_with_lpips_heads_is_lpips(make_student, tmp_path):
+    """A torchvision-layout AlexNet converted with examples/feature_nets/alexnet-lpips.json's
+    preprocessing, plus heads in LPIPS' own key names, computes LPIPS v0.1 to float32 rounding.
+    The heads also load from LPIPS' .pth format, but only when pickles are allowed."""
+    import json
+    from pathlib import Path
+
+    import torch
+    from safetensors.numpy import save_file
+
+    from converters import convert_student
+    from converters.torch_reference import build_torch_model, randomize_
+
+    cfg = json.loads((Path(__file__).parents[1] / "examples/feature_nets/alexnet-lpips.json").read_text())
+    cfg["arch"] = {"num_classes": 10, "widths": [8, 16, 24, 16, 12], "classifier_hidden": [32]}
+    student = make_student("alexnet_small", seed=4, config=cfg)
+    converted = convert_student(student)
+    net = classifier_feature_net(converted.model, converted.config)
+    assert net.layers == ("features.1", "features.4", "features.7", "features.9", "features.11")
+    assert net.channels == (8, 16, 24, 16, 12) and net.name == "alexnet-relu5"
+
+    rng = np.random.default_rng(0)
+    heads = {f"lin{i}.model.1.weight": rng.uniform(0, 1, (1, c, 1, 1)).astype(np.float32)
+             for i, c in enumerate(net.channels)}
+    save_file(heads, str(tmp_path / "alex.safetensors"))
+    net = net.with_heads(load_lpips_heads(tmp_path / "alex.safetensors", net))
+
+    a = _images(21, n=3, h=64, w=64, c=3)
+    b = np.clip(a + 0.15 * _images(22, n=3, h=64, w=64, c=3) - 0.075, 0, 1).astype(np.float32)
+    tmodel = randomize_(build_torch_model(cfg), 4)
+    want = _torch_lpips(tmodel, [heads[f"lin{i}.model.1.weight"] for i in range(5)], a, b)
+    assert np.all(want > 1e-3)  # a distance worth comparing
+    np.testing.assert_allclose(-np.asarray(neg_lpips(net, a, b)), want, rtol=2e-5)
+
+    pth = tmp_path / "alex.pth"
+    torch.save({k: torch.from_numpy(v) for k, v in heads.items()}, pth)
+    with pytest.raises(ValueError, match="alex.pth: pickle file refused"):
+        load_lpips_heads(pth, net)
+    for got, k in zip(load_lpips_heads(pth, net, allow_pickle=True), heads):
+        np.testing.assert_array_equal(got, heads[k].reshape(-1))
+
+    # 28x28 grey images (the diffusion zoo's) are resized up and repeated to RGB; identical -> 0
+    g = _images(23, n=2, h=28, w=28, c=1)
+    np.testing.assert_allclose(neg_lpips(net, g, g), 0.0, atol=1e-6)
+    assert np.all(np.asarray(-neg_lpips(net, g, g[::-1])) > 0)
+    with pytest.raises(ValueError, match="unknown feature-map layer"):
+        classifier_feature_net(converted.model, converted.config, layers=["features.2"])

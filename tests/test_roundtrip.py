@@ -21,7 +21,8 @@ def _leaves(model):
     return jax.tree.leaves(jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model))))
 
 
-@pytest.mark.parametrize("name", ["resnext_bottleneck", "vgg_plain_nested", "mobilenetv2_wide", "densenet_imagenet_stem"])
+@pytest.mark.parametrize("name", ["resnext_bottleneck", "vgg_plain_nested", "mobilenetv2_wide", "densenet_imagenet_stem",
+                                  "alexnet_small"])
 def test_flax_to_safetensors_to_flax_is_exact(name, make_student, tmp_path):
     src = make_student(name, seed=5)
     first = convert_student(src)

@@ -179,7 +179,7 @@ def detect_generative(student, teachers: list, gc: GenerativeDetectConfig = Gene
     if calibration is not None:  # before any work: a mismatch must not cost a sampling or a query
         from kdd_jax.calibration import generative_settings
 
-        calibration.check_compatible(names, generative_settings(gc))
+        calibration.check_compatible(names, generative_settings(gc, feature_net))
     needs_net = gc.score in SET_SCORES or gc.score == "neg_lpips"
     if needs_net and feature_net is None:
         raise ValueError(f"score {gc.score!r} needs a feature network (feature_net=)")

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kdd_jax.models.alexnet import AlexNet, AlexNetArch
 from kdd_jax.models.batchnorm import BatchNorm2d, BNStats, bn_running_stats, forward_with_bn_stats
 from kdd_jax.models.densenet import DenseNet, DenseNetArch
 from kdd_jax.models.mobilenetv2 import MobileNetV2, MobileNetV2Arch
@@ -38,6 +39,7 @@ FAMILIES: dict[str, Family] = {
         Family("vgg", VGGArch, VGG),
         Family("mobilenetv2", MobileNetV2Arch, MobileNetV2),
         Family("densenet", DenseNetArch, DenseNet),
+        Family("alexnet", AlexNetArch, AlexNet),
     )
 }
 
@@ -71,6 +73,7 @@ def predict_logits(model: nnx.Module, x_nhwc, batch: int = 256):
 
 __all__ = [
     "FAMILIES",
+    "AlexNet",
     "BNStats",
     "BatchNorm2d",
     "DenseNet",

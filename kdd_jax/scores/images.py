@@ -17,16 +17,26 @@ Set scores: the existing `SCORES["linear_cka" | "rbf_cka" | "acs" | "neg_mmd2"]`
 Honest note on the backbone. The paper used AlexNet-LPIPS for pairs and CLIP/DINO embeddings for
 sets. This package works offline, so the default `FeatureNet` is a classifier from our own zoo
 (`classifier_feature_net`: the outputs of its BatchNorm layers). Its distances are LPIPS-*style*,
-not the published LPIPS numbers: without learned heads every channel weighs 1. Users holding
-LPIPS weights can convert the per-layer linear heads to safetensors (`lin{i}` -> [c_i]) and load
-them with `load_lpips_heads`; they only make sense with the backbone they were trained for, and
-a torchvision AlexNet family is NOT implemented here.
+not the published LPIPS numbers: without learned heads every channel weighs 1.
+
+AlexNet-LPIPS itself, for users who hold its weights (none ship with this package): convert
+torchvision's ImageNet AlexNet as a student of family `alexnet` with LPIPS' input scaling as its
+preprocessing (`examples/feature_nets/alexnet-lpips.json`), build `classifier_feature_net` on it
+(an AlexNet has no BatchNorm: its features are the five ReLU outputs LPIPS compares) and add the
+learned heads with `load_lpips_heads` (LPIPS' `alex.pth`, its own key names). On images of the
+config's input size that is LPIPS v0.1 (`lpips.LPIPS(net="alex")`) to float32 rounding
+(tests/test_image_scores.py checks it against a PyTorch reimplementation); smaller images, e.g.
+28x28 Fashion-MNIST, are resized up first (AlexNet needs at least 63x63). CLIP/DINO are not
+implemented.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
+import re
 from typing import Callable, Sequence
 
 import numpy as np
@@ -141,6 +151,18 @@ class FeatureNet:
         """[N, c_last]: the LAST layer of `layers`, global-average-pooled over space."""
         return jnp.mean(self.features(images)[-1], axis=(1, 2))
 
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """sha256 of what decides the features: layer names, parameters and LPIPS heads (not
+        `name`, a label). Calibrations and audit records store it to refuse another network."""
+        h = hashlib.sha256(json.dumps([list(self.layers), list(self.channels)]).encode())
+        for leaf in jax.tree.leaves(self.params) + list(self.heads or ()):
+            a = np.asarray(leaf)
+            h.update(f"{a.dtype}{a.shape}".encode())
+            h.update(np.ascontiguousarray(a).tobytes())
+        h.update(b"heads" if self.heads is not None else b"no-heads")
+        return h.hexdigest()
+
     def with_heads(self, heads: Sequence) -> "FeatureNet":
         """The same net (same compiled forward) with LPIPS heads, one [c_l] array per layer."""
         heads = tuple(jnp.asarray(w, jnp.float32) for w in heads)
@@ -193,33 +215,58 @@ def _to_model_input(images: jax.Array, pre) -> jax.Array:
     return (x - jnp.asarray(pre.mean, jnp.float32)) / jnp.asarray(pre.std, jnp.float32)
 
 
+def _feature_map_shapes(graphdef, state, shape) -> tuple[list[str], dict]:
+    """For a model with its own `feature_maps` (AlexNet): its layer names in call order and
+    output shapes, shape-only."""
+    order: list[str] = []
+
+    def probe(st, x):
+        outs = nnx.merge(graphdef, st).feature_maps(x)
+        order.extend(outs)
+        return outs
+
+    shapes = jax.eval_shape(probe, state, jax.ShapeDtypeStruct(shape, jnp.float32))
+    return order, shapes
+
+
 def classifier_feature_net(model: nnx.Module, config, layers: Sequence[str] | None = None, *,
                            name: str | None = None) -> FeatureNet:
-    """A `FeatureNet` over a kdd-jax classifier: the OUTPUTS of its BatchNorm2d layers.
+    """A `FeatureNet` over a kdd-jax classifier: the OUTPUTS of its BatchNorm2d layers, or, for a
+    family without BatchNorm that defines `feature_maps` (AlexNet), those maps (its five ReLU
+    outputs, AlexNet-LPIPS' layers).
 
-    `layers`: BN layer names (PyTorch naming, e.g. "layer2.0.bn2"), in the order wanted;
-    None = `default_feature_layers` (last BN of each resolution stage). Input images of any size
-    are resized to the config's input_size (see `_to_model_input`)."""
+    `layers`: layer names (PyTorch naming, e.g. "layer2.0.bn2", "features.4"), in the order
+    wanted; None = `default_feature_layers` (last BN of each resolution stage) or every map
+    `feature_maps` returns. Input images of any size are resized to the config's input_size (see
+    `_to_model_input`)."""
     pre = config.preprocessing
     graphdef, state = nnx.split(model)
-    order, shapes = _bn_output_shapes(graphdef, state, (1, *pre.input_size, pre.channels))
-    if not order:
+    shape = (1, *pre.input_size, pre.channels)
+    order, shapes = _bn_output_shapes(graphdef, state, shape)
+    kind = "BatchNorm"
+    if not order and hasattr(model, "feature_maps"):
+        order, shapes = _feature_map_shapes(graphdef, state, shape)
+        kind = "feature-map"
+        default = list(order)
+    elif not order:
         raise ValueError(f"model ({config.family}) has no BatchNorm2d layers; build a FeatureNet "
                          f"from another network")
-    if layers is None:
-        layers = default_feature_layers(order, shapes)
-    layers = tuple(layers)
+    else:
+        default = default_feature_layers(order, shapes)
+    layers = tuple(default if layers is None else layers)
     if not layers:
-        raise ValueError("layers must name at least one BatchNorm layer")
+        raise ValueError(f"layers must name at least one {kind} layer")
     unknown = [n for n in layers if n not in shapes]
     if unknown:
-        raise ValueError(f"layers: unknown BatchNorm layer(s) {unknown}; known: {order}")
+        raise ValueError(f"layers: unknown {kind} layer(s) {unknown}; known: {order}")
 
     def apply(st, images):
-        _, outs = forward_with_bn_outputs(nnx.merge(graphdef, st), _to_model_input(images, pre))
+        m, x = nnx.merge(graphdef, st), _to_model_input(images, pre)
+        outs = m.feature_maps(x) if kind == "feature-map" else forward_with_bn_outputs(m, x)[1]
         return [outs[n] for n in layers]
 
-    return FeatureNet(name=name or f"{config.family}-bn{len(layers)}", apply=jax.jit(apply),
+    tag = "bn" if kind == "BatchNorm" else "relu"
+    return FeatureNet(name=name or f"{config.family}-{tag}{len(layers)}", apply=jax.jit(apply),
                       params=state, layers=layers, channels=tuple(int(shapes[n].shape[-1]) for n in layers))
 
 
@@ -271,12 +318,41 @@ def neg_lpips(net: FeatureNet, a, b, weights=None) -> jax.Array:
                            weights=net.heads if weights is None else weights)
 
 
-def load_lpips_heads(path, net: FeatureNet) -> list[jax.Array]:
-    """Per-layer LPIPS heads from a safetensors file: key `lin{i}` -> [c_i] (LPIPS' own
-    [1, c_i, 1, 1] conv layout accepted too), checked against `net.channels`; non-negative."""
-    from safetensors.numpy import load_file
+_LPIPS_KEY = re.compile(r"^lin(\d+)\.model\.[01]\.weight$")  # LPIPS' own names (with/without dropout)
 
-    tensors = load_file(str(path))
+
+def load_lpips_heads(path, net: FeatureNet, *, allow_pickle: bool = False) -> list[jax.Array]:
+    """Per-layer LPIPS heads -> one [c_i] array per layer of `net`, checked against `net.channels`;
+    finite and non-negative.
+
+    `path`: a safetensors file with keys `lin{i}` ([c_i] or LPIPS' [1, c_i, 1, 1] conv layout) or
+    LPIPS' own state-dict names `lin{i}.model.1.weight`; or, only with `allow_pickle=True`, LPIPS'
+    released `.pth` file itself, read with torch.load(weights_only=True) (needs PyTorch)."""
+    from pathlib import Path
+
+    from kdd_jax.io import read_safetensors
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        tensors, _ = read_safetensors(path)  # the strict reader: a damaged file is an error naming it
+    else:
+        from converters.student import PICKLE_SUFFIXES, read_pickle  # same distribution; torch only here
+
+        if path.suffix not in PICKLE_SUFFIXES:
+            raise ValueError(f"{path}: LPIPS heads must be a .safetensors file (or a .pth with allow_pickle)")
+        if not allow_pickle:
+            raise ValueError(f"{path}: pickle file refused (unpickling can run arbitrary code); convert it to "
+                             "safetensors, or pass allow_pickle=True (CLI: --allow-pickle) to read it with "
+                             "torch.load(weights_only=True)")
+        tensors = read_pickle(path)
+    renamed = {}
+    for k, v in tensors.items():
+        m = _LPIPS_KEY.match(k)
+        key = f"lin{m.group(1)}" if m else k
+        if key in renamed:
+            raise ValueError(f"{path}: key {k!r} gives head {key!r} twice")
+        renamed[key] = v
+    tensors = renamed
     expected = {f"lin{i}" for i in range(len(net.channels))}
     extra = sorted(set(tensors) - expected)
     if extra:
