@@ -230,7 +230,7 @@ def _generative_setup(args):
 
 def cmd_detect_generative(args) -> int:
     """`kdd detect` for a diffusion student: shared-noise probes, image scores."""
-    from kdd_jax.calibration import Calibration
+    from kdd_jax.calibration import Calibration, feature_net_in_use
     from kdd_jax.generative.detect import detect_generative, save_generative_detection
     from kdd_jax.generative.pipeline import load_diffusion
 
@@ -256,7 +256,7 @@ def cmd_detect_generative(args) -> int:
     report = {"command": "detect", "kind": "generative", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "student": str(args.student), "teachers_file": str(args.teachers),
               "calibration_file": args.calibration, "feature_net": args.feature_net, "lpips_heads": args.lpips_heads,
-              "feature_net_sha256": None if extra["feature_net"] is None else extra["feature_net"].fingerprint,
+              "feature_net_sha256": feature_net_in_use(gc, extra["feature_net"]),  # None when the score reads no network
               "sampling": dataclasses.asdict(student.sampling), **result.to_dict()}
     return _emit_detection(args, report, result, lambda: save_generative_detection(args.out, report, result))
 

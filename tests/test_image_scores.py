@@ -367,3 +367,21 @@ def test_alexnet_feature_net_with_lpips_heads_is_lpips(make_student, tmp_path):
     assert np.all(np.asarray(-neg_lpips(net, g, g[::-1])) > 0)
     with pytest.raises(ValueError, match="unknown feature-map layer"):
         classifier_feature_net(converted.model, converted.config, layers=["features.2"])
+
+
+def test_feature_net_fingerprint_follows_weights_preprocessing_and_heads(tiny, net):
+    """The fingerprint calibrations and audit records are bound to: it changes with anything that
+    changes the features (weights, preprocessing, layers, heads) and with nothing else (the label)."""
+    import dataclasses
+
+    model, cfg = tiny
+    again = classifier_feature_net(model, cfg, name="another-label")
+    assert again.fingerprint == net.fingerprint and len(net.fingerprint) == 64
+    assert net.with_heads([np.ones(c, np.float32) for c in net.channels]).fingerprint != net.fingerprint
+    assert classifier_feature_net(model, cfg, layers=net.layers[:1]).fingerprint != net.fingerprint
+    pre = dataclasses.replace(cfg.preprocessing, mean=tuple(m + 0.1 for m in cfg.preprocessing.mean))
+    assert classifier_feature_net(model, dataclasses.replace(cfg, preprocessing=pre)).fingerprint != net.fingerprint
+    moved = nnx.clone(model)
+    leaf = next(v for _, v in nnx.iter_graph(moved) if isinstance(v, nnx.Param))
+    leaf[...] = leaf[...].at[(0,) * leaf[...].ndim].add(1e-3)
+    assert classifier_feature_net(moved, cfg).fingerprint != net.fingerprint

@@ -133,6 +133,8 @@ class FeatureNet:
     [N, h_l, w_l, c_l], one per entry of `layers` (`channels[l]` = c_l). `params` are device
     arrays passed as an argument (jit compiles once per input shape, never per call). `heads`:
     optional per-layer non-negative channel weights used by `neg_lpips` when none are passed.
+    `spec`: whatever else decides the features that `params` do not hold, as text (for a
+    classifier: its config, preprocessing included); part of `fingerprint`.
     Build one from a kdd-jax classifier with `classifier_feature_net`, or from any jitted function.
     """
 
@@ -142,6 +144,7 @@ class FeatureNet:
     layers: tuple[str, ...]
     channels: tuple[int, ...]
     heads: tuple[jax.Array, ...] | None = None
+    spec: str = ""
 
     def features(self, images) -> list[jax.Array]:
         """Feature maps [N, h, w, c] of the layers in `layers`, in that order."""
@@ -153,9 +156,10 @@ class FeatureNet:
 
     @functools.cached_property
     def fingerprint(self) -> str:
-        """sha256 of what decides the features: layer names, parameters and LPIPS heads (not
-        `name`, a label). Calibrations and audit records store it to refuse another network."""
-        h = hashlib.sha256(json.dumps([list(self.layers), list(self.channels)]).encode())
+        """sha256 of what decides the features: `spec` (a classifier's config: architecture and
+        preprocessing), layer names, parameters and LPIPS heads (not `name`, a label). Calibrations
+        and audit records store it to refuse another network."""
+        h = hashlib.sha256(json.dumps([self.spec, list(self.layers), list(self.channels)]).encode())
         for leaf in jax.tree.leaves(self.params) + list(self.heads or ()):
             a = np.asarray(leaf)
             h.update(f"{a.dtype}{a.shape}".encode())
@@ -261,13 +265,17 @@ def classifier_feature_net(model: nnx.Module, config, layers: Sequence[str] | No
         raise ValueError(f"layers: unknown {kind} layer(s) {unknown}; known: {order}")
 
     def apply(st, images):
-        m, x = nnx.merge(graphdef, st), _to_model_input(images, pre)
-        outs = m.feature_maps(x) if kind == "feature-map" else forward_with_bn_outputs(m, x)[1]
-        return [outs[n] for n in layers]
+        # full float32 on every device (GPUs may otherwise run f32 matmuls/convs in TF32): a score's
+        # value, and a calibration made on one device and used on another, must not depend on it
+        with jax.default_matmul_precision("highest"):
+            m, x = nnx.merge(graphdef, st), _to_model_input(images, pre)
+            outs = m.feature_maps(x) if kind == "feature-map" else forward_with_bn_outputs(m, x)[1]
+            return [outs[n] for n in layers]
 
     tag = "bn" if kind == "BatchNorm" else "relu"
     return FeatureNet(name=name or f"{config.family}-{tag}{len(layers)}", apply=jax.jit(apply),
-                      params=state, layers=layers, channels=tuple(int(shapes[n].shape[-1]) for n in layers))
+                      params=state, layers=layers, channels=tuple(int(shapes[n].shape[-1]) for n in layers),
+                      spec=json.dumps(config.to_dict(), sort_keys=True))
 
 
 # ----------------------------------------------------------------------------------- LPIPS
@@ -342,8 +350,8 @@ def load_lpips_heads(path, net: FeatureNet, *, allow_pickle: bool = False) -> li
             raise ValueError(f"{path}: LPIPS heads must be a .safetensors file (or a .pth with allow_pickle)")
         if not allow_pickle:
             raise ValueError(f"{path}: pickle file refused (unpickling can run arbitrary code); convert it to "
-                             "safetensors, or pass allow_pickle=True (CLI: --allow-pickle) to read it with "
-                             "torch.load(weights_only=True)")
+                             "safetensors once (examples/feature_nets/README.md), or in Python pass "
+                             "allow_pickle=True to read it with torch.load(weights_only=True)")
         tensors = read_pickle(path)
     renamed = {}
     for k, v in tensors.items():
