@@ -55,7 +55,8 @@ def require_batchnorm(model, method: str) -> None:
     if not bn_running_stats(model):
         raise SynthesisError(
             f"method {method!r} matches the student's BatchNorm statistics, but this student has no "
-            "BatchNorm layers; choose a BN-free method"
+            "BatchNorm layers (e.g. an AlexNet); choose a BN-free method: confidence (data-free), noise, or "
+            "real/ood/mia with --pool"
         )
 
 
