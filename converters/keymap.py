@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from kdd_jax.models import BatchNorm2d
+from kdd_jax.models.clip_vision import Vector
 
 KEYMAP_VERSION = 1
 DROPPABLE_SUFFIXES = (".num_batches_tracked",)
@@ -41,6 +42,10 @@ LAYER_RULES = {
     # diffusers' UNet2DModel (kdd_jax/models/unet.py): torch GroupNorm and Embedding
     nnx.GroupNorm: [("weight", "scale", "identity"), ("bias", "bias", "identity")],
     nnx.Embed: [("weight", "embedding", "identity")],
+    # CLIP's vision tower (kdd_jax/models/clip_vision.py); "" = the parameter IS the torch key
+    # (a bare nn.Parameter on its parent module, e.g. embeddings.class_embedding)
+    nnx.LayerNorm: [("weight", "scale", "identity"), ("bias", "bias", "identity")],
+    Vector: [("", "value", "identity")],
 }
 
 
@@ -73,9 +78,8 @@ def build_keymap(abstract_model: nnx.Module) -> list[Entry]:
             var = getattr(node, var_name, None)
             if var is None:  # e.g. a conv without bias
                 continue
-            entries.append(
-                Entry(f"{prefix}.{src_name}", (*path, var_name), transform, tuple(var.shape), isinstance(var, nnx.Param))
-            )
+            source = f"{prefix}.{src_name}" if src_name else prefix
+            entries.append(Entry(source, (*path, var_name), transform, tuple(var.shape), isinstance(var, nnx.Param)))
     covered = {e.target for e in entries}
     state = nnx.state(abstract_model)
     uncovered = [p for p, _ in nnx.to_flat_state(state) if tuple(p) not in covered]

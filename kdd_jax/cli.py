@@ -178,13 +178,20 @@ def _feature_net(args):
             raise ValueError("--lpips-heads needs --feature-net (the backbone the heads were trained for)")
         return None
     from kdd_jax.detect import load_any_student
-    from kdd_jax.scores.images import classifier_feature_net, load_lpips_heads
+    from kdd_jax.scores.images import classifier_feature_net, clip_feature_net, load_lpips_heads
 
-    model, config = load_any_student(args.feature_net, what="feature network (--feature-net)")
-    net = classifier_feature_net(model, config, name=Path(args.feature_net).name)
+    from converters.clip_vision import convert_clip_vision, is_clip_folder  # same distribution; no torch
+
+    name = Path(args.feature_net).name
+    if is_clip_folder(args.feature_net):  # a transformers CLIP checkpoint: image embeddings, no classes
+        clip = convert_clip_vision(args.feature_net)
+        net, classifier = clip_feature_net(clip.model, clip.mean, clip.std, name=name), None
+    else:
+        model, config = load_any_student(args.feature_net, what="feature network (--feature-net)")
+        net, classifier = classifier_feature_net(model, config, name=name), (model, config)
     if args.lpips_heads:
         net = net.with_heads(load_lpips_heads(args.lpips_heads, net))
-    return net, (model, config)
+    return net, classifier
 
 
 def _emit_detection(args, report: dict, result, save) -> int:
@@ -223,8 +230,11 @@ def _generative_setup(args):
         raise ValueError(f"--score {score} / --prompts {args.prompts} need --feature-net (a classifier directory, "
                          "e.g. from the classifier zoo)")
     gc = GenerativeDetectConfig(probes=args.prompts, n=args.probes or 10, seed=args.seed, score=score)
+    if args.prompts == "caption" and net[1] is None:
+        raise ValueError("--prompts caption needs a classifier as --feature-net (it names the class of the "
+                         "student's image); a CLIP folder has no classes")
     extra = {"feature_net": None if net is None else net[0],
-             "captioner": None if net is None else classifier_captioner(*net[1])}
+             "captioner": None if net is None or net[1] is None else classifier_captioner(*net[1])}
     return gc, extra
 
 
@@ -568,7 +578,8 @@ def _add_detection_options(p) -> None:
                    help="probe prompts given with the shared noise: empty (the paper's; default), caption (the class "
                         "--feature-net assigns to the student's empty-prompt image), random (a random class)")
     g.add_argument("--feature-net", metavar="DIR", help="classifier directory whose features (BatchNorm outputs; an "
-                   "AlexNet's five ReLU outputs) drive neg_lpips, the set scores and caption prompts")
+                   "AlexNet's five ReLU outputs) drive neg_lpips, the set scores and caption prompts; or a transformers "
+                   "CLIP folder (image embeddings for the set scores)")
     g.add_argument("--lpips-heads", metavar="FILE", help="learned LPIPS heads for --feature-net (.safetensors; LPIPS' "
                    "own key names accepted, e.g. its alex.pth converted: examples/feature_nets/README.md)")
     g.add_argument("--num-inference-steps", type=int, help="the student's sampling steps (default: its "

@@ -17,7 +17,9 @@ Set scores: the existing `SCORES["linear_cka" | "rbf_cka" | "acs" | "neg_mmd2"]`
 Honest note on the backbone. The paper used AlexNet-LPIPS for pairs and CLIP/DINO embeddings for
 sets. This package works offline, so the default `FeatureNet` is a classifier from our own zoo
 (`classifier_feature_net`: the outputs of its BatchNorm layers). Its distances are LPIPS-*style*,
-not the published LPIPS numbers: without learned heads every channel weighs 1.
+not the published LPIPS numbers: without learned heads every channel weighs 1. CLIP's image
+embeddings, for the set scores, come from `clip_feature_net` over a converted transformers CLIP
+checkpoint (`converters/clip_vision.py`), for users who hold one.
 
 AlexNet-LPIPS itself, for users who hold its weights (none ship with this package): convert
 torchvision's ImageNet AlexNet as a student of family `alexnet` with LPIPS' input scaling as its
@@ -26,7 +28,7 @@ preprocessing (`examples/feature_nets/alexnet-lpips.json`), build `classifier_fe
 learned heads with `load_lpips_heads` (LPIPS' `alex.pth`, its own key names). On images of the
 config's input size that is LPIPS v0.1 (`lpips.LPIPS(net="alex")`) to float32 rounding
 (tests/test_image_scores.py checks it against a PyTorch reimplementation); smaller images, e.g.
-28x28 Fashion-MNIST, are resized up first (AlexNet needs at least 63x63). CLIP/DINO are not
+28x28 Fashion-MNIST, are resized up first (AlexNet needs at least 63x63). DINO is not
 implemented.
 """
 
@@ -278,6 +280,38 @@ def classifier_feature_net(model: nnx.Module, config, layers: Sequence[str] | No
                       spec=json.dumps(config.to_dict(), sort_keys=True))
 
 
+def clip_feature_net(model: nnx.Module, mean: Sequence[float], std: Sequence[float], *,
+                     name: str | None = None) -> FeatureNet:
+    """A `FeatureNet` over CLIP's vision tower (`kdd_jax.models.clip_vision.CLIPVisionModel`, e.g.
+    from `converters.clip_vision.convert_clip_vision`): one layer, "image_embeds" [N, 1, 1, P], the
+    image embedding (the projected class token), so `embedding` is CLIP's image embedding and the set
+    scores compare the sets as the paper did. Images [0, 1] of any size and 1 or 3 channels are
+    resized (bicubic, antialiased when shrinking; CLIP's processor resizes the short side with PIL
+    and center-crops, the same for square images up to the resampling filter), repeated to RGB and
+    normalised with `mean`/`std`."""
+    from kdd_jax.models.clip_vision import embedding_dim
+
+    cfg = model.config
+    size = cfg.image_size
+    mean_a, std_a = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
+    graphdef, state = nnx.split(model)
+
+    def apply(st, images):
+        if images.ndim != 4 or images.shape[-1] not in (1, 3):
+            raise ValueError(f"images must be [N, H, W, 1 or 3], got shape {images.shape}")
+        n, h, w, c = images.shape
+        with jax.default_matmul_precision("highest"):  # as classifier_feature_net: no TF32 on GPUs
+            if (h, w) != (size, size):
+                images = jax.image.resize(images, (n, size, size, c), method="bicubic")
+            x = (jnp.broadcast_to(images, (n, size, size, 3)) - mean_a) / std_a
+            return [nnx.merge(graphdef, st)(x)[:, None, None, :]]
+
+    spec = json.dumps({"clip_vision": dataclasses.asdict(cfg), "mean": list(map(float, mean)),
+                       "std": list(map(float, std))}, sort_keys=True)
+    return FeatureNet(name=name or f"clip-vit-p{cfg.patch_size}", apply=jax.jit(apply), params=state,
+                      layers=("image_embeds",), channels=(embedding_dim(cfg),), spec=spec)
+
+
 # ----------------------------------------------------------------------------------- LPIPS
 def _check_weights(weights: Sequence, channels: Sequence[int]) -> None:
     if len(weights) != len(channels):
@@ -435,5 +469,5 @@ IMAGE_PAIR_SCORES: dict[str, Callable] = {
 
 __all__ = [
     "FeatureNet", "IMAGE_CONSENSUS_SCORES", "IMAGE_PAIR_SCORES", "classifier_feature_net", "default_feature_layers",
-    "load_lpips_heads", "lpips_distance", "neg_lpips", "neg_pixel_mse", "residual_corr", "ssim",
+    "clip_feature_net", "load_lpips_heads", "lpips_distance", "neg_lpips", "neg_pixel_mse", "residual_corr", "ssim",
 ]
