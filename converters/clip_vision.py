@@ -64,9 +64,9 @@ def _normalisation(folder: Path) -> tuple[tuple, tuple, str]:
     for key, default in (("image_mean", CLIP_MEAN), ("image_std", CLIP_STD)):
         v = data.get(key, default) if isinstance(data, dict) else None
         if (not isinstance(v, list | tuple) or len(v) != 3
-                or not all(isinstance(x, int | float) and not isinstance(x, bool) for x in v)
+                or not all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in v)
                 or (key == "image_std" and min(v) <= 0)):
-            raise ConfigError(f"{pre}.{key}: expected 3 numbers{' > 0' if key == 'image_std' else ''}, got {v!r}")
+            raise ConfigError(f"{pre}.{key}: expected 3 finite numbers{' > 0' if key == 'image_std' else ''}, got {v!r}")
         out.append(tuple(float(x) for x in v))
     return out[0], out[1], str(pre)
 
@@ -86,8 +86,8 @@ def convert_clip_vision(path: str | Path) -> CLIPConversionResult:
                                   "(unpickling can run code). Re-save with save_pretrained(dir, safe_serialization=True)")
         raise ConversionError(f"{folder}: no {WEIGHTS_NAME}")
     tensors, _ = read_safetensors(weights)
-    unused = sorted(k for k in tensors if k.startswith(_TEXT_TOWER))
-    dropped = sorted(k for k in tensors if k.endswith(".position_ids"))
+    unused = sorted(k for k in tensors if k.startswith(_TEXT_TOWER))  # the text tower's buffers included
+    dropped = sorted(k for k in tensors if k.endswith(".position_ids") and k not in set(unused))
     tensors = {k: v for k, v in tensors.items() if k not in set(unused) | set(dropped)}
     cfg = CLIPVisionConfig.from_transformers(read_json_config(folder / "config.json"), str(folder / "config.json"),
                                              projection="visual_projection.weight" in tensors)

@@ -184,6 +184,12 @@ def _feature_net(args):
 
     name = Path(args.feature_net).name
     if is_clip_folder(args.feature_net):  # a transformers CLIP checkpoint: image embeddings, no classes
+        if args.prompts == "caption":  # refused before the (large) checkpoint is read
+            raise ValueError("--prompts caption needs a classifier as --feature-net (it names the class of the "
+                             "student's image); a CLIP folder has no classes")
+        if args.score == "neg_lpips":
+            raise ValueError("--score neg_lpips compares feature maps; a CLIP folder gives one image embedding: "
+                             "use a set score (linear_cka, rbf_cka, acs, neg_mmd2)")
         clip = convert_clip_vision(args.feature_net)
         net, classifier = clip_feature_net(clip.model, clip.mean, clip.std, name=name), None
     else:
@@ -230,9 +236,6 @@ def _generative_setup(args):
         raise ValueError(f"--score {score} / --prompts {args.prompts} need --feature-net (a classifier directory, "
                          "e.g. from the classifier zoo)")
     gc = GenerativeDetectConfig(probes=args.prompts, n=args.probes or 10, seed=args.seed, score=score)
-    if args.prompts == "caption" and net[1] is None:
-        raise ValueError("--prompts caption needs a classifier as --feature-net (it names the class of the "
-                         "student's image); a CLIP folder has no classes")
     extra = {"feature_net": None if net is None else net[0],
              "captioner": None if net is None or net[1] is None else classifier_captioner(*net[1])}
     return gc, extra

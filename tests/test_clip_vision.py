@@ -96,7 +96,8 @@ def write_clip(path, seed=0, *, act="quick_gelu", full_clip=True):
     vision = {**VISION, "hidden_act": act, "model_type": "clip_vision_model", "dropout": 0.0}
     if full_clip:
         sd.update({"text_model.embeddings.token_embedding.weight": torch.randn(7, 8), "logit_scale": torch.tensor(2.6),
-                   "text_projection.weight": torch.randn(10, 8)})
+                   "text_projection.weight": torch.randn(10, 8),
+                   "text_model.embeddings.position_ids": torch.arange(7)[None]})
         config = {"model_type": "clip", "projection_dim": 10, "vision_config": vision, "text_config": {"hidden_size": 8}}
     else:
         config = {**vision, "projection_dim": 10}
@@ -114,7 +115,7 @@ def test_converted_clip_vision_gives_transformers_embeddings(tmp_path, act, full
     assert is_clip_folder(tmp_path / "clip")
     r = convert_clip_vision(tmp_path / "clip")
     assert r.config.hidden_act == act and r.config.projection_dim == 10 and r.mean == CLIP_MEAN
-    assert r.report["unused_text_tower_keys"] == (3 if full_clip else 0)
+    assert r.report["unused_text_tower_keys"] == (4 if full_clip else 0)  # counted once, not also as dropped
     assert r.report["dtype"]["dropped_keys"] == ["vision_model.embeddings.position_ids"]
     x = np.random.default_rng(0).normal(size=(3, 3, 12, 12)).astype(np.float32)
     with torch.no_grad():
@@ -166,8 +167,73 @@ def test_bad_clip_folders_are_clear_errors(tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match="vision_config: hidden_act 'relu'"):
         convert_clip_vision(d)
+    cfg["vision_config"]["hidden_act"] = ["gelu"]  # not even a string: still a ConfigError, not a TypeError
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="hidden_act"):
+        convert_clip_vision(d)
     cfg["vision_config"]["hidden_act"] = "quick_gelu"
     (d / "config.json").write_text(json.dumps(cfg))
     (d / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5, 0.5], "image_std": [0.2] * 3}))
     with pytest.raises(ConfigError, match="preprocessor_config.json.image_mean"):
+        convert_clip_vision(d)
+
+
+def test_transformers_configs_fall_back_and_override_as_transformers_does():
+    """save_pretrained omits fields equal to their defaults (ViT-B/32's), and older hub configs carry a
+    `vision_config_dict` that transformers lets override `vision_config`."""
+    from kdd_jax.models.clip_vision import CLIPVisionConfig
+
+    c = CLIPVisionConfig.from_transformers({"model_type": "clip"}, projection=True)
+    assert (c.hidden_size, c.patch_size, c.image_size, c.projection_dim, c.hidden_act) == (768, 32, 224, 512, "quick_gelu")
+    large = {"model_type": "clip", "projection_dim": 768, "vision_config": {"hidden_size": 768, "patch_size": 32},
+             "vision_config_dict": {"hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16,
+                                    "num_hidden_layers": 24, "patch_size": 14}}
+    c = CLIPVisionConfig.from_transformers(large, projection=True)
+    assert (c.hidden_size, c.patch_size, c.num_hidden_layers, c.num_patches, c.projection_dim) == (1024, 14, 24, 256, 768)
+    assert CLIPVisionConfig.from_transformers({"model_type": "clip_vision_model"}, projection=False).projection_dim is None
+    with pytest.raises(ConfigError, match="image_size 224 is not a multiple of patch_size 15"):
+        CLIPVisionConfig.from_transformers({"model_type": "clip_vision_model", "patch_size": 15})
+
+
+def test_vision_only_folders_custom_normalisation_and_chunked_batches(tmp_path):
+    """A CLIPVisionModel folder (no visual_projection) gives the pooled class token; the folder's
+    preprocessor_config.json normalisation is applied and fingerprinted; non-finite values are
+    refused; embeddings do not depend on how the batch is chunked."""
+    import dataclasses
+
+    import jax
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "vision"
+    ref = write_clip(d, full_clip=False)
+    sd = load_file(str(d / "model.safetensors"))
+    del sd["visual_projection.weight"]
+    save_file(sd, str(d / "model.safetensors"))
+    r = convert_clip_vision(d)
+    assert r.config.projection_dim is None
+    x = np.random.default_rng(2).normal(size=(2, 3, 12, 12)).astype(np.float32)
+    with torch.no_grad():
+        emb = ref.vision_model.embeddings
+        h = torch.cat([emb.class_embedding.expand(2, 1, -1), emb.patch_embedding(torch.from_numpy(x)).flatten(2).transpose(1, 2)], 1)
+        h = ref.vision_model.pre_layrnorm(h + emb.position_embedding(emb.position_ids))
+        for layer in ref.vision_model.encoder.layers:
+            h = layer(h)
+        want = ref.vision_model.post_layernorm(h[:, 0]).numpy()
+    with jax.default_matmul_precision("highest"):
+        np.testing.assert_allclose(np.asarray(r.model(x.transpose(0, 2, 3, 1))), want, rtol=1e-5, atol=1e-5)
+    net = clip_feature_net(r.model, r.mean, r.std)
+    assert net.layers == ("pooler_output",) and net.channels == (16,)
+
+    imgs = np.random.default_rng(3).uniform(0, 1, (7, 12, 12, 3)).astype(np.float32)
+    small = dataclasses.replace(net, batch=3)  # 3 + 3 + 1
+    np.testing.assert_allclose(small.embedding(imgs), net.embedding(imgs), rtol=1e-5, atol=1e-6)
+
+    (d / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}))
+    r2 = convert_clip_vision(d)
+    assert r2.mean == (0.5, 0.5, 0.5) and r2.report["source"]["normalisation"].endswith("preprocessor_config.json")
+    net2 = clip_feature_net(r2.model, r2.mean, r2.std)
+    assert net2.fingerprint != net.fingerprint
+    assert not np.allclose(net2.embedding(imgs), net.embedding(imgs), atol=1e-3)
+    (d / "preprocessor_config.json").write_text('{"image_mean": [NaN, 0.5, 0.5]}')
+    with pytest.raises(ConfigError, match="image_mean: expected 3 finite numbers"):
         convert_clip_vision(d)

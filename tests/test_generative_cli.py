@@ -231,6 +231,8 @@ def test_a_clip_folder_as_feature_net_drives_the_set_scores(zoo, tmp_path, capsy
     assert all(np.isfinite(scores)) and all(-1e-6 <= x <= 1 + 1e-6 for x in scores)
     assert main([*argv, "--prompts", "caption"]) == 1
     assert "CLIP folder has no classes" in capsys.readouterr().err
+    assert main([*argv[:5], "--score", "neg_lpips", *argv[7:]]) == 1
+    assert "use a set score" in capsys.readouterr().err
 
 
 def test_classifier_and_generative_calibrations_are_not_interchangeable(tmp_path):

@@ -22,7 +22,9 @@ from kdd_jax.models.layers import conv2d
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # OpenAI's CLIP checkpoints
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # e.g. LAION's OpenCLIP conversions
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),  # transformers' tanh approximation
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
 }
 
 
@@ -54,11 +56,13 @@ class CLIPVisionConfig:
                               f"{self.num_attention_heads}")
         if self.image_size % self.patch_size:
             raise ConfigError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        if self.hidden_act not in ACTIVATIONS:
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACTIVATIONS:
             raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported; supported: {sorted(ACTIVATIONS)}")
-        if not (isinstance(self.layer_norm_eps, (int, float)) and self.layer_norm_eps > 0):
+        if isinstance(self.layer_norm_eps, bool) or not (isinstance(self.layer_norm_eps, (int, float))
+                                                         and self.layer_norm_eps > 0):
             raise ConfigError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
-        if self.projection_dim is not None and (not isinstance(self.projection_dim, int) or self.projection_dim < 1):
+        if self.projection_dim is not None and (not isinstance(self.projection_dim, int)
+                                                or isinstance(self.projection_dim, bool) or self.projection_dim < 1):
             raise ConfigError(f"projection_dim must be a positive integer or null, got {self.projection_dim!r}")
 
     @property
@@ -75,9 +79,11 @@ class CLIPVisionConfig:
             raise ConfigError(f"{source}: expected a JSON object")
         model_type = data.get("model_type")
         if model_type == "clip":
-            vision, proj = data.get("vision_config"), data.get("projection_dim", 512)
-            if not isinstance(vision, dict):
-                raise ConfigError(f"{source}.vision_config: missing or not an object")
+            vision, proj = data.get("vision_config", {}), data.get("projection_dim", 512)
+            override = data.get("vision_config_dict")  # older hub configs: transformers lets it win
+            if not isinstance(vision, dict) or not isinstance(override or {}, dict):
+                raise ConfigError(f"{source}.vision_config: not an object")
+            vision = {**vision, **(override or {})}
             where = f"{source}.vision_config"
         elif model_type == "clip_vision_model":
             vision, proj, where = data, data.get("projection_dim", 512), source

@@ -147,10 +147,20 @@ class FeatureNet:
     channels: tuple[int, ...]
     heads: tuple[jax.Array, ...] | None = None
     spec: str = ""
+    batch: int = 256  # images per call of `apply`: bounds activation memory for large probe sets
+
+    def __post_init__(self):
+        if not isinstance(self.batch, int) or self.batch < 1:
+            raise ValueError(f"batch must be a positive integer, got {self.batch!r}")
 
     def features(self, images) -> list[jax.Array]:
-        """Feature maps [N, h, w, c] of the layers in `layers`, in that order."""
-        return list(self.apply(self.params, jnp.asarray(images, jnp.float32)))
+        """Feature maps [N, h, w, c] of the layers in `layers`, in that order (computed `batch`
+        images at a time: at most two compiled shapes)."""
+        images = jnp.asarray(images, jnp.float32)
+        if images.ndim < 1 or len(images) <= self.batch:
+            return list(self.apply(self.params, images))
+        parts = [self.apply(self.params, images[i: i + self.batch]) for i in range(0, len(images), self.batch)]
+        return [jnp.concatenate(layer) for layer in zip(*parts)]
 
     def embedding(self, images) -> jax.Array:
         """[N, c_last]: the LAST layer of `layers`, global-average-pooled over space."""
@@ -283,9 +293,10 @@ def classifier_feature_net(model: nnx.Module, config, layers: Sequence[str] | No
 def clip_feature_net(model: nnx.Module, mean: Sequence[float], std: Sequence[float], *,
                      name: str | None = None) -> FeatureNet:
     """A `FeatureNet` over CLIP's vision tower (`kdd_jax.models.clip_vision.CLIPVisionModel`, e.g.
-    from `converters.clip_vision.convert_clip_vision`): one layer, "image_embeds" [N, 1, 1, P], the
-    image embedding (the projected class token), so `embedding` is CLIP's image embedding and the set
-    scores compare the sets as the paper did. Images [0, 1] of any size and 1 or 3 channels are
+    from `converters.clip_vision.convert_clip_vision`): one layer [N, 1, 1, P], "image_embeds" (the
+    projected class token, CLIP's image embedding) or, for a checkpoint without `visual_projection`
+    (a CLIPVisionModel), "pooler_output" (the class token after post_layernorm), so `embedding` is that
+    vector and the set scores compare the sets as the paper did. Images [0, 1] of any size and 1 or 3 channels are
     resized (bicubic, antialiased when shrinking; CLIP's processor resizes the short side with PIL
     and center-crops, the same for square images up to the resampling filter), repeated to RGB and
     normalised with `mean`/`std`."""
@@ -308,8 +319,9 @@ def clip_feature_net(model: nnx.Module, mean: Sequence[float], std: Sequence[flo
 
     spec = json.dumps({"clip_vision": dataclasses.asdict(cfg), "mean": list(map(float, mean)),
                        "std": list(map(float, std))}, sort_keys=True)
+    layer = "image_embeds" if cfg.projection_dim is not None else "pooler_output"
     return FeatureNet(name=name or f"clip-vit-p{cfg.patch_size}", apply=jax.jit(apply), params=state,
-                      layers=("image_embeds",), channels=(embedding_dim(cfg),), spec=spec)
+                      layers=(layer,), channels=(embedding_dim(cfg),), spec=spec, batch=64)
 
 
 # ----------------------------------------------------------------------------------- LPIPS
