@@ -4,7 +4,8 @@ Every model maps an NHWC float32 batch, already normalised as the config's prepr
 to logits. `build_model` makes a randomly initialised model; the converters fill it from a
 PyTorch checkpoint. BatchNorm statistics for synthesis: `forward_with_bn_stats`, `bn_running_stats`.
 Generative students: `UNet2DModel` (diffusers' UNet2DModel, its own `UNet2DConfig`; not a classifier
-family, so not in FAMILIES).
+family, so not in FAMILIES). Feature networks for their image scores: any family here (AlexNet for
+LPIPS) or CLIP's vision tower (`kdd_jax.models.clip_vision`, its own config; not in FAMILIES either).
 """
 
 from __future__ import annotations
