@@ -180,7 +180,12 @@ def main(argv=None) -> int:
     attacks = args.attacks.split(",")
     if not set(attacks) <= {"untargeted", "targeted"}:
         ap.error(f"--attacks: {args.attacks!r}; choose from untargeted, targeted")
-    budgets = [float(e) for e in args.eps.split(",")]
+    try:
+        budgets = [float(e) for e in args.eps.split(",")]
+    except ValueError:
+        ap.error(f"--eps {args.eps!r}: expected comma-separated numbers, e.g. 0.01,0.03")
+    if any(not 0 <= e <= 1 for e in budgets) or args.n < 1 or args.steps < 1:
+        ap.error("--eps must lie in [0, 1] (pixels are in [0, 1]); --n and --steps must be >= 1")
     manifest = json.loads(args.manifest.read_text())
     log(f"converting {len(manifest['models'])} zoo models")
     zoo = load_zoo(args.zoo, manifest)
