@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from kdd_jax.models import BatchNorm2d
-from kdd_jax.models.clip_vision import Vector
+from kdd_jax.models.transformer import Parameter
 
 KEYMAP_VERSION = 1
 DROPPABLE_SUFFIXES = (".num_batches_tracked",)
@@ -42,10 +42,10 @@ LAYER_RULES = {
     # diffusers' UNet2DModel (kdd_jax/models/unet.py): torch GroupNorm and Embedding
     nnx.GroupNorm: [("weight", "scale", "identity"), ("bias", "bias", "identity")],
     nnx.Embed: [("weight", "embedding", "identity")],
-    # CLIP's vision tower (kdd_jax/models/clip_vision.py); "" = the parameter IS the torch key
-    # (a bare nn.Parameter on its parent module, e.g. embeddings.class_embedding)
+    # transformers vision towers (kdd_jax/models/clip_vision.py, vit.py); "" = the parameter IS the
+    # torch key (a bare nn.Parameter on its parent module, e.g. embeddings.class_embedding)
     nnx.LayerNorm: [("weight", "scale", "identity"), ("bias", "bias", "identity")],
-    Vector: [("", "value", "identity")],
+    Parameter: [("", "value", "identity")],
 }
 
 

@@ -178,20 +178,30 @@ def _feature_net(args):
             raise ValueError("--lpips-heads needs --feature-net (the backbone the heads were trained for)")
         return None
     from kdd_jax.detect import load_any_student
-    from kdd_jax.scores.images import classifier_feature_net, clip_feature_net, load_lpips_heads
+    from kdd_jax.scores.images import classifier_feature_net, clip_feature_net, load_lpips_heads, vit_feature_net
 
     from converters.clip_vision import convert_clip_vision, is_clip_folder  # same distribution; no torch
+    from converters.transformers_folder import model_type
+    from converters.vit import convert_vit, is_vit_folder
 
     name = Path(args.feature_net).name
-    if is_clip_folder(args.feature_net):  # a transformers CLIP checkpoint: image embeddings, no classes
+    encoder = ("CLIP" if is_clip_folder(args.feature_net) else "ViT/DINO" if is_vit_folder(args.feature_net)
+               else None)
+    kind = model_type(args.feature_net)
+    if encoder is None and kind is not None:  # a transformers folder of a model no port covers
+        raise ValueError(f"{Path(args.feature_net) / 'config.json'}: model_type {kind!r} is not a supported "
+                         "feature network; supported transformers image encoders: clip, clip_vision_model, vit, "
+                         "dinov2 (or give a kdd-jax classifier directory)")
+    if encoder:  # a transformers image encoder: one image embedding, no classes
         if args.prompts == "caption":  # refused before the (large) checkpoint is read
-            raise ValueError("--prompts caption needs a classifier as --feature-net (it names the class of the "
-                             "student's image); a CLIP folder has no classes")
+            raise ValueError(f"--prompts caption needs a classifier as --feature-net (it names the class of the "
+                             f"student's image); a {encoder} folder has no classes")
         if args.score == "neg_lpips":
-            raise ValueError("--score neg_lpips compares feature maps; a CLIP folder gives one image embedding: "
+            raise ValueError(f"--score neg_lpips compares feature maps; a {encoder} folder gives one image embedding: "
                              "use a set score (linear_cka, rbf_cka, acs, neg_mmd2)")
-        clip = convert_clip_vision(args.feature_net)
-        net, classifier = clip_feature_net(clip.model, clip.mean, clip.std, name=name), None
+        convert, build = (convert_clip_vision, clip_feature_net) if encoder == "CLIP" else (convert_vit, vit_feature_net)
+        enc = convert(args.feature_net)
+        net, classifier = build(enc.model, enc.mean, enc.std, name=name, resize=enc.resize), None
     else:
         model, config = load_any_student(args.feature_net, what="feature network (--feature-net)")
         net, classifier = classifier_feature_net(model, config, name=name), (model, config)
@@ -582,7 +592,7 @@ def _add_detection_options(p) -> None:
                         "--feature-net assigns to the student's empty-prompt image), random (a random class)")
     g.add_argument("--feature-net", metavar="DIR", help="classifier directory whose features (BatchNorm outputs; an "
                    "AlexNet's five ReLU outputs) drive neg_lpips, the set scores and caption prompts; or a transformers "
-                   "CLIP folder (image embeddings for the set scores)")
+                   "CLIP, ViT (DINO) or DINOv2 folder (image embeddings for the set scores)")
     g.add_argument("--lpips-heads", metavar="FILE", help="learned LPIPS heads for --feature-net (.safetensors; LPIPS' "
                    "own key names accepted, e.g. its alex.pth converted: examples/feature_nets/README.md)")
     g.add_argument("--num-inference-steps", type=int, help="the student's sampling steps (default: its "

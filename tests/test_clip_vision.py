@@ -230,7 +230,7 @@ def test_vision_only_folders_custom_normalisation_and_chunked_batches(tmp_path):
 
     (d / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}))
     r2 = convert_clip_vision(d)
-    assert r2.mean == (0.5, 0.5, 0.5) and r2.report["source"]["normalisation"].endswith("preprocessor_config.json")
+    assert r2.mean == (0.5, 0.5, 0.5) and r2.report["source"]["preprocessing"].endswith("preprocessor_config.json")
     net2 = clip_feature_net(r2.model, r2.mean, r2.std)
     assert net2.fingerprint != net.fingerprint
     assert not np.allclose(net2.embedding(imgs), net.embedding(imgs), atol=1e-3)

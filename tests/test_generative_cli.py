@@ -213,26 +213,33 @@ def test_an_alexnet_lpips_feature_net_drives_neg_lpips_and_binds_calibrations(zo
     assert "--lpips-heads needs --feature-net" in capsys.readouterr().err
 
 
-def test_a_clip_folder_as_feature_net_drives_the_set_scores(zoo, tmp_path, capsys):
-    """--feature-net on a transformers CLIP folder (tiny, random): the set scores compare CLIP image
-    embeddings; caption prompts, which need classes, are refused with a reason."""
+@pytest.mark.parametrize("encoder", ["CLIP", "ViT/DINO"])
+def test_an_image_encoder_folder_as_feature_net_drives_the_set_scores(zoo, tmp_path, capsys, encoder):
+    """--feature-net on a transformers CLIP or DINO (ViTModel) folder (tiny, random): the set scores
+    compare its image embeddings; caption prompts, which need classes, and neg_lpips, which needs
+    feature maps, are refused with a reason."""
     from tests.test_clip_vision import write_clip
+    from tests.test_vit import write_vit
 
-    write_clip(tmp_path / "clip")
+    (write_clip if encoder == "CLIP" else write_vit)(tmp_path / "enc")
     teachers = tmp_path / "teachers.json"
     teachers.write_text(json.dumps({"teachers": [{"name": n, "path": str(zoo / n)} for n in ("a", "c")]}))
     argv = ["detect", "--student", str(zoo / "student"), "--teachers", str(teachers), "--score", "linear_cka",
-            "--probes", "4", "--cache", str(tmp_path / "cache"), "--feature-net", str(tmp_path / "clip"), "--json", "-q"]
+            "--probes", "4", "--cache", str(tmp_path / "cache"), "--feature-net", str(tmp_path / "enc"), "--json", "-q"]
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["feature_net"] == str(tmp_path / "clip") and len(report["feature_net_sha256"]) == 64
+    assert report["feature_net"] == str(tmp_path / "enc") and len(report["feature_net_sha256"]) == 64
     assert report["verdict"]["teachers"] == ["a", "c"] and report["config"]["score"] == "linear_cka"
-    scores = report["verdict"]["scores"]  # linear CKA of the two sets of 4 CLIP embeddings
+    scores = report["verdict"]["scores"]  # linear CKA of the two sets of 4 image embeddings
     assert all(np.isfinite(scores)) and all(-1e-6 <= x <= 1 + 1e-6 for x in scores)
     assert main([*argv, "--prompts", "caption"]) == 1
-    assert "CLIP folder has no classes" in capsys.readouterr().err
+    assert f"{encoder} folder has no classes" in capsys.readouterr().err
     assert main([*argv[:5], "--score", "neg_lpips", *argv[7:]]) == 1
     assert "use a set score" in capsys.readouterr().err
+    (tmp_path / "reg").mkdir()  # a transformers folder no port covers: named, not misread as a classifier
+    (tmp_path / "reg" / "config.json").write_text(json.dumps({"model_type": "dinov2_with_registers"}))
+    assert main([*argv[:-3], str(tmp_path / "reg"), "--json", "-q"]) == 1
+    assert "model_type 'dinov2_with_registers' is not a supported feature network" in capsys.readouterr().err
 
 
 def test_classifier_and_generative_calibrations_are_not_interchangeable(tmp_path):

@@ -5,7 +5,8 @@ to logits. `build_model` makes a randomly initialised model; the converters fill
 PyTorch checkpoint. BatchNorm statistics for synthesis: `forward_with_bn_stats`, `bn_running_stats`.
 Generative students: `UNet2DModel` (diffusers' UNet2DModel, its own `UNet2DConfig`; not a classifier
 family, so not in FAMILIES). Feature networks for their image scores: any family here (AlexNet for
-LPIPS) or CLIP's vision tower (`kdd_jax.models.clip_vision`, its own config; not in FAMILIES either).
+LPIPS), CLIP's vision tower (`kdd_jax.models.clip_vision`) or a ViT / DINO / DINOv2 encoder
+(`kdd_jax.models.vit`), each with its own config and not in FAMILIES either.
 """
 
 from __future__ import annotations

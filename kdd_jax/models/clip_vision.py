@@ -13,19 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from kdd_jax.config import ConfigError
 from kdd_jax.models.layers import conv2d
-
-ACTIVATIONS = {
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # OpenAI's CLIP checkpoints
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # e.g. LAION's OpenCLIP conversions
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),  # transformers' tanh approximation
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-}
+from kdd_jax.models.transformer import ACTIVATIONS, Parameter, check_tower_config, layer_norm, self_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,22 +38,7 @@ class CLIPVisionConfig:
     projection_dim: int | None = None
 
     def __post_init__(self):
-        ints = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
-                "image_size", "patch_size")
-        for f in ints:
-            v = getattr(self, f)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ConfigError(f"{f} must be a positive integer, got {v!r}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
-                              f"{self.num_attention_heads}")
-        if self.image_size % self.patch_size:
-            raise ConfigError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACTIVATIONS:
-            raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported; supported: {sorted(ACTIVATIONS)}")
-        if isinstance(self.layer_norm_eps, bool) or not (isinstance(self.layer_norm_eps, (int, float))
-                                                         and self.layer_norm_eps > 0):
-            raise ConfigError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
+        check_tower_config(self)
         if self.projection_dim is not None and (not isinstance(self.projection_dim, int)
                                                 or isinstance(self.projection_dim, bool) or self.projection_dim < 1):
             raise ConfigError(f"projection_dim must be a positive integer or null, got {self.projection_dim!r}")
@@ -97,17 +75,10 @@ class CLIPVisionConfig:
             raise ConfigError(f"{where}: {e}") from None
 
 
-class Vector(nnx.Module):
-    """A bare parameter vector that torch stores directly on its parent (CLIP's class_embedding)."""
-
-    def __init__(self, size: int, rngs: nnx.Rngs):
-        self.value = nnx.Param(jax.random.normal(rngs.params(), (size,), jnp.float32) * 0.02)
-
-
 class Embeddings(nnx.Module):
     def __init__(self, cfg: CLIPVisionConfig, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.class_embedding = Vector(cfg.hidden_size, rngs)
+        self.class_embedding = Parameter(cfg.hidden_size, rngs)
         self.patch_embedding = conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size,
                                       bias=False, rngs=rngs)
         self.position_embedding = nnx.Embed(cfg.num_patches + 1, cfg.hidden_size, rngs=rngs)
@@ -127,12 +98,7 @@ class Attention(nnx.Module):
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nnx.Linear(d, d, rngs=rngs) for _ in range(4))
 
     def __call__(self, h):
-        n, t, d = h.shape
-        hd = d // self.heads
-        split = lambda z: z.reshape(n, t, self.heads, hd).transpose(0, 2, 1, 3)  # noqa: E731
-        q, k, v = split(self.q_proj(h) * hd ** -0.5), split(self.k_proj(h)), split(self.v_proj(h))
-        w = jax.nn.softmax(jnp.einsum("nhqd,nhkd->nhqk", q, k), axis=-1)
-        return self.out_proj(jnp.einsum("nhqk,nhkd->nhqd", w, v).transpose(0, 2, 1, 3).reshape(n, t, d))
+        return self.out_proj(self_attention(self.q_proj(h), self.k_proj(h), self.v_proj(h), self.heads))
 
 
 class MLP(nnx.Module):
@@ -146,7 +112,7 @@ class MLP(nnx.Module):
 
 
 def _layer_norm(cfg: CLIPVisionConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    return nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, rngs=rngs)
+    return layer_norm(cfg.hidden_size, cfg.layer_norm_eps, rngs)
 
 
 class EncoderLayer(nnx.Module):
@@ -203,4 +169,4 @@ def embedding_dim(cfg: CLIPVisionConfig) -> int:
     return cfg.projection_dim if cfg.projection_dim is not None else cfg.hidden_size
 
 
-__all__ = ["CLIPVisionConfig", "CLIPVisionModel", "Vector", "abstract_clip_vision", "embedding_dim"]
+__all__ = ["CLIPVisionConfig", "CLIPVisionModel", "abstract_clip_vision", "embedding_dim"]

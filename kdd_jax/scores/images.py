@@ -17,9 +17,10 @@ Set scores: the existing `SCORES["linear_cka" | "rbf_cka" | "acs" | "neg_mmd2"]`
 Honest note on the backbone. The paper used AlexNet-LPIPS for pairs and CLIP/DINO embeddings for
 sets. This package works offline, so the default `FeatureNet` is a classifier from our own zoo
 (`classifier_feature_net`: the outputs of its BatchNorm layers). Its distances are LPIPS-*style*,
-not the published LPIPS numbers: without learned heads every channel weighs 1. CLIP's image
-embeddings, for the set scores, come from `clip_feature_net` over a converted transformers CLIP
-checkpoint (`converters/clip_vision.py`), for users who hold one.
+not the published LPIPS numbers: without learned heads every channel weighs 1. CLIP's and DINO's
+image embeddings, for the set scores, come from `clip_feature_net` / `vit_feature_net` over a
+converted transformers CLIP / ViT (DINO) / DINOv2 checkpoint (`converters/clip_vision.py`,
+`converters/vit.py`), for users who hold one.
 
 AlexNet-LPIPS itself, for users who hold its weights (none ship with this package): convert
 torchvision's ImageNet AlexNet as a student of family `alexnet` with LPIPS' input scaling as its
@@ -28,8 +29,7 @@ preprocessing (`examples/feature_nets/alexnet-lpips.json`), build `classifier_fe
 learned heads with `load_lpips_heads` (LPIPS' `alex.pth`, its own key names). On images of the
 config's input size that is LPIPS v0.1 (`lpips.LPIPS(net="alex")`) to float32 rounding
 (tests/test_image_scores.py checks it against a PyTorch reimplementation); smaller images, e.g.
-28x28 Fashion-MNIST, are resized up first (AlexNet needs at least 63x63). DINO is not
-implemented.
+28x28 Fashion-MNIST, are resized up first (AlexNet needs at least 63x63).
 """
 
 from __future__ import annotations
@@ -290,18 +290,12 @@ def classifier_feature_net(model: nnx.Module, config, layers: Sequence[str] | No
                       spec=json.dumps(config.to_dict(), sort_keys=True))
 
 
-def clip_feature_net(model: nnx.Module, mean: Sequence[float], std: Sequence[float], *,
-                     name: str | None = None) -> FeatureNet:
-    """A `FeatureNet` over CLIP's vision tower (`kdd_jax.models.clip_vision.CLIPVisionModel`, e.g.
-    from `converters.clip_vision.convert_clip_vision`): one layer [N, 1, 1, P], "image_embeds" (the
-    projected class token, CLIP's image embedding) or, for a checkpoint without `visual_projection`
-    (a CLIPVisionModel), "pooler_output" (the class token after post_layernorm), so `embedding` is that
-    vector and the set scores compare the sets as the paper did. Images [0, 1] of any size and 1 or 3 channels are
-    resized (bicubic, antialiased when shrinking; CLIP's processor resizes the short side with PIL
-    and center-crops, the same for square images up to the resampling filter), repeated to RGB and
-    normalised with `mean`/`std`."""
-    from kdd_jax.models.clip_vision import embedding_dim
-
+def _encoder_feature_net(model: nnx.Module, mean: Sequence[float], std: Sequence[float], resize: str, *,
+                         layer: str, channels: int, kind: str, name: str) -> FeatureNet:
+    """A `FeatureNet` over an image encoder whose `__call__` maps normalised RGB images of
+    `model.config.image_size` to one embedding [N, P]: a single layer [N, 1, 1, P], so `embedding` is
+    that vector. Images [0, 1] of any size and 1 or 3 channels are resized with `resize` (a
+    jax.image.resize method; antialiased when shrinking), repeated to RGB and normalised."""
     cfg = model.config
     size = cfg.image_size
     mean_a, std_a = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
@@ -313,15 +307,46 @@ def clip_feature_net(model: nnx.Module, mean: Sequence[float], std: Sequence[flo
         n, h, w, c = images.shape
         with jax.default_matmul_precision("highest"):  # as classifier_feature_net: no TF32 on GPUs
             if (h, w) != (size, size):
-                images = jax.image.resize(images, (n, size, size, c), method="bicubic")
+                images = jax.image.resize(images, (n, size, size, c), method=resize)
             x = (jnp.broadcast_to(images, (n, size, size, 3)) - mean_a) / std_a
             return [nnx.merge(graphdef, st)(x)[:, None, None, :]]
 
-    spec = json.dumps({"clip_vision": dataclasses.asdict(cfg), "mean": list(map(float, mean)),
-                       "std": list(map(float, std))}, sort_keys=True)
-    layer = "image_embeds" if cfg.projection_dim is not None else "pooler_output"
-    return FeatureNet(name=name or f"clip-vit-p{cfg.patch_size}", apply=jax.jit(apply), params=state,
-                      layers=(layer,), channels=(embedding_dim(cfg),), spec=spec, batch=64)
+    spec = {kind: dataclasses.asdict(cfg), "mean": list(map(float, mean)), "std": list(map(float, std))}
+    if (kind, resize) != ("clip_vision", "cubic"):  # CLIP's nets made before `resize` existed keep their fingerprint
+        spec["resize"] = resize
+    spec = json.dumps(spec, sort_keys=True)
+    return FeatureNet(name=name, apply=jax.jit(apply), params=state, layers=(layer,), channels=(channels,),
+                      spec=spec, batch=64)
+
+
+def clip_feature_net(model: nnx.Module, mean: Sequence[float], std: Sequence[float], *,
+                     name: str | None = None, resize: str = "cubic") -> FeatureNet:
+    """A `FeatureNet` over CLIP's vision tower (`kdd_jax.models.clip_vision.CLIPVisionModel`, e.g.
+    from `converters.clip_vision.convert_clip_vision`, whose result gives `mean`, `std`, `resize`):
+    one layer [N, 1, 1, P], "image_embeds" (the projected class token, CLIP's image embedding) or, for
+    a checkpoint without `visual_projection` (a CLIPVisionModel), "pooler_output" (the class token
+    after post_layernorm), so the set scores compare the sets as the paper did. Images of any size
+    are resized to the tower's image_size (CLIP's processor resizes the short side with PIL and
+    center-crops: the same for square images up to the resampling filter's rounding)."""
+    from kdd_jax.models.clip_vision import embedding_dim
+
+    cfg = model.config
+    return _encoder_feature_net(model, mean, std, resize, kind="clip_vision", channels=embedding_dim(cfg),
+                                layer="image_embeds" if cfg.projection_dim is not None else "pooler_output",
+                                name=name or f"clip-vit-p{cfg.patch_size}")
+
+
+def vit_feature_net(model: nnx.Module, mean: Sequence[float], std: Sequence[float], *,
+                    name: str | None = None, resize: str = "cubic") -> FeatureNet:
+    """A `FeatureNet` over a ViT / DINO / DINOv2 encoder (`kdd_jax.models.vit.ViTModel`, e.g. from
+    `converters.vit.convert_vit`, whose result gives `mean`, `std`, `resize`): one layer
+    "cls_token" [N, 1, 1, hidden_size], the class token of the last hidden state (DINO's image
+    embedding). Images of any size are resized to the checkpoint's own image_size (224 for DINO,
+    518 for the released DINOv2 checkpoints), where transformers' forward needs no position-embedding
+    interpolation; transformers' DINOv2 processor would instead crop to 224 and interpolate."""
+    cfg = model.config
+    return _encoder_feature_net(model, mean, std, resize, kind="vit", channels=cfg.hidden_size, layer="cls_token",
+                                name=name or f"{cfg.variant}-p{cfg.patch_size}")
 
 
 # ----------------------------------------------------------------------------------- LPIPS
@@ -482,4 +507,5 @@ IMAGE_PAIR_SCORES: dict[str, Callable] = {
 __all__ = [
     "FeatureNet", "IMAGE_CONSENSUS_SCORES", "IMAGE_PAIR_SCORES", "classifier_feature_net", "default_feature_layers",
     "clip_feature_net", "load_lpips_heads", "lpips_distance", "neg_lpips", "neg_pixel_mse", "residual_corr", "ssim",
+    "vit_feature_net",
 ]

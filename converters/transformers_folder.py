@@ -1,0 +1,129 @@
+"""What every transformers image-encoder folder converter reads besides its weights' names: the
+folder's `config.json` model type, its single safetensors weights file (pickles and shards refused),
+and the image preprocessing in `preprocessor_config.json` (normalisation and resampling filter).
+Used by `converters/clip_vision.py` and `converters/vit.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import math
+from pathlib import Path
+
+from flax import nnx
+
+from converters.keymap import KEYMAP_VERSION, ConversionError, apply_keymap, build_keymap
+from kdd_jax.config import ConfigError, read_json_config
+from kdd_jax.io import sha256_file
+from kdd_jax.versions import versions
+
+WEIGHTS_NAME = "model.safetensors"
+# PIL's resampling codes (transformers' `resample`) -> jax.image.resize methods; BOX (4) and
+# HAMMING (5) have no jax counterpart
+RESAMPLE = {0: "nearest", 1: "lanczos3", 2: "linear", 3: "cubic"}
+_RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+def model_type(path) -> str | None:
+    """`config.json`'s model_type of a folder (checked before any weights are read); None when the
+    folder has no readable transformers config."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        value = read_json_config(cfg).get("model_type")
+    except (ConfigError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def weights_file(folder: Path, what: str) -> Path:
+    """The folder's `model.safetensors`, or a ConversionError that says what else was found."""
+    if not folder.is_dir():
+        raise ConversionError(f"{folder}: not a directory (a transformers {what} folder: config.json + {WEIGHTS_NAME})")
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        if (folder / f"{WEIGHTS_NAME}.index.json").is_file():
+            raise ConversionError(f"{folder}: sharded checkpoints ({WEIGHTS_NAME}.index.json) are not supported")
+        if (folder / "pytorch_model.bin").is_file():
+            raise ConversionError(f"{folder}: only pickle weights (pytorch_model.bin) found; they are refused "
+                                  "(unpickling can run code). Re-save with save_pretrained(dir, safe_serialization=True)")
+        raise ConversionError(f"{folder}: no {WEIGHTS_NAME}")
+    return weights
+
+
+def preprocessing(folder: Path, mean: tuple, std: tuple, resample: int) -> dict:
+    """The folder's `preprocessor_config.json` (the given defaults where absent): `mean`, `std`
+    (mean 0 / std 1 when `do_normalize` is false), `resize` (a jax.image.resize method from the
+    PIL `resample` code) and `source` (where they came from)."""
+    pre = folder / "preprocessor_config.json"
+    data = read_json_config(pre, "preprocessor config") if pre.is_file() else {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{pre}: expected a JSON object")
+    out = {}
+    for key, default in (("image_mean", mean), ("image_std", std)):
+        v = data.get(key, default)
+        if (not isinstance(v, list | tuple) or len(v) != 3
+                or not all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+                or (key == "image_std" and min(v) <= 0)):
+            raise ConfigError(f"{pre}.{key}: expected 3 finite numbers{' > 0' if key == 'image_std' else ''}, got {v!r}")
+        out[key] = tuple(float(x) for x in v)
+    normalize = data.get("do_normalize", True)
+    if not isinstance(normalize, bool):
+        raise ConfigError(f"{pre}.do_normalize: expected true or false, got {normalize!r}")
+    if not normalize:
+        out["image_mean"], out["image_std"] = (0.0,) * 3, (1.0,) * 3
+    code = data.get("resample", resample)
+    if isinstance(code, bool) or not isinstance(code, int) or code not in RESAMPLE:
+        known = ", ".join(f"{k} ({v})" for k, v in RESAMPLE.items())
+        name = f" ({_RESAMPLE_NAMES[code]})" if type(code) is int and code in _RESAMPLE_NAMES else ""
+        raise ConfigError(f"{pre}.resample: {code!r}{name} is not supported; supported PIL codes: {known}")
+    return {"mean": out["image_mean"], "std": out["image_std"], "resize": RESAMPLE[code],
+            "source": str(pre) if pre.is_file() else "defaults (no preprocessor_config.json)"}
+
+
+@dataclasses.dataclass
+class EncoderConversion:
+    """A converted image encoder: the Flax model, its config, and the preprocessing it expects."""
+
+    model: nnx.Module
+    config: object
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    resize: str  # jax.image.resize method (the processor's resampling filter)
+    report: dict
+
+
+def fill(abstract: nnx.Module, tensors: dict, weights: Path, folder: Path, family: str, pre: dict,
+         dropped: list[str], **extra) -> EncoderConversion:
+    """Fill `abstract` strictly from `tensors` (the generic key map: every key used, every
+    parameter filled, shapes, dtypes and finiteness checked) and write the conversion report.
+    `dropped`: keys removed before the key map (buffers), listed in the report; `extra`: report fields."""
+    entries = build_keymap(abstract)
+    pure, facts = apply_keymap(tensors, entries, str(weights))
+    graphdef, state = nnx.split(abstract)
+    nnx.replace_by_pure_dict(state, pure)
+    facts["dropped_keys"] = facts["dropped_keys"] + dropped
+    cfg = abstract.config
+    report = {
+        "kind": "kdd_jax.conversion_report",
+        "name": folder.name,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": {"weights": str(weights), "format": "safetensors", "sha256": sha256_file(weights),
+                   "bytes": weights.stat().st_size, "config": str(folder / "config.json"),
+                   "preprocessing": pre["source"]},
+        "family": family,
+        "config": dataclasses.asdict(cfg),
+        "mean": list(pre["mean"]), "std": list(pre["std"]), "resize": pre["resize"],
+        "parameters": sum(math.prod(e.target_shape) for e in entries),
+        **extra,
+        "keymap_version": KEYMAP_VERSION,
+        "keymap": [[e.source, ".".join(map(str, e.target)), e.transform] for e in entries],
+        "dtype": facts,
+        "versions": versions(),
+    }
+    return EncoderConversion(nnx.merge(graphdef, state), cfg, pre["mean"], pre["std"], pre["resize"], report)
+
+
+__all__ = ["RESAMPLE", "WEIGHTS_NAME", "EncoderConversion", "fill", "model_type", "preprocessing", "weights_file"]

@@ -1,0 +1,241 @@
+"""ViT image encoders in Hugging Face transformers' layout: `ViTModel` (DINO's published ViT-S/B
+checkpoints, `facebook/dino-vit*`) and `Dinov2Model` (DINOv2), as feature networks for diffusion
+students.
+
+The paper compared a diffusion student's images with each teacher's as sets of CLIP/DINO embeddings.
+A DINO image embedding is the class token of the last hidden state (after the final `layernorm`),
+which is what `__call__` returns. Both variants: patch embedding (a conv with bias), `cls_token`,
+learned `position_embeddings`, pre-LN encoder layers with query/key/value/dense attention, and a
+final `layernorm`. They differ in the layer:
+
+  vit     layernorm_before -> attention -> + ; layernorm_after -> intermediate.dense -> act ->
+          output.dense -> +                   (an optional `pooler`, not used for the embedding)
+  dinov2  norm1 -> attention -> layer_scale1 -> + ; norm2 -> mlp.fc1 -> act -> mlp.fc2 ->
+          layer_scale2 -> +                   (an unused `mask_token`)
+
+Module names mirror transformers' so state-dict keys map 1:1 (`converters/vit.py`). Images must be
+the config's `image_size`, as for transformers' ViTModel by default. For other sizes transformers'
+Dinov2Model (and ViTModel with `interpolate_pos_encoding=True`) interpolates the position embeddings
+(bicubic, with details that changed between releases); this port does not, and
+`kdd_jax.scores.images.vit_feature_net` resizes images to `image_size` instead, where transformers'
+forward is exactly this one. DINOv2's SwiGLU MLP (ViT-g, `use_swiglu_ffn`) is refused; DINOv2 with
+registers is another model type (`dinov2_with_registers`), not supported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax.numpy as jnp
+from flax import nnx
+
+from kdd_jax.config import ConfigError
+from kdd_jax.models.layers import conv2d
+from kdd_jax.models.transformer import ACTIVATIONS, Parameter, check_tower_config, layer_norm, self_attention
+
+VARIANTS = ("vit", "dinov2")
+# transformers' ViTConfig / Dinov2Config defaults for the fields that shape the forward pass
+_DEFAULTS = {
+    "vit": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                hidden_act="gelu", layer_norm_eps=1e-12, image_size=224, patch_size=16, num_channels=3,
+                qkv_bias=True),
+    "dinov2": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, mlp_ratio=4,
+                   hidden_act="gelu", layer_norm_eps=1e-6, image_size=224, patch_size=14, num_channels=3,
+                   qkv_bias=True),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    """The fields that decide the forward pass. `pooler` / `mask_token`: whether the checkpoint
+    holds those (unused) weights, so conversion stays strict about every key."""
+
+    variant: str = "vit"
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 16
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-12
+    qkv_bias: bool = True
+    pooler: bool = False
+    mask_token: bool = False
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ConfigError(f"variant {self.variant!r} is not supported; supported: {list(VARIANTS)}")
+        check_tower_config(self)
+        for f in ("qkv_bias", "pooler", "mask_token"):
+            if not isinstance(getattr(self, f), bool):
+                raise ConfigError(f"{f} must be true or false, got {getattr(self, f)!r}")
+        if self.variant == "dinov2" and self.pooler:
+            raise ConfigError("a Dinov2Model has no pooler")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @classmethod
+    def from_transformers(cls, data, source: str = "config.json", *, pooler: bool = False,
+                          mask_token: bool = False) -> "ViTConfig":
+        """From a transformers config.json with model_type `vit` (ViTConfig) or `dinov2`
+        (Dinov2Config); omitted fields take transformers' defaults, as `from_pretrained` does. The
+        rest (dropout rates, initialisers, labels, versions) does not change the forward pass.
+        `pooler` / `mask_token`: whether the checkpoint holds those weights."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a JSON object")
+        variant = data.get("model_type")
+        if variant not in VARIANTS:
+            raise ConfigError(f"{source}.model_type: {variant!r} is not a ViT/DINO model (vit or dinov2)")
+        fields = {**_DEFAULTS[variant], **{k: data[k] for k in _DEFAULTS[variant] if k in data}}
+        if variant == "vit" and data.get("pooler_output_size", fields["hidden_size"]) != fields["hidden_size"]:
+            raise ConfigError(f"{source}.pooler_output_size: only hidden_size is supported, got "
+                              f"{data['pooler_output_size']!r}")
+        if variant == "dinov2":
+            swiglu = data.get("use_swiglu_ffn", False)
+            if not isinstance(swiglu, bool):
+                raise ConfigError(f"{source}.use_swiglu_ffn: expected true or false, got {swiglu!r}")
+            if swiglu:
+                raise ConfigError(f"{source}.use_swiglu_ffn: DINOv2's SwiGLU MLP (ViT-g) is not supported")
+            ratio = fields.pop("mlp_ratio")
+            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < math.inf:
+                raise ConfigError(f"{source}.mlp_ratio: must be a finite number > 0, got {ratio!r}")
+            hidden = fields["hidden_size"]
+            fields["intermediate_size"] = int(hidden * ratio) if isinstance(hidden, int) else hidden
+        try:
+            return cls(variant=variant, **fields, pooler=pooler, mask_token=mask_token)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+
+class PatchEmbeddings(nnx.Module):
+    def __init__(self, cfg: ViTConfig, rngs: nnx.Rngs):
+        self.projection = conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size, rngs=rngs)
+
+
+class Embeddings(nnx.Module):
+    def __init__(self, cfg: ViTConfig, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        self.cls_token = Parameter((1, 1, d), rngs)
+        if cfg.mask_token:  # transformers: [1, 1, D] (ViT) / [1, D] (DINOv2); used only for masked inputs
+            self.mask_token = Parameter((1, 1, d) if cfg.variant == "vit" else (1, d), rngs)
+        self.patch_embeddings = PatchEmbeddings(cfg, rngs)
+        self.position_embeddings = Parameter((1, cfg.num_patches + 1, d), rngs)
+
+    def __call__(self, x):  # x [N, H, W, C] -> [N, 1 + patches, D]
+        p = self.patch_embeddings.projection(x)
+        n = p.shape[0]
+        tokens = p.reshape(n, -1, p.shape[-1])  # row-major over (h, w): torch's flatten(2).transpose(1, 2)
+        cls = jnp.broadcast_to(self.cls_token.value[...], (n, 1, tokens.shape[-1]))
+        return jnp.concatenate([cls, tokens], axis=1) + self.position_embeddings.value[...]
+
+
+class SelfAttention(nnx.Module):
+    def __init__(self, cfg: ViTConfig, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        self.query, self.key, self.value = (nnx.Linear(d, d, use_bias=cfg.qkv_bias, rngs=rngs) for _ in range(3))
+
+
+class SelfOutput(nnx.Module):
+    def __init__(self, cfg: ViTConfig, rngs: nnx.Rngs):
+        self.dense = nnx.Linear(cfg.hidden_size, cfg.hidden_size, rngs=rngs)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ViTConfig, rngs: nnx.Rngs):
+        self.heads = cfg.num_attention_heads
+        self.attention = SelfAttention(cfg, rngs)
+        self.output = SelfOutput(cfg, rngs)
+
+    def __call__(self, h):
+        a = self.attention
+        return self.output.dense(self_attention(a.query(h), a.key(h), a.value(h), self.heads))
+
+
+class Dense(nnx.Module):
+    """A module holding one `dense` Linear (transformers' ViTIntermediate / ViTOutput / ViTPooler)."""
+
+    def __init__(self, d_in: int, d_out: int, rngs: nnx.Rngs):
+        self.dense = nnx.Linear(d_in, d_out, rngs=rngs)
+
+
+class ViTLayer(nnx.Module):
+    def __init__(self, cfg: ViTConfig, rngs: nnx.Rngs):
+        self.act = cfg.hidden_act
+        self.attention = Attention(cfg, rngs)
+        self.intermediate = Dense(cfg.hidden_size, cfg.intermediate_size, rngs)
+        self.output = Dense(cfg.intermediate_size, cfg.hidden_size, rngs)
+        self.layernorm_before = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, rngs)
+        self.layernorm_after = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, rngs)
+
+    def __call__(self, h):
+        h = h + self.attention(self.layernorm_before(h))
+        return h + self.output.dense(ACTIVATIONS[self.act](self.intermediate.dense(self.layernorm_after(h))))
+
+
+class LayerScale(nnx.Module):
+    def __init__(self, d: int, rngs: nnx.Rngs):
+        self.lambda1 = Parameter(d, rngs)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ViTConfig, rngs: nnx.Rngs):
+        self.fc1 = nnx.Linear(cfg.hidden_size, cfg.intermediate_size, rngs=rngs)
+        self.fc2 = nnx.Linear(cfg.intermediate_size, cfg.hidden_size, rngs=rngs)
+
+
+class Dinov2Layer(nnx.Module):
+    def __init__(self, cfg: ViTConfig, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        self.act = cfg.hidden_act
+        self.norm1 = layer_norm(d, cfg.layer_norm_eps, rngs)
+        self.attention = Attention(cfg, rngs)
+        self.layer_scale1 = LayerScale(d, rngs)
+        self.norm2 = layer_norm(d, cfg.layer_norm_eps, rngs)
+        self.mlp = MLP(cfg, rngs)
+        self.layer_scale2 = LayerScale(d, rngs)
+
+    def __call__(self, h):
+        h = h + self.attention(self.norm1(h)) * self.layer_scale1.lambda1.value[...]
+        mlp = self.mlp.fc2(ACTIVATIONS[self.act](self.mlp.fc1(self.norm2(h))))
+        return h + mlp * self.layer_scale2.lambda1.value[...]
+
+
+class Encoder(nnx.Module):
+    def __init__(self, cfg: ViTConfig, rngs: nnx.Rngs):
+        layer = ViTLayer if cfg.variant == "vit" else Dinov2Layer
+        self.layer = nnx.List([layer(cfg, rngs) for _ in range(cfg.num_hidden_layers)])
+
+
+class ViTModel(nnx.Module):
+    """images [N, image_size, image_size, C], already normalised -> the class token of the last
+    hidden state [N, hidden_size] (DINO's image embedding; transformers' `last_hidden_state[:, 0]`,
+    which for a Dinov2Model is also its `pooler_output`)."""
+
+    def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.embeddings = Embeddings(cfg, rngs)
+        self.encoder = Encoder(cfg, rngs)
+        self.layernorm = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, rngs)
+        if cfg.pooler:  # ViTModel(add_pooling_layer=True): tanh(dense(cls)); converted, not used here
+            self.pooler = Dense(cfg.hidden_size, cfg.hidden_size, rngs)
+
+    def __call__(self, x):
+        if x.shape[1:3] != (self.config.image_size,) * 2:
+            raise ValueError(f"images must be {self.config.image_size}x{self.config.image_size} (the checkpoint's "
+                             f"image_size; position embeddings are not interpolated), got {x.shape[1:3]}")
+        h = self.embeddings(x)
+        for layer in self.encoder.layer:
+            h = layer(h)
+        return self.layernorm(h[:, 0])  # LayerNorm is per token: the class token's row of layernorm(h)
+
+
+def abstract_vit(cfg: ViTConfig) -> ViTModel:
+    return nnx.eval_shape(lambda: ViTModel(cfg, rngs=nnx.Rngs(0)))
+
+
+__all__ = ["VARIANTS", "ViTConfig", "ViTModel", "abstract_vit"]

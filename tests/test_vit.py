@@ -1,0 +1,254 @@
+"""ViT (DINO) and DINOv2 image encoders: transformers-layout checkpoints (written by PyTorch
+re-implementations of transformers' ViTModel and Dinov2Model forwards, tiny and random) convert
+strictly and give the same class-token embeddings; as feature networks they embed images of any
+size with the folder's preprocessing."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+from converters import ConversionError  # noqa: E402
+from converters.vit import convert_vit, is_vit_folder  # noqa: E402
+from kdd_jax.config import ConfigError  # noqa: E402
+from kdd_jax.scores.images import vit_feature_net  # noqa: E402
+
+# layer_norm_eps left out on purpose: the converter must fall back to transformers' default per model type
+BASE = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_channels=3, image_size=12, patch_size=4)
+EPS = {"vit": 1e-12, "dinov2": 1e-6}
+
+
+class _SelfAttention(nn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.heads = heads
+        self.query, self.key, self.value = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, h):
+        n, t, d = h.shape
+        hd = d // self.heads
+        split = lambda z: z.view(n, t, self.heads, hd).permute(0, 2, 1, 3)  # noqa: E731
+        q, k, v = split(self.query(h)), split(self.key(h)), split(self.value(h))
+        w = torch.softmax(q @ k.transpose(-1, -2) / hd ** 0.5, dim=-1)
+        return (w @ v).permute(0, 2, 1, 3).reshape(n, t, d)
+
+
+class _Attention(nn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.attention = _SelfAttention(d, heads)
+        self.output = nn.Module()
+        self.output.dense = nn.Linear(d, d)
+
+    def forward(self, h):
+        return self.output.dense(self.attention(h))
+
+
+def _dense(d_in, d_out):
+    m = nn.Module()
+    m.dense = nn.Linear(d_in, d_out)
+    return m
+
+
+class _ViTLayer(nn.Module):
+    def __init__(self, d, heads, inter, eps):
+        super().__init__()
+        self.attention = _Attention(d, heads)
+        self.intermediate, self.output = _dense(d, inter), _dense(inter, d)
+        self.layernorm_before, self.layernorm_after = nn.LayerNorm(d, eps=eps), nn.LayerNorm(d, eps=eps)
+
+    def forward(self, h):
+        h = self.attention(self.layernorm_before(h)) + h
+        return self.output.dense(nn.functional.gelu(self.intermediate.dense(self.layernorm_after(h)))) + h
+
+
+class _Dinov2Layer(nn.Module):
+    def __init__(self, d, heads, inter, eps):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(d, eps=eps), nn.LayerNorm(d, eps=eps)
+        self.attention = _Attention(d, heads)
+        self.layer_scale1, self.layer_scale2 = nn.Module(), nn.Module()
+        self.layer_scale1.lambda1 = nn.Parameter(torch.rand(d) + 0.5)
+        self.layer_scale2.lambda1 = nn.Parameter(torch.rand(d) + 0.5)
+        self.mlp = nn.Module()
+        self.mlp.fc1, self.mlp.fc2 = nn.Linear(d, inter), nn.Linear(inter, d)
+
+    def forward(self, h):
+        h = self.attention(self.norm1(h)) * self.layer_scale1.lambda1 + h
+        return self.mlp.fc2(nn.functional.gelu(self.mlp.fc1(self.norm2(h)))) * self.layer_scale2.lambda1 + h
+
+
+class TorchViT(nn.Module):
+    """transformers' ViTModel / Dinov2Model: module names, parameters and forward up to
+    last_hidden_state[:, 0]."""
+
+    def __init__(self, variant, c, inter, *, pooler=False, mask_token=False, eps=None):
+        super().__init__()
+        d, p, eps = c["hidden_size"], c["patch_size"], EPS[variant] if eps is None else eps
+        n_pos = (c["image_size"] // p) ** 2 + 1
+        emb = self.embeddings = nn.Module()
+        emb.cls_token = nn.Parameter(torch.randn(1, 1, d))
+        if mask_token:
+            emb.mask_token = nn.Parameter(torch.zeros(1, 1, d) if variant == "vit" else torch.zeros(1, d))
+        emb.patch_embeddings = nn.Module()
+        emb.patch_embeddings.projection = nn.Conv2d(c["num_channels"], d, p, stride=p)
+        emb.position_embeddings = nn.Parameter(torch.randn(1, n_pos, d))
+        layer = _ViTLayer if variant == "vit" else _Dinov2Layer
+        self.encoder = nn.Module()
+        self.encoder.layer = nn.ModuleList(layer(d, c["num_attention_heads"], inter, eps)
+                                           for _ in range(c["num_hidden_layers"]))
+        self.layernorm = nn.LayerNorm(d, eps=eps)
+        if pooler:
+            self.pooler = _dense(d, d)
+
+    def forward(self, x):  # NCHW, normalised
+        emb = self.embeddings
+        p = emb.patch_embeddings.projection(x).flatten(2).transpose(1, 2)
+        h = torch.cat([emb.cls_token.expand(len(x), -1, -1), p], dim=1) + emb.position_embeddings
+        for layer in self.encoder.layer:
+            h = layer(h)
+        return self.layernorm(h)[:, 0]
+
+
+def write_vit(path, variant="vit", seed=0, *, pooler=False, mask_token=False, classifier=False, preprocessor=None):
+    """A transformers-style folder (`classifier`: a *ForImageClassification checkpoint, prefixed)."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    inter = 24
+    model = TorchViT(variant, BASE, inter, pooler=pooler, mask_token=mask_token).eval()
+    with torch.no_grad():  # LayerNorm affine away from 1/0 so the test sees them
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if classifier:
+        sd = {f"{variant}.{k}": v for k, v in sd.items()}
+        sd.update({"classifier.weight": torch.randn(5, 16), "classifier.bias": torch.randn(5)})
+    config = {**BASE, "model_type": variant, "hidden_act": "gelu", "hidden_dropout_prob": 0.0}
+    config.update({"intermediate_size": inter} if variant == "vit" else {"mlp_ratio": inter / BASE["hidden_size"]})
+    path.mkdir(parents=True)
+    save_file(sd, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps(config))
+    if preprocessor is not None:
+        (path / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+    return model
+
+
+@pytest.mark.parametrize("variant, extras", [("vit", dict(pooler=True)), ("vit", dict(classifier=True)),
+                                             ("dinov2", dict(mask_token=True)), ("dinov2", dict(classifier=True))])
+def test_converted_vit_gives_transformers_embeddings(tmp_path, variant, extras):
+    import jax
+
+    ref = write_vit(tmp_path / "m", variant, **extras)
+    assert is_vit_folder(tmp_path / "m")
+    r = convert_vit(tmp_path / "m")
+    assert r.config.variant == variant and r.config.layer_norm_eps == EPS[variant] and r.config.intermediate_size == 24
+    assert r.config.pooler == extras.get("pooler", False) and r.config.mask_token == extras.get("mask_token", False)
+    assert r.report["unused_classifier_keys"] == (2 if extras.get("classifier") else 0)
+    assert r.report["family"] == "transformers_vit" and r.report["parameters"] > 0
+    # the image processors' defaults without a preprocessor_config.json
+    assert (r.mean, r.resize) == (((0.5,) * 3, "linear") if variant == "vit" else ((0.485, 0.456, 0.406), "cubic"))
+    x = np.random.default_rng(0).normal(size=(3, 3, 12, 12)).astype(np.float32)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x)).numpy()
+    with jax.default_matmul_precision("highest"):
+        got = np.asarray(r.model(x.transpose(0, 2, 3, 1)))
+    assert got.shape == (3, 16)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="must be 12x12"):
+        r.model(np.zeros((1, 16, 16, 3), np.float32))
+
+
+def test_vit_feature_net_uses_the_folders_preprocessing(tmp_path):
+    import jax
+
+    from kdd_jax.scores import SCORES
+
+    pre = {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "resample": 3}
+    ref = write_vit(tmp_path / "dino", preprocessor=pre)
+    r = convert_vit(tmp_path / "dino")
+    assert r.mean == (0.485, 0.456, 0.406) and r.resize == "cubic"
+    assert r.report["source"]["preprocessing"].endswith("preprocessor_config.json")
+    net = vit_feature_net(r.model, r.mean, r.std, resize=r.resize)
+    assert net.layers == ("cls_token",) and net.channels == (16,)
+    grey = np.random.default_rng(1).uniform(0, 1, (5, 28, 28, 1)).astype(np.float32)
+    e = np.asarray(net.embedding(grey))
+    assert e.shape == (5, 16) and np.all(np.isfinite(e))
+    np.testing.assert_allclose(net.embedding(np.repeat(grey, 3, -1)), e, rtol=1e-5, atol=1e-6)  # grey = repeated RGB
+    # what the net computes is the reference's forward on the resized, normalised images
+    x = jax.image.resize(np.repeat(grey, 3, -1), (5, 12, 12, 3), "cubic")
+    x = (np.asarray(x) - np.array(pre["image_mean"], np.float32)) / np.array(pre["image_std"], np.float32)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+    np.testing.assert_allclose(e, want, rtol=1e-4, atol=1e-5)
+    assert float(SCORES["linear_cka"].fn(net.embedding(grey), net.embedding(grey))) == pytest.approx(1.0, abs=1e-5)
+
+    # preprocessing is part of what the net is: another filter or do_normalize=false is another fingerprint
+    (tmp_path / "dino" / "preprocessor_config.json").write_text(json.dumps({**pre, "resample": 2}))
+    r2 = convert_vit(tmp_path / "dino")
+    assert r2.resize == "linear"
+    assert vit_feature_net(r2.model, r2.mean, r2.std, resize=r2.resize).fingerprint != net.fingerprint
+    (tmp_path / "dino" / "preprocessor_config.json").write_text(json.dumps({**pre, "do_normalize": False}))
+    r3 = convert_vit(tmp_path / "dino")
+    assert (r3.mean, r3.std) == ((0.0,) * 3, (1.0,) * 3)
+    assert vit_feature_net(r3.model, r3.mean, r3.std, resize=r3.resize).fingerprint != net.fingerprint
+
+
+def test_bad_vit_folders_are_clear_errors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "dino"
+    write_vit(d, "dinov2")
+    cfg = json.loads((d / "config.json").read_text())
+    for field, value, match in (("use_swiglu_ffn", True, "SwiGLU"), ("use_swiglu_ffn", "false", "expected true or false"),
+                                ("mlp_ratio", -1, "mlp_ratio: must be a finite number > 0"),
+                                ("mlp_ratio", float("inf"), "mlp_ratio: must be a finite"),
+                                ("layer_norm_eps", float("nan"), "layer_norm_eps must be a finite"),
+                                ("hidden_act", "relu", "hidden_act 'relu'"),
+                                ("patch_size", 5, "image_size 12 is not a multiple of patch_size 5")):
+        (d / "config.json").write_text(json.dumps({**cfg, field: value}))
+        with pytest.raises(ConfigError, match=match):
+            convert_vit(d)
+    (d / "config.json").write_text(json.dumps({**cfg, "model_type": "bert"}))
+    assert not is_vit_folder(d)
+    with pytest.raises(ConfigError, match="model_type: 'bert' is not a ViT/DINO model"):
+        convert_vit(d)
+    (d / "config.json").write_text(json.dumps(cfg))
+    for code, match in ((4, r"resample: 4 \(box\) is not supported"), ("bicubic", "resample: 'bicubic'"),
+                        (True, r"resample: True is not supported; supported PIL codes")):
+        (d / "preprocessor_config.json").write_text(json.dumps({"resample": code}))
+        with pytest.raises(ConfigError, match=match):
+            convert_vit(d)
+    (d / "preprocessor_config.json").unlink()
+
+    sd = load_file(str(d / "model.safetensors"))
+    save_file({**sd, "head.weight": torch.zeros(2, 16)}, str(d / "model.safetensors"))
+    with pytest.raises(ConversionError, match=r"unexpected keys \(1\): head.weight"):
+        convert_vit(d)
+    del sd["encoder.layer.1.layer_scale2.lambda1"]
+    save_file(sd, str(d / "model.safetensors"))
+    with pytest.raises(ConversionError, match="missing keys.*layer.1.layer_scale2.lambda1"):
+        convert_vit(d)
+    (d / "model.safetensors").rename(d / "pytorch_model.bin")
+    with pytest.raises(ConversionError, match="pickle weights .*refused"):
+        convert_vit(d)
+
+
+def test_layer_norm_is_torchs_on_offset_activations():
+    """Residual streams of trained ViTs carry large per-token offsets; the variance must be computed
+    as torch does (E[(x - mean)^2]), not as E[x^2] - mean^2, which loses ~3e-3 at an offset of 100."""
+    from flax import nnx
+
+    from kdd_jax.models.transformer import layer_norm
+
+    x = np.random.default_rng(0).normal(100.0, 1.0, (4, 7, 64)).astype(np.float32)
+    ln = layer_norm(64, 1e-6, nnx.Rngs(0))
+    want = nn.functional.layer_norm(torch.from_numpy(x), (64,), eps=1e-6).numpy()
+    np.testing.assert_allclose(np.asarray(ln(x)), want, atol=1e-4)
