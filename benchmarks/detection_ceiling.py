@@ -157,12 +157,12 @@ def pool_logits(model, config, raw: np.ndarray, path: Path) -> np.ndarray:
     return logits
 
 
-def per_probe_scores(s_logits: np.ndarray, t_logp: np.ndarray) -> dict[str, np.ndarray]:
+def per_probe_scores(s_logits: np.ndarray, t_logp: np.ndarray, names=SCORE_NAMES) -> dict[str, np.ndarray]:
     """Point-wise scores -> [K, N] per probe; set scores -> [K] on the first SET_PROBES probes."""
     out = {}
     s = jnp.asarray(s_logits)
     y = jnp.asarray(t_logp)
-    for name in SCORE_NAMES:
+    for name in names:
         fn, kind, _ = SCORES[name]
         if kind == "pointwise":  # the engine's path (kdd_jax.detect): every (student, teacher) pair at once
             out[name] = np.asarray(score_pairs(name, jnp.broadcast_to(s, y.shape[:2] + s.shape[-1:]), y))
@@ -193,11 +193,13 @@ def detectability(scores: np.ndarray, labels: np.ndarray, controls: np.ndarray) 
 
 
 def evaluate_pool(per: dict[str, dict], labels: np.ndarray, students: list[str], controls: list[str],
-                  recipes: list[str], seed: int = 0) -> dict:
-    """per[model][score] as per_probe_scores returns -> accuracy, per recipe, subset curve, detectability."""
+                  recipes: list[str], seed: int = 0, names=SCORE_NAMES, curve=CURVE_SCORES) -> dict:
+    """per[model][score] as per_probe_scores returns -> accuracy, per recipe, subset curve, detectability.
+    A score's entry is [K, N] (one value per probe: averaged over probes) or [K] (one per teacher);
+    `names` may include scores outside the engine's SCORES."""
     out = {}
-    for name in SCORE_NAMES:
-        agg = lambda m: per[m][name].mean(-1) if SCORES[name].kind == "pointwise" else per[m][name]  # noqa: E731
+    for name in names:
+        agg = lambda m: per[m][name].mean(-1) if per[m][name].ndim == 2 else per[m][name]  # noqa: E731
         S = np.stack([agg(m) for m in students])
         C = np.stack([agg(m) for m in controls]) if controls else np.zeros((0, S.shape[1]))
         metrics = multiple_choice_metrics(S, labels)
@@ -205,10 +207,10 @@ def evaluate_pool(per: dict[str, dict], labels: np.ndarray, students: list[str],
         out[name] = {"accuracy": metrics["accuracy"], "auc": metrics["auc"],
                      "per_recipe": {r: tie_aware_accuracy(S[rec == r], labels[rec == r]) for r in dict.fromkeys(recipes)},
                      "detectability": detectability(S, labels, C)}
-        if name in CURVE_SCORES:
+        if name in curve:
             n_all = per[students[0]][name].shape[-1]
             rng = np.random.default_rng(seed)
-            curve = {}
+            points = {}
             for n in SUBSET_NS:
                 if n > n_all:
                     continue
@@ -218,8 +220,8 @@ def evaluate_pool(per: dict[str, dict], labels: np.ndarray, students: list[str],
                     idx = rng.choice(n_all, n, replace=False)
                     accs.append(multiple_choice_metrics(np.stack([per[m][name][:, idx].mean(-1) for m in students]),
                                                         labels)["accuracy"])
-                curve[str(n)] = {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "draws": draws}
-            out[name]["subsets"] = curve
+                points[str(n)] = {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "draws": draws}
+            out[name]["subsets"] = points
     return out
 
 
