@@ -116,3 +116,42 @@ def test_parallel_build_gives_the_serial_weights(fake_fashion, serial_digests, t
     assert not isinstance(info.value, SystemExit)
     after = _digests(out)
     assert after["tiny-student"] == serial_digests[1]["tiny-student"]
+
+
+@pytest.mark.slow
+def test_a_killed_worker_stops_the_build_and_a_rerun_resumes(fake_fashion, serial_digests, tmp_path, monkeypatch, capsys):
+    """A worker process killed outright (SIGKILL, as the OOM killer does) breaks the process pool: the
+    build says so with a hint, raises, keeps what was written, and the same command resumes to the
+    serial build's weights."""
+    import concurrent.futures.process
+    import multiprocessing
+    import os
+    import signal
+    import threading
+    import time
+
+    from benchmarks.zoo import build_zoo
+
+    monkeypatch.setenv("KDD_FASHION_DIR", str(fake_fashion))
+    out = tmp_path / "zoo"
+    killed = []
+
+    def kill_first_worker():
+        deadline = time.monotonic() + 120
+        while not killed and time.monotonic() < deadline:
+            for child in multiprocessing.active_children():
+                os.kill(child.pid, signal.SIGKILL)
+                killed.append(child.pid)
+                break
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_first_worker, daemon=True)
+    killer.start()
+    with pytest.raises(concurrent.futures.process.BrokenProcessPool):
+        build_zoo.main(["--tiny", "--out", str(out), "--jobs", "2"])
+    killer.join()
+    assert killed
+    log = capsys.readouterr().out
+    assert "FAILED" in log and "a worker process died" in log and "re-run the same command to resume" in log
+    assert build_zoo.main(["--tiny", "--out", str(out), "--jobs", "2"]) == 0
+    assert _digests(out) == serial_digests[1]
