@@ -234,18 +234,23 @@ def main(argv=None) -> int:
     # ------------------------------------------------------------------ report
     meta = {"date": datetime.date.today().isoformat(), "machine": machine(), "versions": versions(),
             "command": " ".join(["python benchmarks/confidence_profile.py", *(argv if argv is not None else sys.argv[1:])]),
-            "seconds": time.perf_counter() - t_start, "pools": list(args.pools), "boundary_fraction": BOUNDARY_FRAC}
+            "seconds": time.perf_counter() - t_start, "pools": list(args.pools), "boundary_fraction": BOUNDARY_FRAC,
+            "zoo": str(args.zoo), "weights_sha256_12": {n: weights_id(args.zoo, e) for n, (_, _, e) in zoo.items()}}
     rs = list(dict.fromkeys(recipes))
     names = list(BASELINES) + list(CANDIDATES) + ["dark_corr_z"] + [f"fusion_{c}" for c in CANDIDATES]
     L = ["# Confidence-structure scores: does a student inherit where its teacher is uncertain?", "",
          f"{meta['date']} · {meta['machine']['cpu_model']} ({meta['machine']['usable_cpus']} CPUs) · jax "
-         f"{meta['versions'].get('jax')} · command `{meta['command']}` · {meta['seconds']:.0f} s", "",
+         f"{meta['versions'].get('jax')} · command `{meta['command']}` · {meta['seconds']:.0f} s (with cached "
+         "logits) · zoo weights: the `weights_sha256_12` of the JSON (compare with other results before comparing "
+         "figures: a zoo rebuilt on another host differs)", "",
          f"Zoo: {len(teachers)} teachers, {len(students)} students, "
          f"{len(controls)} controls; 10 000 probes per pool; teachers through the probabilities API. "
          "Accuracy: tie-aware, over the 32 students (chance 0.25). AUC: one-vs-rest over softmax-over-teachers "
          "of the raw scores (as the benchmark; scale-dependent, so AUCs of z-scored fusions are not directly "
          "comparable with those of correlations). *Above*: students whose own-teacher excess beats every "
-         "control's excess for that teacher (detection_ceiling.detectability). *Own-family*: the architecture "
+         "control's excess for that teacher (detection_ceiling.detectability); for the z-scored scores each control "
+         "is standardised against the other five, which widens the controls' range, so this column is not "
+         "comparable between raw and z-scored scores. *Own-family*: the architecture "
          "confound: share of the 24 students whose teacher is of ANOTHER family (all but kd-T4-a0.9 and rkd) "
          "whose top-scoring teacher is the teacher of the student's own family (chance 0.25; a score that picks "
          "by architecture rather than by teacher is high here), and the same share for the 6 independent "
@@ -270,8 +275,9 @@ def main(argv=None) -> int:
                      f"{r['own_family_pick']:.2f} / {r['control_own_family_pick']:.2f} | " + " | ".join(f"{r['per_recipe'][x]:.2f}" for x in rs) + " |")
         L.append("")
     L += [f"## Variance over probe subsets (mean ± std of accuracy over {SUBSETS} random draws)", "",
-          f"Best of candidates 1-5 chosen by `{sel_pool}` accuracy (AUC tie-break): **{best}** "
-          "(selected on the evaluation data itself, so its figure is optimistic).", "",
+          f"Best candidate (all but margin_spearman, an afterthought) chosen by `{sel_pool}` accuracy (AUC "
+          f"tie-break): **{best}** (selected on the evaluation data itself, so its figure is optimistic). The "
+          "`dark_corr` rows draw their subsets with another seed than the candidate rows (unpaired).", "",
           "| pool + score | N=100 | N=1000 | N=10000 |", "|---|---|---|---|"]
     for pool, res in results.items():
         for n in ("dark_corr", best, best_fusion):

@@ -120,9 +120,9 @@ def test_parallel_build_gives_the_serial_weights(fake_fashion, serial_digests, t
 
 @pytest.mark.slow
 def test_a_killed_worker_stops_the_build_and_a_rerun_resumes(fake_fashion, serial_digests, tmp_path, monkeypatch, capsys):
-    """A worker process killed outright (SIGKILL, as the OOM killer does) breaks the process pool: the
-    build says so with a hint, raises, keeps what was written, and the same command resumes to the
-    serial build's weights."""
+    """A worker process killed outright (SIGKILL, as the OOM killer does) once the teacher is written
+    breaks the process pool: the build says so with a hint and raises, the teacher survives, and the
+    same command resumes (skipping the teacher) to the serial build's weights."""
     import concurrent.futures.process
     import multiprocessing
     import os
@@ -134,24 +134,30 @@ def test_a_killed_worker_stops_the_build_and_a_rerun_resumes(fake_fashion, seria
 
     monkeypatch.setenv("KDD_FASHION_DIR", str(fake_fashion))
     out = tmp_path / "zoo"
-    killed = []
+    killed, stop = [], threading.Event()
 
-    def kill_first_worker():
-        deadline = time.monotonic() + 120
-        while not killed and time.monotonic() < deadline:
-            for child in multiprocessing.active_children():
-                os.kill(child.pid, signal.SIGKILL)
-                killed.append(child.pid)
-                break
+    def kill_a_worker_once_the_teacher_is_written():
+        while not stop.is_set() and not killed:
+            if any(p.parent.name == "tiny-teacher" for p in out.rglob("meta.json")):
+                for child in multiprocessing.active_children():
+                    os.kill(child.pid, signal.SIGKILL)
+                    killed.append(child.pid)
+                    break
             time.sleep(0.01)
 
-    killer = threading.Thread(target=kill_first_worker, daemon=True)
+    killer = threading.Thread(target=kill_a_worker_once_the_teacher_is_written, daemon=True)
     killer.start()
-    with pytest.raises(concurrent.futures.process.BrokenProcessPool):
-        build_zoo.main(["--tiny", "--out", str(out), "--jobs", "2"])
-    killer.join()
+    try:
+        with pytest.raises(concurrent.futures.process.BrokenProcessPool):
+            build_zoo.main(["--tiny", "--out", str(out), "--jobs", "2"])
+    finally:
+        stop.set()
+        killer.join()
     assert killed
     log = capsys.readouterr().out
-    assert "FAILED" in log and "a worker process died" in log and "re-run the same command to resume" in log
+    assert "FAILED" in log and log.count("a worker process died") == 1 and "re-run the same command to resume" in log
+    teacher = next(p for p in out.rglob("model.safetensors") if p.parent.name == "tiny-teacher")
+    written = teacher.stat().st_mtime_ns
     assert build_zoo.main(["--tiny", "--out", str(out), "--jobs", "2"]) == 0
+    assert teacher.stat().st_mtime_ns == written  # kept, not rebuilt
     assert _digests(out) == serial_digests[1]

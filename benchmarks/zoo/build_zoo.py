@@ -781,7 +781,7 @@ def build_parallel(order: list[Spec], out: Path, specs: list[Spec], epochs_scale
                 except BaseException as e:  # noqa: BLE001 - re-raised below, after the running ones end
                     hint = (" (a worker process died, e.g. killed for memory: models already written are kept; "
                             "re-run the same command to resume, with fewer --jobs if memory was short)"
-                            if isinstance(e, cf.process.BrokenProcessPool) else "")
+                            if isinstance(e, cf.BrokenExecutor) and failure is None else "")
                     log(f"FAILED {s.name}: {type(e).__name__}: {e}{hint}")
                     failure = failure or e
                     queue = []
