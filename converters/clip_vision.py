@@ -42,11 +42,13 @@ def convert_clip_vision(path: str | Path) -> CLIPConversionResult:
     CheckpointError (all ValueErrors) naming the file and the key or field at fault."""
     folder = Path(path)
     weights = weights_file(folder, "CLIP")
+    data = read_json_config(folder / "config.json")
+    CLIPVisionConfig.from_transformers(data, str(folder / "config.json"))  # a bad config fails before the weights are read
     tensors, _ = read_safetensors(weights)
     unused = sorted(k for k in tensors if k.startswith(_TEXT_TOWER))  # the text tower's buffers included
     dropped = sorted(k for k in tensors if k.endswith(".position_ids") and k not in set(unused))
     tensors = {k: v for k, v in tensors.items() if k not in set(unused) | set(dropped)}
-    cfg = CLIPVisionConfig.from_transformers(read_json_config(folder / "config.json"), str(folder / "config.json"),
+    cfg = CLIPVisionConfig.from_transformers(data, str(folder / "config.json"),
                                              projection="visual_projection.weight" in tensors)
     pre = preprocessing(folder, CLIP_MEAN, CLIP_STD, resample=3)  # CLIPImageProcessor: bicubic
     if cfg.num_channels != 3:

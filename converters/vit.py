@@ -40,7 +40,8 @@ def convert_vit(path: str | Path) -> EncoderConversion:
     folder = Path(path)
     weights = weights_file(folder, "ViT/DINO")
     data = read_json_config(folder / "config.json")
-    variant = data.get("model_type") if isinstance(data, dict) else None
+    ViTConfig.from_transformers(data, str(folder / "config.json"))  # a bad config fails before the weights are read
+    variant = data["model_type"]
     tensors, _ = read_safetensors(weights)
     prefix = f"{variant}."
     if any(k.startswith(prefix) for k in tensors):  # a *ForImageClassification checkpoint

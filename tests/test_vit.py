@@ -221,6 +221,13 @@ def test_bad_vit_folders_are_clear_errors(tmp_path):
     with pytest.raises(ConfigError, match="model_type: 'bert' is not a ViT/DINO model"):
         convert_vit(d)
     (d / "config.json").write_text(json.dumps(cfg))
+    good = (d / "model.safetensors").read_bytes()  # a bad config is named before the (large) weights are read
+    (d / "model.safetensors").write_bytes(b"not safetensors")
+    (d / "config.json").write_text(json.dumps({**cfg, "hidden_size": "big"}))
+    with pytest.raises(ConfigError, match="hidden_size must be a positive integer"):
+        convert_vit(d)
+    (d / "model.safetensors").write_bytes(good)
+    (d / "config.json").write_text(json.dumps(cfg))
     for code, match in ((4, r"resample: 4 \(box\) is not supported"), ("bicubic", "resample: 'bicubic'"),
                         (True, r"resample: True is not supported; supported PIL codes")):
         (d / "preprocessor_config.json").write_text(json.dumps({"resample": code}))
