@@ -43,7 +43,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks.detection_accuracy import load_zoo, log, pools, weights_id  # noqa: E402
+from benchmarks.detection_accuracy import ZooRoles, load_zoo, log, pools, read_manifest, weights_id  # noqa: E402
 from benchmarks.detection_ceiling import detectability  # noqa: E402
 from kdd_jax.evaluation import multiple_choice_metrics  # noqa: E402
 from kdd_jax.io import atomic_write_bytes  # noqa: E402
@@ -122,7 +122,7 @@ def student_scores(fwd, name: str, teachers: list[str], x0, t_clean: dict, eps: 
 
 def evaluate(rows: dict, zoo: dict, teachers: list[str], students: list[str], controls: list[str]) -> dict:
     labels = np.array([teachers.index(zoo[s][2]["teacher"]) for s in students])
-    recipes = [zoo[s][2].get("recipe_id", "?") for s in students]
+    recipes = [zoo[s][2].get("recipe_id", zoo[s][2].get("recipe", "?")) for s in students]
     family = {n: e.get("family") for n, (_, _, e) in zoo.items()}
     out = {}
     for key in SCORE_KEYS:
@@ -186,12 +186,11 @@ def main(argv=None) -> int:
         ap.error(f"--eps {args.eps!r}: expected comma-separated numbers, e.g. 0.01,0.03")
     if any(not 0 <= e <= 1 for e in budgets) or args.n < 1 or args.steps < 1:
         ap.error("--eps must lie in [0, 1] (pixels are in [0, 1]); --n and --steps must be >= 1")
-    manifest = json.loads(args.manifest.read_text())
+    manifest = read_manifest(args.manifest)
     log(f"converting {len(manifest['models'])} zoo models")
     zoo = load_zoo(args.zoo, manifest)
-    teachers = sorted(n for n, (_, _, m) in zoo.items() if m["role"] == "teacher")
-    students = [n for n, (_, _, m) in zoo.items() if m["role"] == "student"]
-    controls = [n for n, (_, _, m) in zoo.items() if m["role"] == "control"]
+    roles = ZooRoles.of(zoo)
+    teachers, students, controls = roles.teachers, roles.students, roles.controls
     raw = pools()["aux"].images  # NCHW in [0, 1]
     if args.n > len(raw):
         ap.error(f"--n {args.n}: the pool has {len(raw)} images")

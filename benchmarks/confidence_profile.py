@@ -30,6 +30,7 @@ Outputs: benchmarks/results/TAG.{md,json} (TAG: --tag, default confidence_profil
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import sys
@@ -43,6 +44,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 from scipy.stats import rankdata  # noqa: E402
 
+from benchmarks.detection_accuracy import ZooRoles, read_manifest  # noqa: E402
 from benchmarks.detection_ceiling import (  # noqa: E402
     evaluate_pool, fashion_pools, load_zoo, log, per_probe_scores, pool_logits, teacher_logp, weights_id)
 from kdd_jax.evaluation import multiple_choice_metrics, tie_aware_accuracy  # noqa: E402
@@ -143,13 +145,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tag", default="confidence_profile", help="output file stem")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
-    manifest = json.loads(args.manifest.read_text())
-    zoo = load_zoo(args.zoo, manifest)
-    teachers = sorted(n for n, (_, _, m) in zoo.items() if m["role"] == "teacher")
-    students = [n for n, (_, _, m) in zoo.items() if m["role"] == "student"]
-    controls = [n for n, (_, _, m) in zoo.items() if m["role"] == "control"]
-    labels = np.array([teachers.index(zoo[n][2]["teacher"]) for n in students])
-    recipes = [zoo[n][2].get("recipe_id", zoo[n][2].get("recipe", "?")) for n in students]
+    zoo = load_zoo(args.zoo, read_manifest(args.manifest))
+    teachers, students, controls, labels, recipes = dataclasses.astuple(ZooRoles.of(zoo))
     fam_of = lambda n: teachers.index(f"teacher-{zoo[n][2]['family']}")  # noqa: E731
     fam_teacher = np.array([fam_of(n) for n in students])
     cross = fam_teacher != labels  # students whose teacher is of another architecture family

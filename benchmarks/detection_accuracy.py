@@ -87,6 +87,34 @@ def load_zoo(zoo: Path, manifest: dict):
     return models
 
 
+def read_manifest(path: Path) -> dict:
+    """The zoo's manifest, or SystemExit saying how to build the zoo (it is not in git)."""
+    if not Path(path).is_file():
+        raise SystemExit(f"{path}: no zoo manifest; build the zoo first: python benchmarks/zoo/build_zoo.py --jobs 2")
+    return json.loads(Path(path).read_text())
+
+
+@dataclasses.dataclass(frozen=True)
+class ZooRoles:
+    """Who is who in a loaded zoo: teachers sorted by name (the order of stacked teacher outputs),
+    students and controls in manifest order, each student's teacher index and recipe."""
+
+    teachers: list
+    students: list
+    controls: list
+    labels: np.ndarray
+    recipes: list
+
+    @classmethod
+    def of(cls, zoo: dict) -> "ZooRoles":
+        teachers = sorted(n for n, (_, _, m) in zoo.items() if m["role"] == "teacher")
+        students = [n for n, (_, _, m) in zoo.items() if m["role"] == "student"]
+        controls = [n for n, (_, _, m) in zoo.items() if m["role"] == "control"]
+        labels = np.array([teachers.index(zoo[n][2]["teacher"]) for n in students])
+        recipes = [zoo[n][2].get("recipe_id", zoo[n][2].get("recipe", "?")) for n in students]
+        return cls(teachers, students, controls, labels, recipes)
+
+
 def pools():
     x_train, _ = load_fashion("train")
     x_test, y_test = load_fashion("test")
@@ -312,7 +340,7 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"unknown methods {sorted(unknown)}")
     started = time.perf_counter()
-    manifest = json.loads(args.manifest.read_text())
+    manifest = read_manifest(args.manifest)
     log(f"converting {len(manifest['models'])} zoo models")
     zoo = load_zoo(args.zoo, manifest)
     # sorted: cached teacher logits are stacked in this order, so it must not depend on the manifest's

@@ -34,6 +34,7 @@ are cached in benchmarks/_work/ceiling/ keyed by the model file's hash.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import sys
@@ -48,7 +49,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.detection_accuracy import SCORE_NAMES, load_zoo, log, pools, teacher_logp, weights_id  # noqa: E402
+from benchmarks.detection_accuracy import (  # noqa: E402
+    SCORE_NAMES, ZooRoles, load_zoo, log, pools, read_manifest, teacher_logp, weights_id)
 from kdd_jax.evaluation import multiple_choice_metrics, tie_aware_accuracy  # noqa: E402
 from kdd_jax.io import atomic_write_bytes  # noqa: E402
 from kdd_jax.models import predict_logits  # noqa: E402
@@ -306,7 +308,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tag", default="detection_ceiling", help="output file stem")
     args = ap.parse_args(argv)
     started = time.perf_counter()
-    manifest = json.loads(args.manifest.read_text())
+    manifest = read_manifest(args.manifest)
     if args.pools is not None:
         with np.load(args.pools) as z:
             pools = {k: np.asarray(z[k], np.float32) for k in z.files}
@@ -319,11 +321,7 @@ def main(argv=None) -> int:
                    "train": "Fashion-MNIST training images, a seeded sample (the paper's oracle: the zoo's own training data)"}
     log(f"converting {len(manifest['models'])} zoo models")
     zoo = load_zoo(args.zoo, manifest)
-    teachers = sorted(n for n, (_, _, m) in zoo.items() if m["role"] == "teacher")
-    students = [n for n, (_, _, m) in zoo.items() if m["role"] == "student"]
-    controls = [n for n, (_, _, m) in zoo.items() if m["role"] == "control"]
-    labels = np.array([teachers.index(zoo[n][2]["teacher"]) for n in students])
-    recipes = [zoo[n][2].get("recipe_id", zoo[n][2].get("recipe", "?")) for n in students]
+    teachers, students, controls, labels, recipes = dataclasses.astuple(ZooRoles.of(zoo))
     from kdd_jax.synthesis import ImagePool
 
     for pool, raw in pools.items():  # a pool the students cannot take: say which, before any work
