@@ -18,9 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from converters.transformers_folder import EncoderConversion, fill, model_type, preprocessing, weights_file
-from kdd_jax.config import ConfigError, read_json_config
-from kdd_jax.io import read_safetensors
+from converters.transformers_folder import EncoderConversion, fill, model_type, preprocessing, read_folder
 from kdd_jax.models.clip_vision import CLIPVisionConfig, abstract_clip_vision
 
 FAMILY = "transformers_clip_vision"
@@ -40,18 +38,12 @@ def is_clip_folder(path) -> bool:
 def convert_clip_vision(path: str | Path) -> CLIPConversionResult:
     """Convert a transformers CLIP folder's vision tower. Raises ConversionError / ConfigError /
     CheckpointError (all ValueErrors) naming the file and the key or field at fault."""
-    folder = Path(path)
-    weights = weights_file(folder, "CLIP")
-    data = read_json_config(folder / "config.json")
-    CLIPVisionConfig.from_transformers(data, str(folder / "config.json"))  # a bad config fails before the weights are read
-    tensors, _ = read_safetensors(weights)
+    folder, weights, data, tensors = read_folder(path, "CLIP", CLIPVisionConfig.from_transformers)
     unused = sorted(k for k in tensors if k.startswith(_TEXT_TOWER))  # the text tower's buffers included
     dropped = sorted(k for k in tensors if k.endswith(".position_ids") and k not in set(unused))
     tensors = {k: v for k, v in tensors.items() if k not in set(unused) | set(dropped)}
     cfg = CLIPVisionConfig.from_transformers(data, str(folder / "config.json"),
                                              projection="visual_projection.weight" in tensors)
     pre = preprocessing(folder, CLIP_MEAN, CLIP_STD, resample=3)  # CLIPImageProcessor: bicubic
-    if cfg.num_channels != 3:
-        raise ConfigError(f"{folder / 'config.json'}: num_channels {cfg.num_channels}; CLIP feature networks take RGB")
     return fill(abstract_clip_vision(cfg), tensors, weights, folder, FAMILY, pre, dropped,
                 unused_text_tower_keys=len(unused))

@@ -15,7 +15,7 @@ from flax import nnx
 
 from converters.keymap import KEYMAP_VERSION, ConversionError, apply_keymap, build_keymap
 from kdd_jax.config import ConfigError, read_json_config
-from kdd_jax.io import sha256_file
+from kdd_jax.io import read_safetensors, sha256_file
 from kdd_jax.versions import versions
 
 WEIGHTS_NAME = "model.safetensors"
@@ -51,6 +51,18 @@ def weights_file(folder: Path, what: str) -> Path:
                                   "(unpickling can run code). Re-save with save_pretrained(dir, safe_serialization=True)")
         raise ConversionError(f"{folder}: no {WEIGHTS_NAME}")
     return weights
+
+
+def read_folder(path, what: str, parse) -> tuple[Path, Path, dict, dict]:
+    """(folder, weights file, config.json data, tensors) of a transformers folder. `parse(data,
+    source)` validates config.json first, so a bad field is named before a (GB-size) weights file is
+    read; pickles and shards are refused (`weights_file`)."""
+    folder = Path(path)
+    weights = weights_file(folder, what)
+    data = read_json_config(folder / "config.json")
+    parse(data, str(folder / "config.json"))
+    tensors, _ = read_safetensors(weights)
+    return folder, weights, data, tensors
 
 
 def preprocessing(folder: Path, mean: tuple, std: tuple, resample: int) -> dict:
@@ -97,15 +109,18 @@ class EncoderConversion:
 
 def fill(abstract: nnx.Module, tensors: dict, weights: Path, folder: Path, family: str, pre: dict,
          dropped: list[str], **extra) -> EncoderConversion:
-    """Fill `abstract` strictly from `tensors` (the generic key map: every key used, every
-    parameter filled, shapes, dtypes and finiteness checked) and write the conversion report.
+    """Fill `abstract` (an RGB encoder) strictly from `tensors` (the generic key map: every key used,
+    every parameter filled, shapes, dtypes and finiteness checked) and write the conversion report.
     `dropped`: keys removed before the key map (buffers), listed in the report; `extra`: report fields."""
+    cfg = abstract.config
+    if cfg.num_channels != 3:
+        raise ConfigError(f"{folder / 'config.json'}: num_channels {cfg.num_channels}; image-encoder feature "
+                          "networks take RGB")
     entries = build_keymap(abstract)
     pure, facts = apply_keymap(tensors, entries, str(weights))
     graphdef, state = nnx.split(abstract)
     nnx.replace_by_pure_dict(state, pure)
     facts["dropped_keys"] = facts["dropped_keys"] + dropped
-    cfg = abstract.config
     report = {
         "kind": "kdd_jax.conversion_report",
         "name": folder.name,
@@ -126,4 +141,5 @@ def fill(abstract: nnx.Module, tensors: dict, weights: Path, folder: Path, famil
     return EncoderConversion(nnx.merge(graphdef, state), cfg, pre["mean"], pre["std"], pre["resize"], report)
 
 
-__all__ = ["RESAMPLE", "WEIGHTS_NAME", "EncoderConversion", "fill", "model_type", "preprocessing", "weights_file"]
+__all__ = ["RESAMPLE", "WEIGHTS_NAME", "EncoderConversion", "fill", "model_type", "preprocessing", "read_folder",
+           "weights_file"]

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from converters.transformers_folder import EncoderConversion, fill, model_type, preprocessing, weights_file
-from kdd_jax.config import ConfigError, read_json_config
-from kdd_jax.io import read_safetensors
+from converters.transformers_folder import EncoderConversion, fill, model_type, preprocessing, read_folder
+from kdd_jax.config import ConfigError
 from kdd_jax.models.vit import VARIANTS, ViTConfig, abstract_vit
 
 FAMILY = "transformers_vit"
@@ -37,12 +36,8 @@ def is_vit_folder(path) -> bool:
 def convert_vit(path: str | Path) -> EncoderConversion:
     """Convert a transformers ViT / DINOv2 folder. Raises ConversionError / ConfigError /
     CheckpointError (all ValueErrors) naming the file and the key or field at fault."""
-    folder = Path(path)
-    weights = weights_file(folder, "ViT/DINO")
-    data = read_json_config(folder / "config.json")
-    ViTConfig.from_transformers(data, str(folder / "config.json"))  # a bad config fails before the weights are read
-    variant = data["model_type"]
-    tensors, _ = read_safetensors(weights)
+    folder, weights, data, tensors = read_folder(path, "ViT/DINO", ViTConfig.from_transformers)
+    variant = data["model_type"]  # validated by read_folder
     prefix = f"{variant}."
     if any(k.startswith(prefix) for k in tensors):  # a *ForImageClassification checkpoint
         head = sorted(k for k in tensors if not k.startswith(prefix))
@@ -53,8 +48,6 @@ def convert_vit(path: str | Path) -> EncoderConversion:
         raise ConfigError(f"{weights}: keys outside {prefix}* other than a classifier head: {head[:5]}")
     cfg = ViTConfig.from_transformers(data, str(folder / "config.json"), pooler="pooler.dense.weight" in tensors,
                                       mask_token="embeddings.mask_token" in tensors)
-    if cfg.num_channels != 3:
-        raise ConfigError(f"{folder / 'config.json'}: num_channels {cfg.num_channels}; ViT feature networks take RGB")
     mean, std, resample = _PROCESSOR_DEFAULTS[cfg.variant]
     pre = preprocessing(folder, mean, std, resample)
     return fill(abstract_vit(cfg), tensors, weights, folder, FAMILY, pre, [], unused_classifier_keys=len(head))

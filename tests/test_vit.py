@@ -212,6 +212,7 @@ def test_bad_vit_folders_are_clear_errors(tmp_path):
                                 ("mlp_ratio", float("inf"), "mlp_ratio: must be a finite"),
                                 ("layer_norm_eps", float("nan"), "layer_norm_eps must be a finite"),
                                 ("hidden_act", "relu", "hidden_act 'relu'"),
+                                ("num_channels", 1, "num_channels 1; image-encoder feature networks take RGB"),
                                 ("patch_size", 5, "image_size 12 is not a multiple of patch_size 5")):
         (d / "config.json").write_text(json.dumps({**cfg, field: value}))
         with pytest.raises(ConfigError, match=match):

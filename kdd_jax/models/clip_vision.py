@@ -18,34 +18,24 @@ from flax import nnx
 
 from kdd_jax.config import ConfigError
 from kdd_jax.models.layers import conv2d
-from kdd_jax.models.transformer import ACTIVATIONS, Parameter, check_tower_config, layer_norm, self_attention
+from kdd_jax.models.transformer import ACTIVATIONS, Parameter, TowerConfig, layer_norm, self_attention
 
 
 @dataclasses.dataclass(frozen=True)
-class CLIPVisionConfig:
+class CLIPVisionConfig(TowerConfig):
     """The fields of transformers' CLIPVisionConfig that decide the forward pass (its defaults:
     ViT-B/32). `projection_dim` is None for a checkpoint without `visual_projection`."""
 
-    hidden_size: int = 768
-    intermediate_size: int = 3072
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    num_channels: int = 3
-    image_size: int = 224
     patch_size: int = 32
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
     projection_dim: int | None = None
 
     def __post_init__(self):
-        check_tower_config(self)
+        super().__post_init__()
         if self.projection_dim is not None and (not isinstance(self.projection_dim, int)
                                                 or isinstance(self.projection_dim, bool) or self.projection_dim < 1):
             raise ConfigError(f"projection_dim must be a positive integer or null, got {self.projection_dim!r}")
-
-    @property
-    def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
 
     @classmethod
     def from_transformers(cls, data, source: str = "config.json", *, projection: bool | None = None) -> "CLIPVisionConfig":

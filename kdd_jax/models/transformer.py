@@ -3,11 +3,12 @@ CLIP's (`kdd_jax.models.clip_vision`) and ViT / DINO / DINOv2 (`kdd_jax.models.v
 
 Pure pieces only: transformers' activation names, a bare `nn.Parameter` holder (so the generic key
 map in `converters/keymap.py` maps it by its torch name), LayerNorm with torch's semantics, and
-multi-head self-attention as an array function. Inference only; dropout is the identity.
+multi-head self-attention as an array function, and the config fields every tower shares. Inference only; dropout is the identity.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -35,25 +36,41 @@ class Parameter(nnx.Module):
         self.value = nnx.Param(jax.random.normal(rngs.params(), shape, jnp.float32) * scale)
 
 
-def check_tower_config(cfg) -> None:
-    """ConfigError for a vision-tower config whose shared fields (hidden_size, intermediate_size,
-    num_hidden_layers, num_attention_heads, num_channels, image_size, patch_size, hidden_act,
-    layer_norm_eps) cannot describe a model."""
-    for f in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
-              "image_size", "patch_size"):
-        v = getattr(cfg, f)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ConfigError(f"{f} must be a positive integer, got {v!r}")
-    if cfg.hidden_size % cfg.num_attention_heads:
-        raise ConfigError(f"hidden_size {cfg.hidden_size} is not divisible by num_attention_heads "
-                          f"{cfg.num_attention_heads}")
-    if cfg.image_size % cfg.patch_size:
-        raise ConfigError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
-    if not isinstance(cfg.hidden_act, str) or cfg.hidden_act not in ACTIVATIONS:
-        raise ConfigError(f"hidden_act {cfg.hidden_act!r} is not supported; supported: {sorted(ACTIVATIONS)}")
-    eps = cfg.layer_norm_eps
-    if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and 0 < eps < math.inf):
-        raise ConfigError(f"layer_norm_eps must be a finite number > 0, got {eps!r}")
+@dataclasses.dataclass(frozen=True)
+class TowerConfig:
+    """The fields every vision tower here shares, validated (ConfigError for a config that cannot
+    describe a model). Subclasses set their checkpoints' defaults and add their own fields."""
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 16
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-12
+
+    def __post_init__(self):
+        for f in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
+                  "image_size", "patch_size"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"{f} must be a positive integer, got {v!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                              f"{self.num_attention_heads}")
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACTIVATIONS:
+            raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported; supported: {sorted(ACTIVATIONS)}")
+        eps = self.layer_norm_eps
+        if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and 0 < eps < math.inf):
+            raise ConfigError(f"layer_norm_eps must be a finite number > 0, got {eps!r}")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
 
 
 def layer_norm(size: int, eps: float, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -73,4 +90,4 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -> jax.
     return jnp.einsum("nhqk,nhkd->nhqd", w, split(v)).transpose(0, 2, 1, 3).reshape(n, t, d)
 
 
-__all__ = ["ACTIVATIONS", "Parameter", "check_tower_config", "layer_norm", "self_attention"]
+__all__ = ["ACTIVATIONS", "Parameter", "TowerConfig", "layer_norm", "self_attention"]

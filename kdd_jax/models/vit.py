@@ -32,7 +32,7 @@ from flax import nnx
 
 from kdd_jax.config import ConfigError
 from kdd_jax.models.layers import conv2d
-from kdd_jax.models.transformer import ACTIVATIONS, Parameter, check_tower_config, layer_norm, self_attention
+from kdd_jax.models.transformer import ACTIVATIONS, Parameter, TowerConfig, layer_norm, self_attention
 
 VARIANTS = ("vit", "dinov2")
 # transformers' ViTConfig / Dinov2Config defaults for the fields that shape the forward pass
@@ -47,20 +47,12 @@ _DEFAULTS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class ViTConfig:
-    """The fields that decide the forward pass. `pooler` / `mask_token`: whether the checkpoint
-    holds those (unused) weights, so conversion stays strict about every key."""
+class ViTConfig(TowerConfig):
+    """The fields that decide the forward pass (the shared ones at transformers' ViTConfig defaults).
+    `pooler` / `mask_token`: whether the checkpoint holds those (unused) weights, so conversion
+    stays strict about every key."""
 
     variant: str = "vit"
-    hidden_size: int = 768
-    intermediate_size: int = 3072
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    num_channels: int = 3
-    image_size: int = 224
-    patch_size: int = 16
-    hidden_act: str = "gelu"
-    layer_norm_eps: float = 1e-12
     qkv_bias: bool = True
     pooler: bool = False
     mask_token: bool = False
@@ -68,16 +60,12 @@ class ViTConfig:
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise ConfigError(f"variant {self.variant!r} is not supported; supported: {list(VARIANTS)}")
-        check_tower_config(self)
+        super().__post_init__()
         for f in ("qkv_bias", "pooler", "mask_token"):
             if not isinstance(getattr(self, f), bool):
                 raise ConfigError(f"{f} must be true or false, got {getattr(self, f)!r}")
         if self.variant == "dinov2" and self.pooler:
             raise ConfigError("a Dinov2Model has no pooler")
-
-    @property
-    def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
 
     @classmethod
     def from_transformers(cls, data, source: str = "config.json", *, pooler: bool = False,
