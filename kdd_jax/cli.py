@@ -199,6 +199,9 @@ def _feature_net(args):
         if args.score == "neg_lpips":
             raise ValueError(f"--score neg_lpips compares feature maps; a {encoder} folder gives one image embedding: "
                              "use a set score (linear_cka, rbf_cka, acs, neg_mmd2)")
+        if args.lpips_heads:
+            raise ValueError(f"--lpips-heads weigh a classifier's feature maps for neg_lpips; a {encoder} folder "
+                             "gives one image embedding (no heads to weigh)")
         convert, build = (convert_clip_vision, clip_feature_net) if encoder == "CLIP" else (convert_vit, vit_feature_net)
         enc = convert(args.feature_net)
         net, classifier = build(enc.model, enc.mean, enc.std, name=name, resize=enc.resize), None

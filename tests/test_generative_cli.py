@@ -236,6 +236,8 @@ def test_an_image_encoder_folder_as_feature_net_drives_the_set_scores(zoo, tmp_p
     assert f"{encoder} folder has no classes" in capsys.readouterr().err
     assert main([*argv[:5], "--score", "neg_lpips", *argv[7:]]) == 1
     assert "use a set score" in capsys.readouterr().err
+    assert main([*argv, "--lpips-heads", str(tmp_path / "heads.safetensors")]) == 1
+    assert "no heads to weigh" in capsys.readouterr().err
     (tmp_path / "reg").mkdir()  # a transformers folder no port covers: named, not misread as a classifier
     (tmp_path / "reg" / "config.json").write_text(json.dumps({"model_type": "dinov2_with_registers"}))
     assert main([*argv[:-3], str(tmp_path / "reg"), "--json", "-q"]) == 1

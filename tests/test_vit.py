@@ -178,6 +178,9 @@ def test_vit_feature_net_uses_the_folders_preprocessing(tmp_path):
     assert r.report["source"]["preprocessing"].endswith("preprocessor_config.json")
     net = vit_feature_net(r.model, r.mean, r.std, resize=r.resize)
     assert net.layers == ("cls_token",) and net.channels == (16,)
+    # without a filter given, the ViT (DINO) processor's bilinear: another net than this bicubic one
+    assert vit_feature_net(r.model, r.mean, r.std).spec == vit_feature_net(r.model, r.mean, r.std, resize="linear").spec
+    assert vit_feature_net(r.model, r.mean, r.std).fingerprint != net.fingerprint
     grey = np.random.default_rng(1).uniform(0, 1, (5, 28, 28, 1)).astype(np.float32)
     e = np.asarray(net.embedding(grey))
     assert e.shape == (5, 16) and np.all(np.isfinite(e))

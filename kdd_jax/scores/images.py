@@ -337,14 +337,17 @@ def clip_feature_net(model: nnx.Module, mean: Sequence[float], std: Sequence[flo
 
 
 def vit_feature_net(model: nnx.Module, mean: Sequence[float], std: Sequence[float], *,
-                    name: str | None = None, resize: str = "cubic") -> FeatureNet:
+                    name: str | None = None, resize: str | None = None) -> FeatureNet:
     """A `FeatureNet` over a ViT / DINO / DINOv2 encoder (`kdd_jax.models.vit.ViTModel`, e.g. from
     `converters.vit.convert_vit`, whose result gives `mean`, `std`, `resize`): one layer
     "cls_token" [N, 1, 1, hidden_size], the class token of the last hidden state (DINO's image
     embedding). Images of any size are resized to the checkpoint's own image_size (224 for DINO,
     518 for the released DINOv2 checkpoints), where transformers' forward needs no position-embedding
-    interpolation; transformers' DINOv2 processor would instead crop to 224 and interpolate."""
+    interpolation; transformers' DINOv2 processor would instead crop to 224 and interpolate.
+    `resize` None = the image processor's default filter: bilinear for ViT (DINO), bicubic for DINOv2
+    (`convert_vit` reads the folder's own)."""
     cfg = model.config
+    resize = resize or ("linear" if cfg.variant == "vit" else "cubic")
     return _encoder_feature_net(model, mean, std, resize, kind="vit", channels=cfg.hidden_size, layer="cls_token",
                                 name=name or f"{cfg.variant}-p{cfg.patch_size}")
 
