@@ -68,7 +68,8 @@ def write_tower(folder: Path, kind: str, cfg: dict, inter: int):
         config = {"model_type": kind, "layer_norm_eps": eps, "hidden_act": "gelu", **cfg}
         config.update({"intermediate_size": inter} if kind == "vit" else {"mlp_ratio": inter / cfg["hidden_size"]})
     folder.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in ref.eval().state_dict().items()}, str(folder / "model.safetensors"))
+    sd = {k.removeprefix("model."): v.contiguous() for k, v in ref.eval().state_dict().items()}  # TorchViT's wrapper
+    save_file(sd, str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps(config))
     return ref
 

@@ -14,7 +14,7 @@ from flax import nnx
 from converters.inference import InferenceError, infer_config
 from converters.keymap import KEYMAP_VERSION, ConversionError, apply_keymap, build_keymap
 from converters.student import StudentSource, read_tensors
-from kdd_jax.config import ConfigError, StudentConfig, load_config, parse_config
+from kdd_jax.config import ConfigError, StudentConfig, load_config, parse_config, read_json_config
 from kdd_jax.io import CheckpointError, sha256_file
 from kdd_jax.models import abstract_model
 from kdd_jax.versions import versions
@@ -100,7 +100,8 @@ def _layer_count(cfg: StudentConfig) -> int:
     a = cfg.arch
     return {"resnet": lambda: sum(a.layers), "vgg": lambda: sum(v != "M" for v in a.cfg),
             "mobilenetv2": lambda: sum(n for _, _, n, _ in a.inverted_residual_setting),
-            "densenet": lambda: sum(a.block_config), "alexnet": lambda: 5}.get(cfg.family, lambda: 0)()
+            "densenet": lambda: sum(a.block_config), "alexnet": lambda: 5,
+            "vit": lambda: a.num_hidden_layers}.get(cfg.family, lambda: 0)()
 
 
 def _resolve_config(src: StudentSource, tensors, override) -> tuple[StudentConfig, str, list[str]]:
@@ -109,7 +110,14 @@ def _resolve_config(src: StudentSource, tensors, override) -> tuple[StudentConfi
     if override is not None:
         return load_config(override), str(override), []
     if src.config is not None:
-        return load_config(src.config), str(src.config), []
+        data = read_json_config(src.config)
+        if isinstance(data, dict) and "model_type" in data and "family" not in data:
+            # a transformers folder (save_pretrained): its config.json speaks transformers, not our schema
+            from converters.vit import student_config
+
+            cfg = student_config(src.config.parent, data, tensors, str(src.config))
+            return cfg, f"{src.config} (transformers {data['model_type']})", []
+        return parse_config(data, str(src.config)), str(src.config), []
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
     try:
         cfg_dict, notes = infer_config(shapes, str(src.weights))

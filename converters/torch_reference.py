@@ -1,7 +1,8 @@
 """PyTorch reference models built from kdd-jax student configs (schema format_version 1).
 
 Each family reproduces torchvision's module tree, so ``state_dict()`` keys, shapes and eval-mode
-forward semantics are exactly torchvision's (or ccexam's, for the VGG-style digit nets). Only tests
+forward semantics are exactly torchvision's (or ccexam's, for the VGG-style digit nets; or
+transformers', for the ViT / DeiT classifiers and the ViT / DINOv2 encoders). Only tests
 and verification scripts import this module; the kdd_jax library never depends on torch.
 """
 
@@ -380,6 +381,145 @@ class AlexNet(nn.Module):
         return self.classifier(torch.flatten(x, 1))
 
 
+# ----------------------------------------------------------------------------- transformers ViT / DeiT / DINOv2
+# transformers' module names and eval-mode forwards (ViTModel, DeiTModel, Dinov2Model and the ViT /
+# DeiT classification heads), written from their documented structure; transformers itself is not a
+# dependency.
+
+_GELU = {"gelu": lambda x: F.gelu(x), "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+         "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+         "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x)}
+
+
+class _ViTSelfAttention(nn.Module):
+    def __init__(self, d, heads, bias):
+        super().__init__()
+        self.heads = heads
+        self.query, self.key, self.value = (nn.Linear(d, d, bias=bias) for _ in range(3))
+
+    def forward(self, h):
+        n, t, d = h.shape
+        hd = d // self.heads
+        split = lambda z: z.view(n, t, self.heads, hd).permute(0, 2, 1, 3)  # noqa: E731
+        q, k, v = split(self.query(h)), split(self.key(h)), split(self.value(h))
+        w = torch.softmax(q @ k.transpose(-1, -2) / hd ** 0.5, dim=-1)
+        return (w @ v).permute(0, 2, 1, 3).reshape(n, t, d)
+
+
+class _ViTAttention(nn.Module):
+    def __init__(self, d, heads, bias):
+        super().__init__()
+        self.attention = _ViTSelfAttention(d, heads, bias)
+        self.output = _Dense(d, d)
+
+    def forward(self, h):
+        return self.output.dense(self.attention(h))
+
+
+class _Dense(nn.Module):
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.dense = nn.Linear(d_in, d_out)
+
+
+class _ViTLayer(nn.Module):
+    def __init__(self, a):
+        super().__init__()
+        d, eps = a["hidden_size"], a["layer_norm_eps"]
+        self.act = _GELU[a["hidden_act"]]
+        self.attention = _ViTAttention(d, a["num_attention_heads"], a["qkv_bias"])
+        self.intermediate, self.output = _Dense(d, a["intermediate_size"]), _Dense(a["intermediate_size"], d)
+        self.layernorm_before, self.layernorm_after = nn.LayerNorm(d, eps=eps), nn.LayerNorm(d, eps=eps)
+
+    def forward(self, h):
+        h = self.attention(self.layernorm_before(h)) + h
+        return self.output.dense(self.act(self.intermediate.dense(self.layernorm_after(h)))) + h
+
+
+class _LayerScale(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.lambda1 = nn.Parameter(torch.ones(d))
+
+
+class _Dinov2Layer(nn.Module):
+    def __init__(self, a):
+        super().__init__()
+        d, eps, inter = a["hidden_size"], a["layer_norm_eps"], a["intermediate_size"]
+        self.act = _GELU[a["hidden_act"]]
+        self.norm1, self.norm2 = nn.LayerNorm(d, eps=eps), nn.LayerNorm(d, eps=eps)
+        self.attention = _ViTAttention(d, a["num_attention_heads"], a["qkv_bias"])
+        self.layer_scale1, self.layer_scale2 = _LayerScale(d), _LayerScale(d)
+        self.mlp = nn.Module()
+        self.mlp.fc1, self.mlp.fc2 = nn.Linear(d, inter), nn.Linear(inter, d)
+
+    def forward(self, h):
+        h = self.attention(self.norm1(h)) * self.layer_scale1.lambda1 + h
+        return self.mlp.fc2(self.act(self.mlp.fc1(self.norm2(h)))) * self.layer_scale2.lambda1 + h
+
+
+class _ViTEmbeddings(nn.Module):
+    def __init__(self, a):
+        super().__init__()
+        d, p, variant = a["hidden_size"], a["patch_size"], a["variant"]
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        if variant == "deit":
+            self.distillation_token = nn.Parameter(torch.zeros(1, 1, d))
+        if a["mask_token"]:
+            self.mask_token = nn.Parameter(torch.zeros(1, d) if variant == "dinov2" else torch.zeros(1, 1, d))
+        self.patch_embeddings = nn.Module()
+        self.patch_embeddings.projection = nn.Conv2d(a["num_channels"], d, p, stride=p)
+        prefix = 2 if variant == "deit" else 1
+        self.position_embeddings = nn.Parameter(torch.zeros(1, (a["image_size"] // p) ** 2 + prefix, d))
+
+    def forward(self, x):
+        p = self.patch_embeddings.projection(x).flatten(2).transpose(1, 2)
+        prefix = [self.cls_token] + ([self.distillation_token] if hasattr(self, "distillation_token") else [])
+        return torch.cat([t.expand(len(x), -1, -1) for t in prefix] + [p], dim=1) + self.position_embeddings
+
+
+class TorchViTModel(nn.Module):
+    """transformers' ViTModel / DeiTModel / Dinov2Model up to `last_hidden_state` (the pooler, when
+    there is one, holds weights only: it is not part of any output used here)."""
+
+    def __init__(self, a: dict):
+        super().__init__()
+        self.embeddings = _ViTEmbeddings(a)
+        layer = _Dinov2Layer if a["variant"] == "dinov2" else _ViTLayer
+        self.encoder = nn.Module()
+        self.encoder.layer = nn.ModuleList(layer(a) for _ in range(a["num_hidden_layers"]))
+        self.layernorm = nn.LayerNorm(a["hidden_size"], eps=a["layer_norm_eps"])
+        if a["pooler"]:
+            self.pooler = _Dense(a["hidden_size"], a["hidden_size"])
+
+    def forward(self, x):  # NCHW, normalised -> [N, T, D]
+        h = self.embeddings(x)
+        for layer in self.encoder.layer:
+            h = layer(h)
+        return self.layernorm(h)
+
+
+class TorchViTClassifier(nn.Module):
+    """ViTForImageClassification / DeiTForImageClassification (head `cls`) and
+    DeiTForImageClassificationWithTeacher (head `cls_distill`: the mean of both heads' logits)."""
+
+    def __init__(self, a: dict):
+        super().__init__()
+        self.variant, self.head = a["variant"], a["head"]
+        setattr(self, self.variant, TorchViTModel(a))
+        d, c = a["hidden_size"], a["num_classes"]
+        if self.head == "cls":
+            self.classifier = nn.Linear(d, c)
+        else:
+            self.cls_classifier, self.distillation_classifier = nn.Linear(d, c), nn.Linear(d, c)
+
+    def forward(self, x):
+        h = getattr(self, self.variant)(x)
+        if self.head == "cls":
+            return self.classifier(h[:, 0])
+        return (self.cls_classifier(h[:, 0]) + self.distillation_classifier(h[:, 1])) / 2
+
+
 # ----------------------------------------------------------------------------- public API
 
 
@@ -398,6 +538,8 @@ def build_torch_model(config: dict) -> nn.Module:
         model = MobileNetV2(arch)
     elif family == "alexnet":
         model = AlexNet(arch, config.get("preprocessing", {}).get("input_size"))
+    elif family == "vit":
+        model = TorchViTClassifier(arch)
     else:
         model = DenseNet(arch)
     return model.eval()
@@ -410,7 +552,8 @@ def randomize_(model: nn.Module, seed: int) -> nn.Module:
     """Deterministically overwrite every parameter and BN statistic in place; return the model in eval mode.
 
     Conv/Linear weights ~ N(0, 1.3/fan_in), biases ~ N(0, 0.1^2); BN weight ~ U(0.5, 1.5), bias ~ N(0, 0.1^2),
-    running_mean ~ N(0, 0.2^2), running_var ~ U(0.5, 2.0). Non-trivial BN statistics make equivalence
+    running_mean ~ N(0, 0.2^2), running_var ~ U(0.5, 2.0); LayerNorm as BN's affine; ViT class / distillation
+    tokens and position embeddings ~ N(0, 1), DINOv2 layer scales ~ U(0.5, 1.5). Non-trivial BN statistics make equivalence
     tests sensitive to every buffer, not just the parameters. With N(0, 1) inputs, logits stay O(1-30)
     for every family (ResNet-50 included) and still depend visibly on the input.
     """
@@ -429,6 +572,13 @@ def randomize_(model: nn.Module, seed: int) -> nn.Module:
                 module.bias.normal_(0.0, 0.1, generator=gen)
                 module.running_mean.normal_(0.0, 0.2, generator=gen)
                 module.running_var.uniform_(0.5, 2.0, generator=gen)
+            elif isinstance(module, nn.LayerNorm):
+                module.weight.uniform_(0.5, 1.5, generator=gen)
+                module.bias.normal_(0.0, 0.1, generator=gen)
+            elif isinstance(module, (_ViTEmbeddings, _LayerScale)):  # tokens, position embeddings, layer scales
+                for p in module.parameters(recurse=False):
+                    p.copy_(torch.rand(p.shape, generator=gen) + 0.5 if isinstance(module, _LayerScale)
+                            else torch.randn(p.shape, generator=gen))
             elif next(module.parameters(recurse=False), None) is not None:
                 # Fail loudly rather than leave a parameter at its init value.
                 raise TypeError(f"randomize_ has no rule for parameters of {name!r} ({type(module).__name__})")

@@ -65,10 +65,11 @@ def read_folder(path, what: str, parse) -> tuple[Path, Path, dict, dict]:
     return folder, weights, data, tensors
 
 
-def preprocessing(folder: Path, mean: tuple, std: tuple, resample: int) -> dict:
+def preprocessing(folder: Path, mean: tuple, std: tuple, resample: int, channels: int = 3) -> dict:
     """The folder's `preprocessor_config.json` (the given defaults where absent): `mean`, `std`
     (mean 0 / std 1 when `do_normalize` is false), `resize` (a jax.image.resize method from the
-    PIL `resample` code) and `source` (where they came from)."""
+    PIL `resample` code), `value_range` (raw pixels 0-255 times `rescale_factor` when `do_rescale`,
+    as the processors do) and `source` (where they came from)."""
     pre = folder / "preprocessor_config.json"
     data = read_json_config(pre, "preprocessor config") if pre.is_file() else {}
     if not isinstance(data, dict):
@@ -76,22 +77,30 @@ def preprocessing(folder: Path, mean: tuple, std: tuple, resample: int) -> dict:
     out = {}
     for key, default in (("image_mean", mean), ("image_std", std)):
         v = data.get(key, default)
-        if (not isinstance(v, list | tuple) or len(v) != 3
+        if (not isinstance(v, list | tuple) or len(v) != channels
                 or not all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in v)
                 or (key == "image_std" and min(v) <= 0)):
-            raise ConfigError(f"{pre}.{key}: expected 3 finite numbers{' > 0' if key == 'image_std' else ''}, got {v!r}")
+            where = pre if key in data else f"{pre} (absent: the processor's default)"
+            raise ConfigError(f"{where}.{key}: expected {channels} finite numbers"
+                              f"{' > 0' if key == 'image_std' else ''}, got {v!r}")
         out[key] = tuple(float(x) for x in v)
-    normalize = data.get("do_normalize", True)
-    if not isinstance(normalize, bool):
-        raise ConfigError(f"{pre}.do_normalize: expected true or false, got {normalize!r}")
-    if not normalize:
-        out["image_mean"], out["image_std"] = (0.0,) * 3, (1.0,) * 3
+    flags = {}
+    for key in ("do_normalize", "do_rescale"):
+        flags[key] = data.get(key, True)
+        if not isinstance(flags[key], bool):
+            raise ConfigError(f"{pre}.{key}: expected true or false, got {flags[key]!r}")
+    if not flags["do_normalize"]:
+        out["image_mean"], out["image_std"] = (0.0,) * channels, (1.0,) * channels
+    factor = data.get("rescale_factor", 1 / 255) if flags["do_rescale"] else 1.0
+    if isinstance(factor, bool) or not isinstance(factor, int | float) or not 0 < factor < math.inf:
+        raise ConfigError(f"{pre}.rescale_factor: expected a finite number > 0, got {factor!r}")
     code = data.get("resample", resample)
     if isinstance(code, bool) or not isinstance(code, int) or code not in RESAMPLE:
         known = ", ".join(f"{k} ({v})" for k, v in RESAMPLE.items())
         name = f" ({_RESAMPLE_NAMES[code]})" if type(code) is int and code in _RESAMPLE_NAMES else ""
         raise ConfigError(f"{pre}.resample: {code!r}{name} is not supported; supported PIL codes: {known}")
     return {"mean": out["image_mean"], "std": out["image_std"], "resize": RESAMPLE[code],
+            "value_range": (0.0, 255.0 * float(factor)),
             "source": str(pre) if pre.is_file() else "defaults (no preprocessor_config.json)"}
 
 

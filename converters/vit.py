@@ -1,31 +1,48 @@
-"""transformers ViT / DINO / DINOv2 folder -> Flax `kdd_jax.models.vit.ViTModel`, strictly.
+"""transformers ViT / DeiT / DINO / DINOv2 folders -> Flax, strictly: image encoders for the
+generative scores (`convert_vit`) and the student config of ViT / DeiT classifiers (`student_config`).
 
     from converters.vit import convert_vit
     result = convert_vit("weights/dino-vits16")   # config.json + model.safetensors
 
 A folder is what `save_pretrained(dir)` of transformers' `ViTModel` (model_type `vit`: DINO's
-`facebook/dino-vit{s,b}{8,16}`) or `Dinov2Model` (model_type `dinov2`: `facebook/dinov2-*`) writes:
-`config.json` and `model.safetensors`. The `*ForImageClassification` heads' folders convert too: the
-`vit.` / `dinov2.` prefix is stripped and the `classifier.*` keys are counted and left unused. The
-optional `pooler` (ViT) and `mask_token` are converted when present and not used by the embedding.
+`facebook/dino-vit{s,b}{8,16}`), `DeiTModel` (`deit`) or `Dinov2Model` (model_type `dinov2`:
+`facebook/dinov2-*`) writes: `config.json` and `model.safetensors`. As an encoder, a classifier's
+folder converts too: the `vit.` / `deit.` / `dinov2.` prefix is stripped and the head's keys are
+counted and left unused.
+
+As a student, a `ViTForImageClassification`, `DeiTForImageClassification` or
+`DeiTForImageClassificationWithTeacher` folder goes through `kdd convert` like any other checkpoint
+(`converters/convert.py` calls `student_config` when config.json is a transformers one): family `vit`,
+the head read from the weights. Its probes and image pools are at the checkpoint's `image_size`
+(a processor's resize and centre crop are the caller's business, as for every student).
+
+The optional `pooler` (ViT, DeiT) and `mask_token` are converted when present and not used.
 `preprocessor_config.json`, when present, gives the preprocessing (`image_mean`, `image_std`,
-`do_normalize`, `resample`); otherwise the image processors' defaults: ViTImageProcessor's mean/std
-0.5 and bilinear for `vit`, DINOv2's ImageNet mean/std and bicubic for `dinov2`. Pickle weights and
-sharded checkpoints are refused.
+`do_normalize`, `resample`, and for students `do_rescale` / `rescale_factor`); otherwise the image
+processors' defaults: ViTImageProcessor's mean/std 0.5 and bilinear for `vit`, DeiT's and DINOv2's
+ImageNet mean/std and bicubic for `deit` and `dinov2`. Pickle weights and sharded checkpoints are
+refused.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
+from converters.keymap import ConversionError
 from converters.transformers_folder import EncoderConversion, fill, model_type, preprocessing, read_folder
-from kdd_jax.config import ConfigError
-from kdd_jax.models.vit import VARIANTS, ViTConfig, abstract_vit
+from kdd_jax.config import ConfigError, Preprocessing, StudentConfig
+from kdd_jax.models.vit import VARIANTS, ViTClassifierArch, ViTConfig, abstract_vit
 
 FAMILY = "transformers_vit"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # what the model's image processor does without a preprocessor_config.json: (mean, std, PIL resample)
-_PROCESSOR_DEFAULTS = {"vit": ((0.5,) * 3, (0.5,) * 3, 2), "dinov2": (IMAGENET_MEAN, IMAGENET_STD, 3)}
+_PROCESSOR_DEFAULTS = {"vit": ((0.5,) * 3, (0.5,) * 3, 2), "deit": (IMAGENET_MEAN, IMAGENET_STD, 3),
+                       "dinov2": (IMAGENET_MEAN, IMAGENET_STD, 3)}
+STUDENT_TYPES = ("vit", "deit")
+# the head's weight key -> (head, transformers class)
+_HEADS = {"classifier.weight": ("cls", "*ForImageClassification"),
+          "cls_classifier.weight": ("cls_distill", "DeiTForImageClassificationWithTeacher")}
 
 
 def is_vit_folder(path) -> bool:
@@ -44,7 +61,7 @@ def convert_vit(path: str | Path) -> EncoderConversion:
         tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     else:
         head = []
-    if head and not all(k.startswith("classifier.") for k in head):
+    if head and not all(k.split(".")[0] in ("classifier", "cls_classifier", "distillation_classifier") for k in head):
         raise ConfigError(f"{weights}: keys outside {prefix}* other than a classifier head: {head[:5]}")
     cfg = ViTConfig.from_transformers(data, str(folder / "config.json"), pooler="pooler.dense.weight" in tensors,
                                       mask_token="embeddings.mask_token" in tensors)
@@ -53,4 +70,40 @@ def convert_vit(path: str | Path) -> EncoderConversion:
     return fill(abstract_vit(cfg), tensors, weights, folder, FAMILY, pre, [], unused_classifier_keys=len(head))
 
 
-__all__ = ["FAMILY", "convert_vit", "is_vit_folder"]
+def student_config(folder: Path, data: dict, tensors: dict, source: str) -> StudentConfig:
+    """The student config (family `vit`) of a transformers ViT / DeiT classifier folder: the
+    encoder's fields from config.json (transformers' defaults where omitted), the head and its class
+    count from the weights (checked against `id2label`), the preprocessing from
+    `preprocessor_config.json` (the image processor's defaults where absent). Raises ConversionError
+    / ConfigError naming the file and field."""
+    kind = data.get("model_type")
+    if kind not in STUDENT_TYPES:
+        hint = (" (Dinov2ForImageClassification runs at its processor's crop through interpolated position "
+                "embeddings, not ported)" if kind == "dinov2" else
+                "; image encoders (CLIP, DINO) are feature networks: pass their folder to --feature-net")
+        raise ConversionError(f"{source}.model_type: {kind!r} is not a supported classifier student; supported "
+                              f"transformers classifiers: {', '.join(STUDENT_TYPES)}{hint}")
+    found = [k for k in _HEADS if k in tensors]
+    if not found:
+        raise ConversionError(f"{source}: the weights hold no classification head ({' or '.join(_HEADS)}): a bare "
+                              f"{kind} encoder is not a classifier (use it with --feature-net)")
+    head, cls_name = _HEADS[found[0]]
+    classes = int(tensors[found[0]].shape[0])
+    labels = data.get("id2label")
+    if labels is not None and (not isinstance(labels, dict) or len(labels) != classes):
+        n = len(labels) if isinstance(labels, dict) else labels
+        raise ConfigError(f"{source}.id2label: {n!r} labels, but the {cls_name} head has {classes} outputs")
+    prefix = f"{kind}."
+    arch = ViTClassifierArch.from_transformers(data, source, pooler=f"{prefix}pooler.dense.weight" in tensors,
+                                               mask_token=f"{prefix}embeddings.mask_token" in tensors)
+    try:
+        arch = dataclasses.replace(arch, num_classes=classes, head=head)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    mean, std, resample = _PROCESSOR_DEFAULTS[kind]
+    pre = preprocessing(folder, mean, std, resample, channels=arch.num_channels)
+    return StudentConfig("vit", arch, Preprocessing(input_size=(arch.image_size,) * 2, channels=arch.num_channels,
+                                                    mean=pre["mean"], std=pre["std"], value_range=pre["value_range"]))
+
+
+__all__ = ["FAMILY", "STUDENT_TYPES", "convert_vit", "is_vit_folder", "student_config"]

@@ -191,7 +191,7 @@ def _feature_net(args):
     if encoder is None and kind is not None:  # a transformers folder of a model no port covers
         raise ValueError(f"{Path(args.feature_net) / 'config.json'}: model_type {kind!r} is not a supported "
                          "feature network; supported transformers image encoders: clip, clip_vision_model, vit, "
-                         "dinov2 (or give a kdd-jax classifier directory)")
+                         "deit, dinov2 (or give a kdd-jax classifier directory)")
     if encoder:  # a transformers image encoder: one image embedding, no classes
         if args.prompts == "caption":  # refused before the (large) checkpoint is read
             raise ValueError(f"--prompts caption needs a classifier as --feature-net (it names the class of the "
@@ -595,7 +595,7 @@ def _add_detection_options(p) -> None:
                         "--feature-net assigns to the student's empty-prompt image), random (a random class)")
     g.add_argument("--feature-net", metavar="DIR", help="classifier directory whose features (BatchNorm outputs; an "
                    "AlexNet's five ReLU outputs) drive neg_lpips, the set scores and caption prompts; or a transformers "
-                   "CLIP, ViT (DINO) or DINOv2 folder (image embeddings for the set scores)")
+                   "CLIP, ViT (DINO), DeiT or DINOv2 folder (image embeddings for the set scores)")
     g.add_argument("--lpips-heads", metavar="FILE", help="learned LPIPS heads for --feature-net (.safetensors; LPIPS' "
                    "own key names accepted, e.g. its alex.pth converted: examples/feature_nets/README.md)")
     g.add_argument("--num-inference-steps", type=int, help="the student's sampling steps (default: its "

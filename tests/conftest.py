@@ -33,6 +33,10 @@ CONFIGS: dict[str, dict] = {
     "alexnet_gray_pool2": {"family": "alexnet", "arch": {"num_classes": 5, "widths": [6, 12, 16, 12, 8], "in_channels": 1,
                                                           "avgpool": [2, 2], "classifier_hidden": [16]}, "input_size": [96, 96]},
     "densenet_imagenet_stem": {"family": "densenet", "arch": {"num_classes": 6, "growth_rate": 6, "block_config": [2, 2], "num_init_features": 12, "bn_size": 2, "compression": 0.4}},
+    "vit_tiny": {"family": "vit", "arch": {"hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 16, "patch_size": 4, "num_classes": 7},
+                 "input_size": [16, 16]},
+    "deit_distilled": {"family": "vit", "arch": {"variant": "deit", "head": "cls_distill", "hidden_size": 12, "intermediate_size": 20, "num_hidden_layers": 1, "num_attention_heads": 3, "image_size": 12, "patch_size": 6, "num_classes": 4, "hidden_act": "gelu_new", "layer_norm_eps": 1e-6},
+                       "input_size": [12, 12]},
 }
 
 
@@ -40,7 +44,7 @@ def full_config(name: str) -> dict:
     cfg = copy.deepcopy(CONFIGS[name])
     channels = cfg["arch"].get("in_channels", 3)
     pre = copy.deepcopy(PRE_RGB32)
-    if "input_size" in cfg:  # AlexNet's strides need at least 63x63
+    if "input_size" in cfg:  # AlexNet's strides need at least 63x63; a ViT takes its image_size
         pre["input_size"] = cfg.pop("input_size")
     pre["channels"] = channels
     pre["mean"], pre["std"] = pre["mean"][:channels], pre["std"][:channels]
@@ -81,6 +85,19 @@ def _highest_precision():
 
     with jax.default_matmul_precision("highest"):
         yield
+
+
+def assert_matches_torch(flax_model, torch_model, x_nchw, *, tol: float = 1e-5):
+    """The Flax model's output on NCHW inputs (given NHWC) equals the PyTorch module's, to `tol`
+    relative and absolute (matmuls at full precision: the autouse fixture above)."""
+    import numpy as np
+    import torch
+
+    with torch.no_grad():
+        want = torch_model(torch.from_numpy(x_nchw)).numpy()
+    got = np.asarray(flax_model(x_nchw.transpose(0, 2, 3, 1)))
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
 
 
 def tree_paths(path: Path) -> list[str]:

@@ -16,6 +16,7 @@ from converters import ConversionError  # noqa: E402
 from converters.clip_vision import CLIP_MEAN, convert_clip_vision, is_clip_folder  # noqa: E402
 from kdd_jax.config import ConfigError  # noqa: E402
 from kdd_jax.scores.images import clip_feature_net  # noqa: E402
+from tests.conftest import assert_matches_torch  # noqa: E402
 
 VISION = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2, num_channels=3,
               image_size=12, patch_size=4, layer_norm_eps=1e-5)
@@ -109,20 +110,13 @@ def write_clip(path, seed=0, *, act="quick_gelu", full_clip=True):
 
 @pytest.mark.parametrize("act, full_clip", [("quick_gelu", True), ("gelu", False)])
 def test_converted_clip_vision_gives_transformers_embeddings(tmp_path, act, full_clip):
-    import jax
-
     ref = write_clip(tmp_path / "clip", act=act, full_clip=full_clip)
     assert is_clip_folder(tmp_path / "clip")
     r = convert_clip_vision(tmp_path / "clip")
     assert r.config.hidden_act == act and r.config.projection_dim == 10 and r.mean == CLIP_MEAN
     assert r.report["unused_text_tower_keys"] == (4 if full_clip else 0)  # counted once, not also as dropped
     assert r.report["dtype"]["dropped_keys"] == ["vision_model.embeddings.position_ids"]
-    x = np.random.default_rng(0).normal(size=(3, 3, 12, 12)).astype(np.float32)
-    with torch.no_grad():
-        want = ref(torch.from_numpy(x)).numpy()
-    with jax.default_matmul_precision("highest"):
-        got = np.asarray(r.model(x.transpose(0, 2, 3, 1)))
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert_matches_torch(r.model, ref, np.random.default_rng(0).normal(size=(3, 3, 12, 12)).astype(np.float32))
 
 
 def test_clip_feature_net_embeds_images_of_any_size(tmp_path):

@@ -116,7 +116,7 @@ def test_vgg_without_avgpool_rejects_too_small_input():
         ({"arch": {"block": "triple", "layers": [1], "widths": [8], "num_classes": 2}}, "arch.block"),
         ({"arch": {"block": "basic", "layers": [1], "widths": [8], "num_classes": 2, "depth": 3}}, "unknown field"),
         ({"preprocessing": {"input_size": [32, 32], "channels": 3, "mean": [0.5], "std": [0.5] * 3}}, "mean has 1"),
-        ({"family": "vit"}, "not a known family"),
+        ({"family": "swin"}, "not a known family"),
         ({"format_version": 7}, "format_version"),
     ],
 )

@@ -14,105 +14,38 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from converters import ConversionError  # noqa: E402
+from converters.torch_reference import TorchViTModel  # noqa: E402
 from converters.vit import convert_vit, is_vit_folder  # noqa: E402
 from kdd_jax.config import ConfigError  # noqa: E402
 from kdd_jax.scores.images import vit_feature_net  # noqa: E402
+from tests.conftest import assert_matches_torch  # noqa: E402
 
 # layer_norm_eps left out on purpose: the converter must fall back to transformers' default per model type
 BASE = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_channels=3, image_size=12, patch_size=4)
-EPS = {"vit": 1e-12, "dinov2": 1e-6}
-
-
-class _SelfAttention(nn.Module):
-    def __init__(self, d, heads):
-        super().__init__()
-        self.heads = heads
-        self.query, self.key, self.value = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
-
-    def forward(self, h):
-        n, t, d = h.shape
-        hd = d // self.heads
-        split = lambda z: z.view(n, t, self.heads, hd).permute(0, 2, 1, 3)  # noqa: E731
-        q, k, v = split(self.query(h)), split(self.key(h)), split(self.value(h))
-        w = torch.softmax(q @ k.transpose(-1, -2) / hd ** 0.5, dim=-1)
-        return (w @ v).permute(0, 2, 1, 3).reshape(n, t, d)
-
-
-class _Attention(nn.Module):
-    def __init__(self, d, heads):
-        super().__init__()
-        self.attention = _SelfAttention(d, heads)
-        self.output = nn.Module()
-        self.output.dense = nn.Linear(d, d)
-
-    def forward(self, h):
-        return self.output.dense(self.attention(h))
-
-
-def _dense(d_in, d_out):
-    m = nn.Module()
-    m.dense = nn.Linear(d_in, d_out)
-    return m
-
-
-class _ViTLayer(nn.Module):
-    def __init__(self, d, heads, inter, eps):
-        super().__init__()
-        self.attention = _Attention(d, heads)
-        self.intermediate, self.output = _dense(d, inter), _dense(inter, d)
-        self.layernorm_before, self.layernorm_after = nn.LayerNorm(d, eps=eps), nn.LayerNorm(d, eps=eps)
-
-    def forward(self, h):
-        h = self.attention(self.layernorm_before(h)) + h
-        return self.output.dense(nn.functional.gelu(self.intermediate.dense(self.layernorm_after(h)))) + h
-
-
-class _Dinov2Layer(nn.Module):
-    def __init__(self, d, heads, inter, eps):
-        super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(d, eps=eps), nn.LayerNorm(d, eps=eps)
-        self.attention = _Attention(d, heads)
-        self.layer_scale1, self.layer_scale2 = nn.Module(), nn.Module()
-        self.layer_scale1.lambda1 = nn.Parameter(torch.rand(d) + 0.5)
-        self.layer_scale2.lambda1 = nn.Parameter(torch.rand(d) + 0.5)
-        self.mlp = nn.Module()
-        self.mlp.fc1, self.mlp.fc2 = nn.Linear(d, inter), nn.Linear(inter, d)
-
-    def forward(self, h):
-        h = self.attention(self.norm1(h)) * self.layer_scale1.lambda1 + h
-        return self.mlp.fc2(nn.functional.gelu(self.mlp.fc1(self.norm2(h)))) * self.layer_scale2.lambda1 + h
+EPS = {"vit": 1e-12, "deit": 1e-12, "dinov2": 1e-6}
 
 
 class TorchViT(nn.Module):
-    """transformers' ViTModel / Dinov2Model: module names, parameters and forward up to
-    last_hidden_state[:, 0]."""
+    """The class-token embedding of transformers' ViTModel / Dinov2Model (the shared reference's
+    encoder), with tokens, position embeddings, layer scales and LayerNorm affine drawn away from
+    their 0/1 initialisation so the comparison sees them."""
 
     def __init__(self, variant, c, inter, *, pooler=False, mask_token=False, eps=None):
         super().__init__()
-        d, p, eps = c["hidden_size"], c["patch_size"], EPS[variant] if eps is None else eps
-        n_pos = (c["image_size"] // p) ** 2 + 1
-        emb = self.embeddings = nn.Module()
-        emb.cls_token = nn.Parameter(torch.randn(1, 1, d))
-        if mask_token:
-            emb.mask_token = nn.Parameter(torch.zeros(1, 1, d) if variant == "vit" else torch.zeros(1, d))
-        emb.patch_embeddings = nn.Module()
-        emb.patch_embeddings.projection = nn.Conv2d(c["num_channels"], d, p, stride=p)
-        emb.position_embeddings = nn.Parameter(torch.randn(1, n_pos, d))
-        layer = _ViTLayer if variant == "vit" else _Dinov2Layer
-        self.encoder = nn.Module()
-        self.encoder.layer = nn.ModuleList(layer(d, c["num_attention_heads"], inter, eps)
-                                           for _ in range(c["num_hidden_layers"]))
-        self.layernorm = nn.LayerNorm(d, eps=eps)
-        if pooler:
-            self.pooler = _dense(d, d)
+        self.model = TorchViTModel({**c, "intermediate_size": inter, "hidden_act": "gelu", "qkv_bias": True,
+                                    "variant": variant, "layer_norm_eps": EPS[variant] if eps is None else eps,
+                                    "pooler": pooler, "mask_token": mask_token})
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, nn.LayerNorm):
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.normal_(0, 0.1)
+            for name, p in self.named_parameters():
+                if name.split(".")[-1] in ("cls_token", "distillation_token", "position_embeddings", "lambda1"):
+                    p.copy_(torch.rand_like(p) + 0.5 if name.endswith("lambda1") else torch.randn_like(p))
 
-    def forward(self, x):  # NCHW, normalised
-        emb = self.embeddings
-        p = emb.patch_embeddings.projection(x).flatten(2).transpose(1, 2)
-        h = torch.cat([emb.cls_token.expand(len(x), -1, -1), p], dim=1) + emb.position_embeddings
-        for layer in self.encoder.layer:
-            h = layer(h)
-        return self.layernorm(h)[:, 0]
+    def forward(self, x):
+        return self.model(x)[:, 0]
 
 
 def write_vit(path, variant="vit", seed=0, *, pooler=False, mask_token=False, classifier=False, preprocessor=None):
@@ -122,17 +55,12 @@ def write_vit(path, variant="vit", seed=0, *, pooler=False, mask_token=False, cl
     torch.manual_seed(seed)
     inter = 24
     model = TorchViT(variant, BASE, inter, pooler=pooler, mask_token=mask_token).eval()
-    with torch.no_grad():  # LayerNorm affine away from 1/0 so the test sees them
-        for m in model.modules():
-            if isinstance(m, nn.LayerNorm):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.1)
-    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    sd = {k.removeprefix("model."): v.contiguous() for k, v in model.state_dict().items()}
     if classifier:
         sd = {f"{variant}.{k}": v for k, v in sd.items()}
         sd.update({"classifier.weight": torch.randn(5, 16), "classifier.bias": torch.randn(5)})
     config = {**BASE, "model_type": variant, "hidden_act": "gelu", "hidden_dropout_prob": 0.0}
-    config.update({"intermediate_size": inter} if variant == "vit" else {"mlp_ratio": inter / BASE["hidden_size"]})
+    config.update({"mlp_ratio": inter / BASE["hidden_size"]} if variant == "dinov2" else {"intermediate_size": inter})
     path.mkdir(parents=True)
     save_file(sd, str(path / "model.safetensors"))
     (path / "config.json").write_text(json.dumps(config))
@@ -142,10 +70,9 @@ def write_vit(path, variant="vit", seed=0, *, pooler=False, mask_token=False, cl
 
 
 @pytest.mark.parametrize("variant, extras", [("vit", dict(pooler=True)), ("vit", dict(classifier=True)),
-                                             ("dinov2", dict(mask_token=True)), ("dinov2", dict(classifier=True))])
+                                             ("deit", dict(classifier=True)), ("dinov2", dict(mask_token=True)),
+                                             ("dinov2", dict(classifier=True))])
 def test_converted_vit_gives_transformers_embeddings(tmp_path, variant, extras):
-    import jax
-
     ref = write_vit(tmp_path / "m", variant, **extras)
     assert is_vit_folder(tmp_path / "m")
     r = convert_vit(tmp_path / "m")
@@ -155,13 +82,8 @@ def test_converted_vit_gives_transformers_embeddings(tmp_path, variant, extras):
     assert r.report["family"] == "transformers_vit" and r.report["parameters"] > 0
     # the image processors' defaults without a preprocessor_config.json
     assert (r.mean, r.resize) == (((0.5,) * 3, "linear") if variant == "vit" else ((0.485, 0.456, 0.406), "cubic"))
-    x = np.random.default_rng(0).normal(size=(3, 3, 12, 12)).astype(np.float32)
-    with torch.no_grad():
-        want = ref(torch.from_numpy(x)).numpy()
-    with jax.default_matmul_precision("highest"):
-        got = np.asarray(r.model(x.transpose(0, 2, 3, 1)))
-    assert got.shape == (3, 16)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert r.model.embeddings.position_embeddings.value.shape[1] == 9 + (2 if variant == "deit" else 1)
+    assert_matches_torch(r.model, ref, np.random.default_rng(0).normal(size=(3, 3, 12, 12)).astype(np.float32))
     with pytest.raises(ValueError, match="must be 12x12"):
         r.model(np.zeros((1, 16, 16, 3), np.float32))
 

@@ -5,8 +5,9 @@ to logits. `build_model` makes a randomly initialised model; the converters fill
 PyTorch checkpoint. BatchNorm statistics for synthesis: `forward_with_bn_stats`, `bn_running_stats`.
 Generative students: `UNet2DModel` (diffusers' UNet2DModel, its own `UNet2DConfig`; not a classifier
 family, so not in FAMILIES). Feature networks for their image scores: any family here (AlexNet for
-LPIPS), CLIP's vision tower (`kdd_jax.models.clip_vision`) or a ViT / DINO / DINOv2 encoder
-(`kdd_jax.models.vit`), each with its own config and not in FAMILIES either.
+LPIPS), CLIP's vision tower (`kdd_jax.models.clip_vision`) or a ViT / DeiT / DINO / DINOv2 encoder
+(`kdd_jax.models.vit`), each with its own config and not in FAMILIES either. The `vit` family is
+transformers' ViT / DeiT image classifiers (no BatchNorm: data-free synthesis uses the BN-free method).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from kdd_jax.models.mobilenetv2 import MobileNetV2, MobileNetV2Arch
 from kdd_jax.models.resnet import ResNet, ResNetArch
 from kdd_jax.models.unet import UNet2DConfig, UNet2DModel, abstract_unet, build_unet
 from kdd_jax.models.vgg import VGG, VGGArch
+from kdd_jax.models.vit import ViTClassifierArch, ViTForImageClassification
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +44,7 @@ FAMILIES: dict[str, Family] = {
         Family("mobilenetv2", MobileNetV2Arch, MobileNetV2),
         Family("densenet", DenseNetArch, DenseNet),
         Family("alexnet", AlexNetArch, AlexNet),
+        Family("vit", ViTClassifierArch, ViTForImageClassification),  # transformers ViT / DeiT classifiers
     )
 }
 

@@ -1,15 +1,18 @@
 """ViT image encoders in Hugging Face transformers' layout: `ViTModel` (DINO's published ViT-S/B
-checkpoints, `facebook/dino-vit*`) and `Dinov2Model` (DINOv2), as feature networks for diffusion
-students.
+checkpoints, `facebook/dino-vit*`), `DeiTModel` and `Dinov2Model` (DINOv2), as feature networks for
+diffusion students; and `ViTForImageClassification` / `DeiTForImageClassification(WithTeacher)` as
+classifier students (family `vit`).
 
 The paper compared a diffusion student's images with each teacher's as sets of CLIP/DINO embeddings.
 A DINO image embedding is the class token of the last hidden state (after the final `layernorm`),
-which is what `__call__` returns. Both variants: patch embedding (a conv with bias), `cls_token`,
+which is what `__call__` returns. Every variant: patch embedding (a conv with bias), `cls_token`,
 learned `position_embeddings`, pre-LN encoder layers with query/key/value/dense attention, and a
 final `layernorm`. They differ in the layer:
 
   vit     layernorm_before -> attention -> + ; layernorm_after -> intermediate.dense -> act ->
           output.dense -> +                   (an optional `pooler`, not used for the embedding)
+  deit    the vit layer; the embeddings add a `distillation_token` after the class token (DeiT's
+          students were trained to match a teacher through it)
   dinov2  norm1 -> attention -> layer_scale1 -> + ; norm2 -> mlp.fc1 -> act -> mlp.fc2 ->
           layer_scale2 -> +                   (an unused `mask_token`)
 
@@ -34,12 +37,15 @@ from kdd_jax.config import ConfigError
 from kdd_jax.models.layers import conv2d
 from kdd_jax.models.transformer import ACTIVATIONS, Parameter, TowerConfig, layer_norm, self_attention
 
-VARIANTS = ("vit", "dinov2")
+VARIANTS = ("vit", "deit", "dinov2")
 # transformers' ViTConfig / Dinov2Config defaults for the fields that shape the forward pass
 _DEFAULTS = {
     "vit": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
                 hidden_act="gelu", layer_norm_eps=1e-12, image_size=224, patch_size=16, num_channels=3,
                 qkv_bias=True),
+    "deit": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                 hidden_act="gelu", layer_norm_eps=1e-12, image_size=224, patch_size=16, num_channels=3,
+                 qkv_bias=True),
     "dinov2": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, mlp_ratio=4,
                    hidden_act="gelu", layer_norm_eps=1e-6, image_size=224, patch_size=14, num_channels=3,
                    qkv_bias=True),
@@ -67,20 +73,25 @@ class ViTConfig(TowerConfig):
         if self.variant == "dinov2" and self.pooler:
             raise ConfigError("a Dinov2Model has no pooler")
 
+    @property
+    def prefix_tokens(self) -> int:
+        """Tokens before the patches: the class token, and DeiT's distillation token."""
+        return 2 if self.variant == "deit" else 1
+
     @classmethod
     def from_transformers(cls, data, source: str = "config.json", *, pooler: bool = False,
                           mask_token: bool = False) -> "ViTConfig":
-        """From a transformers config.json with model_type `vit` (ViTConfig) or `dinov2`
-        (Dinov2Config); omitted fields take transformers' defaults, as `from_pretrained` does. The
+        """From a transformers config.json with model_type `vit` (ViTConfig), `deit` (DeiTConfig) or
+        `dinov2` (Dinov2Config); omitted fields take transformers' defaults, as `from_pretrained` does. The
         rest (dropout rates, initialisers, labels, versions) does not change the forward pass.
         `pooler` / `mask_token`: whether the checkpoint holds those weights."""
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a JSON object")
         variant = data.get("model_type")
         if variant not in VARIANTS:
-            raise ConfigError(f"{source}.model_type: {variant!r} is not a ViT/DINO model (vit or dinov2)")
+            raise ConfigError(f"{source}.model_type: {variant!r} is not a ViT/DINO model ({', '.join(VARIANTS)})")
         fields = {**_DEFAULTS[variant], **{k: data[k] for k in _DEFAULTS[variant] if k in data}}
-        if variant == "vit" and data.get("pooler_output_size", fields["hidden_size"]) != fields["hidden_size"]:
+        if variant != "dinov2" and data.get("pooler_output_size", fields["hidden_size"]) != fields["hidden_size"]:
             raise ConfigError(f"{source}.pooler_output_size: only hidden_size is supported, got "
                               f"{data['pooler_output_size']!r}")
         if variant == "dinov2":
@@ -109,17 +120,20 @@ class Embeddings(nnx.Module):
     def __init__(self, cfg: ViTConfig, rngs: nnx.Rngs):
         d = cfg.hidden_size
         self.cls_token = Parameter((1, 1, d), rngs)
-        if cfg.mask_token:  # transformers: [1, 1, D] (ViT) / [1, D] (DINOv2); used only for masked inputs
-            self.mask_token = Parameter((1, 1, d) if cfg.variant == "vit" else (1, d), rngs)
+        if cfg.variant == "deit":
+            self.distillation_token = Parameter((1, 1, d), rngs)
+        if cfg.mask_token:  # transformers: [1, 1, D] (ViT, DeiT) / [1, D] (DINOv2); used only for masked inputs
+            self.mask_token = Parameter((1, d) if cfg.variant == "dinov2" else (1, 1, d), rngs)
         self.patch_embeddings = PatchEmbeddings(cfg, rngs)
-        self.position_embeddings = Parameter((1, cfg.num_patches + 1, d), rngs)
+        self.position_embeddings = Parameter((1, cfg.num_patches + cfg.prefix_tokens, d), rngs)
 
-    def __call__(self, x):  # x [N, H, W, C] -> [N, 1 + patches, D]
+    def __call__(self, x):  # x [N, H, W, C] -> [N, prefix tokens + patches, D]
         p = self.patch_embeddings.projection(x)
         n = p.shape[0]
         tokens = p.reshape(n, -1, p.shape[-1])  # row-major over (h, w): torch's flatten(2).transpose(1, 2)
-        cls = jnp.broadcast_to(self.cls_token.value[...], (n, 1, tokens.shape[-1]))
-        return jnp.concatenate([cls, tokens], axis=1) + self.position_embeddings.value[...]
+        prefix = [self.cls_token] + ([self.distillation_token] if hasattr(self, "distillation_token") else [])
+        prefix = [jnp.broadcast_to(t.value[...], (n, 1, tokens.shape[-1])) for t in prefix]
+        return jnp.concatenate([*prefix, tokens], axis=1) + self.position_embeddings.value[...]
 
 
 class SelfAttention(nnx.Module):
@@ -195,7 +209,7 @@ class Dinov2Layer(nnx.Module):
 
 class Encoder(nnx.Module):
     def __init__(self, cfg: ViTConfig, rngs: nnx.Rngs):
-        layer = ViTLayer if cfg.variant == "vit" else Dinov2Layer
+        layer = Dinov2Layer if cfg.variant == "dinov2" else ViTLayer
         self.layer = nnx.List([layer(cfg, rngs) for _ in range(cfg.num_hidden_layers)])
 
 
@@ -213,17 +227,83 @@ class ViTModel(nnx.Module):
             self.pooler = Dense(cfg.hidden_size, cfg.hidden_size, rngs)
 
     def __call__(self, x):
+        return self.last_hidden_state(x, tokens=1)[:, 0]
+
+    def last_hidden_state(self, x, tokens: int | None = None):
+        """transformers' `last_hidden_state` [N, T, D] (after the final layernorm), or only its first
+        `tokens` rows: LayerNorm is per token, so those rows are exact and the rest is not computed."""
         if x.shape[1:3] != (self.config.image_size,) * 2:
             raise ValueError(f"images must be {self.config.image_size}x{self.config.image_size} (the checkpoint's "
                              f"image_size; position embeddings are not interpolated), got {x.shape[1:3]}")
         h = self.embeddings(x)
         for layer in self.encoder.layer:
             h = layer(h)
-        return self.layernorm(h[:, 0])  # LayerNorm is per token: the class token's row of layernorm(h)
+        return self.layernorm(h if tokens is None else h[:, :tokens])
 
 
 def abstract_vit(cfg: ViTConfig) -> ViTModel:
     return nnx.eval_shape(lambda: ViTModel(cfg, rngs=nnx.Rngs(0)))
 
 
-__all__ = ["VARIANTS", "ViTConfig", "ViTModel", "abstract_vit"]
+# classifier heads, by the transformers class that carries them
+HEADS = {
+    "cls": "classifier on the class token (ViTForImageClassification, DeiTForImageClassification)",
+    "cls_distill": "mean of cls_classifier on the class token and distillation_classifier on the distillation "
+                   "token (DeiTForImageClassificationWithTeacher)",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTClassifierArch(ViTConfig):
+    """A classifier student's `arch` (family `vit`): the encoder's fields plus its head. Variants
+    `vit` and `deit`; DINOv2's classifier is refused (its checkpoints run at the processor's crop
+    through interpolated position embeddings, which this port does not do)."""
+
+    num_classes: int = 1000
+    head: str = "cls"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.variant == "dinov2":
+            raise ConfigError("variant 'dinov2' is not supported as a classifier student (Dinov2ForImageClassification "
+                              "runs at its processor's 224 crop through interpolated position embeddings, not ported)")
+        n = self.num_classes
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ConfigError(f"num_classes must be a positive integer, got {n!r}")
+        if self.head not in HEADS:
+            raise ConfigError(f"head {self.head!r} is not supported; supported: {sorted(HEADS)}")
+        if self.head == "cls_distill" and self.variant != "deit":
+            raise ConfigError("head 'cls_distill' reads the distillation token: variant 'deit' only")
+
+    @property
+    def in_channels(self) -> int:
+        return self.num_channels
+
+
+class ViTForImageClassification(nnx.Module):
+    """A transformers ViT / DeiT image classifier: normalised [N, image_size, image_size, C] -> logits.
+    The encoder sits under the checkpoint's own prefix (`vit` or `deit`), so state-dict keys map 1:1."""
+
+    def __init__(self, arch: ViTClassifierArch, *, input_size: tuple[int, int], rngs: nnx.Rngs):
+        if tuple(input_size) != (arch.image_size,) * 2:
+            raise ConfigError(f"preprocessing.input_size {list(input_size)} must be the arch's image_size "
+                              f"{[arch.image_size] * 2} (position embeddings are not interpolated)")
+        self.arch = arch
+        setattr(self, arch.variant, ViTModel(arch, rngs=rngs))
+        d, c = arch.hidden_size, arch.num_classes
+        if arch.head == "cls":
+            self.classifier = nnx.Linear(d, c, rngs=rngs)
+        else:
+            self.cls_classifier = nnx.Linear(d, c, rngs=rngs)
+            self.distillation_classifier = nnx.Linear(d, c, rngs=rngs)
+
+    def __call__(self, x):
+        encoder = getattr(self, self.arch.variant)
+        if self.arch.head == "cls":
+            return self.classifier(encoder.last_hidden_state(x, tokens=1)[:, 0])
+        h = encoder.last_hidden_state(x, tokens=2)
+        return (self.cls_classifier(h[:, 0]) + self.distillation_classifier(h[:, 1])) / 2
+
+
+__all__ = ["HEADS", "VARIANTS", "ViTClassifierArch", "ViTConfig", "ViTForImageClassification", "ViTModel",
+           "abstract_vit"]

@@ -55,7 +55,7 @@ def require_batchnorm(model, method: str) -> None:
     if not bn_running_stats(model):
         raise SynthesisError(
             f"method {method!r} matches the student's BatchNorm statistics, but this student has no "
-            "BatchNorm layers (e.g. an AlexNet); choose a BN-free method: confidence (data-free), noise, or "
+            "BatchNorm layers (an AlexNet, a ViT or DeiT); choose a BN-free method: confidence (data-free), noise, or "
             "real/ood/mia with --pool"
         )
 

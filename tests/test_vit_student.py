@@ -1,0 +1,145 @@
+"""transformers ViT / DeiT image classifiers as students (family `vit`): a `save_pretrained` folder
+(written here from the PyTorch reference, tiny and random) converts through `kdd convert` with its
+head and preprocessing read from the folder, agrees with PyTorch in logits and input gradients, and
+is audited with the BN-free synthesis; folders that are not such classifiers are named errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from converters import ConversionError  # noqa: E402
+from converters.convert import convert_student  # noqa: E402
+from converters.torch_reference import TorchViTClassifier, randomize_  # noqa: E402
+from converters.verify import verify_conversion  # noqa: E402
+from kdd_jax.cli import main  # noqa: E402
+from kdd_jax.config import ConfigError  # noqa: E402
+from kdd_jax.io import load_converted  # noqa: E402
+from tests.conftest import assert_matches_torch  # noqa: E402
+
+ENCODER = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2, image_size=12,
+               patch_size=4)
+
+
+def write_classifier(path, variant="deit", head="cls_distill", *, seed=0, channels=3, classes=5, preprocessor=None,
+                     drop=(), extra_config=None):
+    """A transformers `*ForImageClassification` folder: config.json (transformers' fields, the rest
+    at transformers' defaults), model.safetensors with the `vit.` / `deit.` prefix and the head."""
+    from safetensors.torch import save_file
+
+    arch = {**ENCODER, "num_channels": channels, "hidden_act": "gelu", "layer_norm_eps": 1e-12, "qkv_bias": True,
+            "variant": variant, "pooler": False, "mask_token": False, "num_classes": classes, "head": head}
+    model = randomize_(TorchViTClassifier(arch), seed)
+    path.mkdir(parents=True)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items() if k not in drop}
+    save_file(sd, str(path / "model.safetensors"))
+    config = {**ENCODER, "num_channels": channels, "model_type": variant,
+              "id2label": {str(i): f"class{i}" for i in range(classes)}, **(extra_config or {})}
+    (path / "config.json").write_text(json.dumps(config))
+    if preprocessor is not None:
+        (path / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+    return model
+
+
+@pytest.mark.parametrize("variant, head, mean", [("vit", "cls", (0.5,) * 3), ("deit", "cls", (0.485, 0.456, 0.406)),
+                                                 ("deit", "cls_distill", (0.485, 0.456, 0.406))])
+def test_transformers_classifier_converts_and_agrees_with_pytorch(tmp_path, variant, head, mean):
+    ref = write_classifier(tmp_path / "s", variant, head)
+    r = convert_student(tmp_path / "s")
+    a = r.config.arch
+    assert (r.config.family, a.variant, a.head, a.num_classes, a.layer_norm_eps) == ("vit", variant, head, 5, 1e-12)
+    pre = r.config.preprocessing  # the image processor's defaults, without a preprocessor_config.json
+    assert (pre.input_size, pre.channels, pre.mean, pre.value_range) == ((12, 12), 3, mean, (0.0, 1.0))
+    assert r.report["source"]["config"].endswith(f"config.json (transformers {variant})")
+    assert_matches_torch(r.model, ref, np.random.default_rng(0).normal(size=(4, 3, 12, 12)).astype(np.float32))
+    if head == "cls_distill":  # logits and input gradients, as `kdd convert` checks every student
+        v = verify_conversion(r)
+        assert v["ok"] and v["max_abs_logit_diff"] < 1e-5
+
+
+def test_distillation_head_reads_the_distillation_token(tmp_path):
+    """DeiT-with-teacher logits are the mean of both heads: with the class head's weights zeroed,
+    the logits are half the distillation head's reading of token 1, which must move with it."""
+    from safetensors.torch import load_file, save_file
+
+    ref = write_classifier(tmp_path / "s")
+    sd = load_file(str(tmp_path / "s" / "model.safetensors"))
+    sd["cls_classifier.weight"] = torch.zeros_like(sd["cls_classifier.weight"])
+    sd["cls_classifier.bias"] = torch.zeros_like(sd["cls_classifier.bias"])
+    save_file(sd, str(tmp_path / "s" / "model.safetensors"))
+    ref.load_state_dict(sd)
+    r = convert_student(tmp_path / "s")
+    x = np.random.default_rng(1).normal(size=(3, 3, 12, 12)).astype(np.float32)
+    got = np.asarray(r.model(x.transpose(0, 2, 3, 1)))
+    with torch.no_grad():
+        hidden = ref.deit(torch.from_numpy(x))
+        want = (ref.distillation_classifier(hidden[:, 1]) / 2).numpy()
+        other = (ref.distillation_classifier(hidden[:, 0]) / 2).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert np.abs(got - other).max() > 1e-2  # token 0 would give another answer
+
+
+def test_preprocessing_comes_from_the_processor_config(tmp_path):
+    pre = {"image_mean": [0.2], "image_std": [0.3], "do_rescale": True, "rescale_factor": 1 / 255}
+    write_classifier(tmp_path / "grey", "vit", "cls", channels=1, preprocessor=pre)
+    cfg = convert_student(tmp_path / "grey").config
+    assert (cfg.preprocessing.channels, cfg.preprocessing.mean, cfg.preprocessing.std) == (1, (0.2,), (0.3,))
+    assert cfg.preprocessing.value_range == pytest.approx((0.0, 1.0))
+    (tmp_path / "grey" / "preprocessor_config.json").write_text(json.dumps({**pre, "do_rescale": False,
+                                                                           "do_normalize": False}))
+    cfg = convert_student(tmp_path / "grey").config  # raw 0-255 pixels, not normalised
+    assert (cfg.preprocessing.mean, cfg.preprocessing.std, cfg.preprocessing.value_range) == ((0.0,), (1.0,),
+                                                                                             (0.0, 255.0))
+    (tmp_path / "grey" / "preprocessor_config.json").unlink()  # ViT's default mean has 3 values
+    with pytest.raises(ConfigError, match=r"absent: the processor's default\)\.image_mean: expected 1 finite"):
+        convert_student(tmp_path / "grey")
+    (tmp_path / "grey" / "preprocessor_config.json").write_text(json.dumps({**pre, "rescale_factor": 0}))
+    with pytest.raises(ConfigError, match="rescale_factor: expected a finite number > 0"):
+        convert_student(tmp_path / "grey")
+
+
+@pytest.mark.parametrize("case, match", [
+    ("dinov2", "'dinov2' is not a supported classifier student.*interpolated position embeddings"),
+    ("clip", "'clip_vision_model' is not a supported classifier student.*--feature-net"),
+    ("encoder", r"no classification head \(classifier.weight or cls_classifier.weight\)"),
+    ("labels", "id2label: 3 labels, but the DeiTForImageClassificationWithTeacher head has 5 outputs"),
+    ("half_head", "missing keys.*distillation_classifier"),
+    ("field", "hidden_act 'relu' is not supported"),
+])
+def test_folders_that_are_not_supported_classifiers_are_named(tmp_path, case, match):
+    d = tmp_path / "s"
+    drop = {"encoder": ("cls_classifier.weight", "cls_classifier.bias", "distillation_classifier.weight",
+                        "distillation_classifier.bias"),
+            "half_head": ("distillation_classifier.weight", "distillation_classifier.bias")}.get(case, ())
+    extra = {"dinov2": {"model_type": "dinov2"}, "clip": {"model_type": "clip_vision_model"},
+             "labels": {"id2label": {"0": "a", "1": "b", "2": "c"}}, "field": {"hidden_act": "relu"}}.get(case)
+    write_classifier(d, drop=drop, extra_config=extra)
+    with pytest.raises((ConversionError, ConfigError), match=match) as e:
+        convert_student(d)
+    assert str(d) in str(e.value)  # the file at fault is named
+
+
+def test_cli_converts_and_audits_a_deit_student(tmp_path, capsys):
+    """`kdd convert` + `kdd detect`: BN methods refuse a ViT and say which to use; the BN-free
+    data-free method attributes the student to the teacher that is the student itself."""
+    write_classifier(tmp_path / "src" / "deit-student", seed=0)
+    write_classifier(tmp_path / "src" / "vit-other", "vit", "cls", seed=1)
+    out = tmp_path / "conv"
+    assert main(["convert", str(tmp_path / "src"), "--out", str(out), "--no-verify", "-q"]) == 0
+    _, config, report = load_converted(out / "deit-student")
+    assert config.arch.head == "cls_distill" and config.preprocessing.mean == (0.485, 0.456, 0.406)
+    teachers = tmp_path / "teachers.json"
+    teachers.write_text(json.dumps({"teachers": [{"name": "other", "path": "conv/vit-other", "output": "probs"},
+                                                 {"name": "same", "path": "conv/deit-student", "output": "probs"}]}))
+    capsys.readouterr()
+    base = ["detect", "--student", str(out / "deit-student"), "--teachers", str(teachers), "--probes", "12",
+            "--cache", str(tmp_path / "cache"), "-q"]
+    assert main([*base, "--steps", "2"]) == 1  # default method: pixel, which needs BatchNorm
+    assert "no BatchNorm layers (an AlexNet, a ViT or DeiT)" in capsys.readouterr().err
+    assert main([*base, "--method", "confidence", "--steps", "5", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["answer"] == "same"
