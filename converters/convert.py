@@ -115,7 +115,7 @@ def _resolve_config(src: StudentSource, tensors, override) -> tuple[StudentConfi
             # a transformers folder (save_pretrained): its config.json speaks transformers, not our schema
             from converters.vit import student_config
 
-            cfg = student_config(src.config.parent, data, tensors, str(src.config))
+            cfg = student_config(src.config.parent, data, tensors, str(src.config), src.weights)
             return cfg, f"{src.config} (transformers {data['model_type']})", []
         return parse_config(data, str(src.config)), str(src.config), []
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}

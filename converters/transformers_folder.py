@@ -65,17 +65,23 @@ def read_folder(path, what: str, parse) -> tuple[Path, Path, dict, dict]:
     return folder, weights, data, tensors
 
 
-def preprocessing(folder: Path, mean: tuple, std: tuple, resample: int, channels: int = 3) -> dict:
+def preprocessing(folder: Path, mean: tuple, std: tuple, resample: int | None, channels: int = 3) -> dict:
     """The folder's `preprocessor_config.json` (the given defaults where absent): `mean`, `std`
-    (mean 0 / std 1 when `do_normalize` is false), `resize` (a jax.image.resize method from the
-    PIL `resample` code), `value_range` (raw pixels 0-255 times `rescale_factor` when `do_rescale`,
-    as the processors do) and `source` (where they came from)."""
+    (mean 0 / std 1 when `do_normalize` is false; then `image_mean` / `image_std` are not read),
+    `resize` (a jax.image.resize method from the PIL `resample` code; None, and `resample` not
+    read, when `resample` is None: a model that never resizes), `value_range` (raw pixels 0-255
+    times `rescale_factor` when `do_rescale`, as the processors do) and `source` (where they came from)."""
     pre = folder / "preprocessor_config.json"
     data = read_json_config(pre, "preprocessor config") if pre.is_file() else {}
     if not isinstance(data, dict):
         raise ConfigError(f"{pre}: expected a JSON object")
-    out = {}
-    for key, default in (("image_mean", mean), ("image_std", std)):
+    flags = {}
+    for key in ("do_normalize", "do_rescale"):
+        flags[key] = data.get(key, True)
+        if not isinstance(flags[key], bool):
+            raise ConfigError(f"{pre}.{key}: expected true or false, got {flags[key]!r}")
+    out = {"image_mean": (0.0,) * channels, "image_std": (1.0,) * channels}
+    for key, default in (("image_mean", mean), ("image_std", std)) if flags["do_normalize"] else ():
         v = data.get(key, default)
         if (not isinstance(v, list | tuple) or len(v) != channels
                 or not all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in v)
@@ -84,22 +90,16 @@ def preprocessing(folder: Path, mean: tuple, std: tuple, resample: int, channels
             raise ConfigError(f"{where}.{key}: expected {channels} finite numbers"
                               f"{' > 0' if key == 'image_std' else ''}, got {v!r}")
         out[key] = tuple(float(x) for x in v)
-    flags = {}
-    for key in ("do_normalize", "do_rescale"):
-        flags[key] = data.get(key, True)
-        if not isinstance(flags[key], bool):
-            raise ConfigError(f"{pre}.{key}: expected true or false, got {flags[key]!r}")
-    if not flags["do_normalize"]:
-        out["image_mean"], out["image_std"] = (0.0,) * channels, (1.0,) * channels
     factor = data.get("rescale_factor", 1 / 255) if flags["do_rescale"] else 1.0
     if isinstance(factor, bool) or not isinstance(factor, int | float) or not 0 < factor < math.inf:
         raise ConfigError(f"{pre}.rescale_factor: expected a finite number > 0, got {factor!r}")
     code = data.get("resample", resample)
-    if isinstance(code, bool) or not isinstance(code, int) or code not in RESAMPLE:
+    if resample is not None and (isinstance(code, bool) or not isinstance(code, int) or code not in RESAMPLE):
         known = ", ".join(f"{k} ({v})" for k, v in RESAMPLE.items())
         name = f" ({_RESAMPLE_NAMES[code]})" if type(code) is int and code in _RESAMPLE_NAMES else ""
         raise ConfigError(f"{pre}.resample: {code!r}{name} is not supported; supported PIL codes: {known}")
-    return {"mean": out["image_mean"], "std": out["image_std"], "resize": RESAMPLE[code],
+    return {"mean": out["image_mean"], "std": out["image_std"],
+            "resize": None if resample is None else RESAMPLE[code],
             "value_range": (0.0, 255.0 * float(factor)),
             "source": str(pre) if pre.is_file() else "defaults (no preprocessor_config.json)"}
 
@@ -125,6 +125,11 @@ def fill(abstract: nnx.Module, tensors: dict, weights: Path, folder: Path, famil
     if cfg.num_channels != 3:
         raise ConfigError(f"{folder / 'config.json'}: num_channels {cfg.num_channels}; image-encoder feature "
                           "networks take RGB")
+    if not math.isclose(pre["value_range"][1], 1.0, rel_tol=1e-6):
+        # feature nets take [0, 1] images: what the processor makes of 0-255 pixels with rescale_factor 1/255
+        raise ConfigError(f"{pre['source']}: do_rescale / rescale_factor give a pixel range "
+                          f"[0, {pre['value_range'][1]:g}]; image-encoder feature networks support only the "
+                          "processors' default, do_rescale true with rescale_factor 1/255 ([0, 1])")
     entries = build_keymap(abstract)
     pure, facts = apply_keymap(tensors, entries, str(weights))
     graphdef, state = nnx.split(abstract)

@@ -18,7 +18,8 @@ the head read from the weights. Its probes and image pools are at the checkpoint
 
 The optional `pooler` (ViT, DeiT) and `mask_token` are converted when present and not used.
 `preprocessor_config.json`, when present, gives the preprocessing (`image_mean`, `image_std`,
-`do_normalize`, `resample`, and for students `do_rescale` / `rescale_factor`); otherwise the image
+`do_normalize`, `do_rescale` / `rescale_factor`, and for encoders `resample`; a student never
+resizes, so its `resample` is not read); otherwise the image
 processors' defaults: ViTImageProcessor's mean/std 0.5 and bilinear for `vit`, DeiT's and DINOv2's
 ImageNet mean/std and bicubic for `deit` and `dinov2`. Pickle weights and sharded checkpoints are
 refused.
@@ -30,7 +31,7 @@ import dataclasses
 from pathlib import Path
 
 from converters.keymap import ConversionError
-from converters.transformers_folder import EncoderConversion, fill, model_type, preprocessing, read_folder
+from converters.transformers_folder import WEIGHTS_NAME, EncoderConversion, fill, model_type, preprocessing, read_folder
 from kdd_jax.config import ConfigError, Preprocessing, StudentConfig
 from kdd_jax.models.vit import VARIANTS, ViTClassifierArch, ViTConfig, abstract_vit
 
@@ -41,7 +42,7 @@ _PROCESSOR_DEFAULTS = {"vit": ((0.5,) * 3, (0.5,) * 3, 2), "deit": (IMAGENET_MEA
                        "dinov2": (IMAGENET_MEAN, IMAGENET_STD, 3)}
 STUDENT_TYPES = ("vit", "deit")
 # the head's weight key -> (head, transformers class)
-_HEADS = {"classifier.weight": ("cls", "*ForImageClassification"),
+_HEAD_KEYS = {"classifier.weight": ("cls", "*ForImageClassification"),
           "cls_classifier.weight": ("cls_distill", "DeiTForImageClassificationWithTeacher")}
 
 
@@ -70,7 +71,7 @@ def convert_vit(path: str | Path) -> EncoderConversion:
     return fill(abstract_vit(cfg), tensors, weights, folder, FAMILY, pre, [], unused_classifier_keys=len(head))
 
 
-def student_config(folder: Path, data: dict, tensors: dict, source: str) -> StudentConfig:
+def student_config(folder: Path, data: dict, tensors: dict, source: str, weights: Path | None = None) -> StudentConfig:
     """The student config (family `vit`) of a transformers ViT / DeiT classifier folder: the
     encoder's fields from config.json (transformers' defaults where omitted), the head and its class
     count from the weights (checked against `id2label`), the preprocessing from
@@ -83,16 +84,23 @@ def student_config(folder: Path, data: dict, tensors: dict, source: str) -> Stud
                 "; image encoders (CLIP, DINO) are feature networks: pass their folder to --feature-net")
         raise ConversionError(f"{source}.model_type: {kind!r} is not a supported classifier student; supported "
                               f"transformers classifiers: {', '.join(STUDENT_TYPES)}{hint}")
-    found = [k for k in _HEADS if k in tensors]
+    found = [k for k in _HEAD_KEYS if k in tensors]
     if not found:
-        raise ConversionError(f"{source}: the weights hold no classification head ({' or '.join(_HEADS)}): a bare "
+        raise ConversionError(f"{source}: the weights hold no classification head ({' or '.join(_HEAD_KEYS)}): a bare "
                               f"{kind} encoder is not a classifier (use it with --feature-net)")
-    head, cls_name = _HEADS[found[0]]
-    classes = int(tensors[found[0]].shape[0])
+    head, cls_name = _HEAD_KEYS[found[0]]
+    weights = weights or folder / WEIGHTS_NAME
+    shape = tuple(tensors[found[0]].shape)
+    if len(shape) != 2 or min(shape) < 1:
+        raise ConversionError(f"{weights}: {kind}'s head weight {found[0]} must be [classes, hidden], got shape "
+                              f"{list(shape)}")
+    classes = shape[0]
     labels = data.get("id2label")
-    if labels is not None and (not isinstance(labels, dict) or len(labels) != classes):
-        n = len(labels) if isinstance(labels, dict) else labels
-        raise ConfigError(f"{source}.id2label: {n!r} labels, but the {cls_name} head has {classes} outputs")
+    if labels is not None and not isinstance(labels, dict):
+        raise ConfigError(f"{source}.id2label: expected an object mapping class ids to labels, got "
+                          f"{type(labels).__name__} {labels!r}")
+    if labels is not None and len(labels) != classes:
+        raise ConfigError(f"{source}.id2label: {len(labels)} labels, but the {cls_name} head has {classes} outputs")
     prefix = f"{kind}."
     arch = ViTClassifierArch.from_transformers(data, source, pooler=f"{prefix}pooler.dense.weight" in tensors,
                                                mask_token=f"{prefix}embeddings.mask_token" in tensors)
@@ -100,8 +108,8 @@ def student_config(folder: Path, data: dict, tensors: dict, source: str) -> Stud
         arch = dataclasses.replace(arch, num_classes=classes, head=head)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
-    mean, std, resample = _PROCESSOR_DEFAULTS[kind]
-    pre = preprocessing(folder, mean, std, resample, channels=arch.num_channels)
+    mean, std, _ = _PROCESSOR_DEFAULTS[kind]  # a student's probes and pools are at image_size: no resize
+    pre = preprocessing(folder, mean, std, None, channels=arch.num_channels)
     return StudentConfig("vit", arch, Preprocessing(input_size=(arch.image_size,) * 2, channels=arch.num_channels,
                                                     mean=pre["mean"], std=pre["std"], value_range=pre["value_range"]))
 

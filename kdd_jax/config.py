@@ -202,6 +202,11 @@ def parse_config(data: Any, source: str = "config") -> StudentConfig:
         raise ConfigError(
             f"{source}: preprocessing.channels={pre.channels} but arch.in_channels={arch.in_channels}"
         )
+    if hasattr(arch, "check_input_size"):  # families whose strides or position embeddings fix the input
+        try:
+            arch.check_input_size(pre.input_size)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
     return StudentConfig(family=family, arch=arch, preprocessing=pre, format_version=version)
 
 

@@ -109,6 +109,17 @@ def test_vgg_without_avgpool_rejects_too_small_input():
         build_model(parse_config(cfg))
 
 
+@pytest.mark.parametrize("name, size, match", [
+    ("alexnet_small", [40, 40], r"input_size \[40, 40\] is too small for AlexNet"),
+    ("vit_tiny", [32, 32], r"input_size \[32, 32\] must be the arch's image_size \[16, 16\]"),
+])
+def test_input_size_the_family_cannot_take_is_refused_naming_the_config(name, size, match):
+    cfg = full_config(name)
+    cfg["preprocessing"]["input_size"] = size
+    with pytest.raises(ConfigError, match=f"student/config.json: preprocessing.{match}"):
+        parse_config(cfg, "student/config.json")
+
+
 @pytest.mark.parametrize(
     "patch, field",
     [

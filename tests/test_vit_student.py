@@ -26,20 +26,20 @@ ENCODER = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_at
 
 
 def write_classifier(path, variant="deit", head="cls_distill", *, seed=0, channels=3, classes=5, preprocessor=None,
-                     drop=(), extra_config=None):
+                     drop=(), extra_config=None, pooler=False, mask_token=False):
     """A transformers `*ForImageClassification` folder: config.json (transformers' fields, the rest
     at transformers' defaults), model.safetensors with the `vit.` / `deit.` prefix and the head."""
     from safetensors.torch import save_file
 
     arch = {**ENCODER, "num_channels": channels, "hidden_act": "gelu", "layer_norm_eps": 1e-12, "qkv_bias": True,
-            "variant": variant, "pooler": False, "mask_token": False, "num_classes": classes, "head": head}
+            "variant": variant, "pooler": pooler, "mask_token": mask_token, "num_classes": classes, "head": head}
     model = randomize_(TorchViTClassifier(arch), seed)
     path.mkdir(parents=True)
     sd = {k: v.contiguous() for k, v in model.state_dict().items() if k not in drop}
     save_file(sd, str(path / "model.safetensors"))
     config = {**ENCODER, "num_channels": channels, "model_type": variant,
               "id2label": {str(i): f"class{i}" for i in range(classes)}, **(extra_config or {})}
-    (path / "config.json").write_text(json.dumps(config))
+    (path / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
     if preprocessor is not None:
         (path / "preprocessor_config.json").write_text(json.dumps(preprocessor))
     return model
@@ -109,6 +109,9 @@ def test_preprocessing_comes_from_the_processor_config(tmp_path):
     ("labels", "id2label: 3 labels, but the DeiTForImageClassificationWithTeacher head has 5 outputs"),
     ("half_head", "missing keys.*distillation_classifier"),
     ("field", "hidden_act 'relu' is not supported"),
+    ("labels_type", "id2label: expected an object mapping class ids to labels, got int 5"),
+    ("vit_distill", "head 'cls_distill' reads the distillation token: variant 'deit' only"),
+    ("non_square", r"image_size: only square sizes are supported, got \[12, 16\]"),
 ])
 def test_folders_that_are_not_supported_classifiers_are_named(tmp_path, case, match):
     d = tmp_path / "s"
@@ -116,11 +119,70 @@ def test_folders_that_are_not_supported_classifiers_are_named(tmp_path, case, ma
                         "distillation_classifier.bias"),
             "half_head": ("distillation_classifier.weight", "distillation_classifier.bias")}.get(case, ())
     extra = {"dinov2": {"model_type": "dinov2"}, "clip": {"model_type": "clip_vision_model"},
-             "labels": {"id2label": {"0": "a", "1": "b", "2": "c"}}, "field": {"hidden_act": "relu"}}.get(case)
+             "labels": {"id2label": {"0": "a", "1": "b", "2": "c"}}, "field": {"hidden_act": "relu"},
+             "labels_type": {"id2label": 5}, "non_square": {"image_size": [12, 16]}}.get(case)
     write_classifier(d, drop=drop, extra_config=extra)
+    if case == "vit_distill":  # a ViT config over DeiT-with-teacher weights (renamed to the vit. prefix)
+        from safetensors.torch import load_file, save_file
+
+        sd = load_file(str(d / "model.safetensors"))
+        save_file({k.replace("deit.", "vit.", 1): v for k, v in sd.items()}, str(d / "model.safetensors"))
+        (d / "config.json").write_text(json.dumps({**json.loads((d / "config.json").read_text()), "model_type": "vit"}))
     with pytest.raises((ConversionError, ConfigError), match=match) as e:
         convert_student(d)
     assert str(d) in str(e.value)  # the file at fault is named
+
+
+def test_a_head_weight_that_is_not_a_matrix_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "s"
+    write_classifier(d, "vit", "cls")
+    sd = load_file(str(d / "model.safetensors"))
+    sd["classifier.weight"] = torch.tensor(1.0)
+    save_file(sd, str(d / "model.safetensors"))
+    with pytest.raises(ConversionError, match=r"model.safetensors: vit's head weight classifier.weight must be "
+                                              r"\[classes, hidden\], got shape \[\]"):
+        convert_student(d)
+
+
+def test_optional_weights_and_fields_a_real_folder_may_carry(tmp_path):
+    """The unused pooler and mask token convert, `pooler_output_size` null is hidden_size, `id2label`
+    may be absent, sizes may be square [h, w] pairs, and a student never resizes, so a processor's
+    BOX filter (no jax counterpart) is accepted; with do_normalize false image_mean is not read."""
+    d = tmp_path / "s"
+    pre = {"do_normalize": False, "resample": 4}
+    ref = write_classifier(d, "vit", "cls", channels=1, pooler=True, mask_token=True, preprocessor=pre,
+                           extra_config={"pooler_output_size": None, "id2label": None, "image_size": [12, 12],
+                                         "patch_size": [4, 4]})
+    r = convert_student(d)
+    a, p = r.config.arch, r.config.preprocessing
+    assert (a.pooler, a.mask_token, a.image_size, a.patch_size, a.num_classes) == (True, True, 12, 4, 5)
+    assert (p.mean, p.std, p.channels) == ((0.0,), (1.0,), 1)
+    assert_matches_torch(r.model, ref, np.random.default_rng(2).normal(size=(2, 1, 12, 12)).astype(np.float32))
+    (d / "config.json").write_text(json.dumps({**json.loads((d / "config.json").read_text()),
+                                               "pooler_output_size": 8}))
+    with pytest.raises(ConfigError, match=r"config.json.pooler_output_size: only hidden_size \(16\)"):
+        convert_student(d)
+
+
+def test_a_classifier_folder_converts_as_an_encoder_but_not_with_a_rescale_it_cannot_apply(tmp_path):
+    """`convert_vit` takes a DeiT-with-teacher folder as an image encoder (its four head tensors
+    counted, unused); a feature net takes [0, 1] images, so a processor without 1/255 rescaling is refused."""
+    from converters.vit import convert_vit
+
+    d = tmp_path / "s"
+    ref = write_classifier(d)
+    enc = convert_vit(d)
+    assert enc.report["unused_classifier_keys"] == 4
+    x = np.random.default_rng(3).normal(size=(2, 3, 12, 12)).astype(np.float32)
+    with torch.no_grad():
+        want = ref.deit(torch.from_numpy(x))[:, 0].numpy()
+    np.testing.assert_allclose(np.asarray(enc.model(x.transpose(0, 2, 3, 1))), want, rtol=1e-4, atol=1e-5)
+    (d / "preprocessor_config.json").write_text(json.dumps({"do_rescale": False}))
+    with pytest.raises(ConfigError, match=r"preprocessor_config.json: do_rescale / rescale_factor give a pixel "
+                                          r"range \[0, 255\]"):
+        convert_vit(d)
 
 
 def test_cli_converts_and_audits_a_deit_student(tmp_path, capsys):

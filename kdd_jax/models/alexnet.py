@@ -57,6 +57,13 @@ class AlexNetArch:
         if not 0 <= self.dropout_p < 1:
             raise ConfigError("dropout_p must be in [0, 1)")
 
+    def check_input_size(self, input_size) -> None:
+        """ConfigError when the five strided stages and pools leave no pixel (called by
+        `parse_config`, so the error names the config file, and by the model)."""
+        if min(min(s) for s in feature_map_sizes(tuple(input_size))) < 1:
+            raise ConfigError(f"preprocessing.input_size {list(input_size)} is too small for AlexNet's strides and "
+                              "pools (at least 63x63)")
+
 
 def feature_map_sizes(input_size: tuple[int, int]) -> list[tuple[int, int]]:
     """[h, w] after each of the five conv+ReLU stages (before the pool that may follow), then
@@ -80,10 +87,8 @@ RELU_LAYERS = tuple(f"features.{i + 1}" for i in CONV_INDICES)  # LPIPS' relu1..
 class AlexNet(nnx.Module):
     def __init__(self, arch: AlexNetArch, *, input_size: tuple[int, int], rngs: nnx.Rngs):
         self.arch = arch
+        arch.check_input_size(input_size)
         sizes = feature_map_sizes(tuple(input_size))
-        if min(min(s) for s in sizes) < 1:
-            raise ConfigError(f"input_size {list(input_size)} is too small for AlexNet's strides and pools "
-                              f"(at least 63x63)")
         layers, in_ch = [], arch.in_channels
         for (k, s, p), pool, c in zip(_CONVS, _POOL_AFTER, arch.widths):
             layers += [conv2d(in_ch, c, k, stride=s, padding=p, bias=True, rngs=rngs), ReLU()]

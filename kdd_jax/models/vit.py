@@ -38,18 +38,17 @@ from kdd_jax.models.layers import conv2d
 from kdd_jax.models.transformer import ACTIVATIONS, Parameter, TowerConfig, layer_norm, self_attention
 
 VARIANTS = ("vit", "deit", "dinov2")
-# transformers' ViTConfig / Dinov2Config defaults for the fields that shape the forward pass
+# transformers' ViTConfig / DeiTConfig (the same values) / Dinov2Config defaults for the fields
+# that shape the forward pass
 _DEFAULTS = {
     "vit": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
                 hidden_act="gelu", layer_norm_eps=1e-12, image_size=224, patch_size=16, num_channels=3,
                 qkv_bias=True),
-    "deit": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-                 hidden_act="gelu", layer_norm_eps=1e-12, image_size=224, patch_size=16, num_channels=3,
-                 qkv_bias=True),
     "dinov2": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, mlp_ratio=4,
                    hidden_act="gelu", layer_norm_eps=1e-6, image_size=224, patch_size=14, num_channels=3,
                    qkv_bias=True),
 }
+_DEFAULTS["deit"] = dict(_DEFAULTS["vit"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,9 +90,16 @@ class ViTConfig(TowerConfig):
         if variant not in VARIANTS:
             raise ConfigError(f"{source}.model_type: {variant!r} is not a ViT/DINO model ({', '.join(VARIANTS)})")
         fields = {**_DEFAULTS[variant], **{k: data[k] for k in _DEFAULTS[variant] if k in data}}
-        if variant != "dinov2" and data.get("pooler_output_size", fields["hidden_size"]) != fields["hidden_size"]:
-            raise ConfigError(f"{source}.pooler_output_size: only hidden_size is supported, got "
-                              f"{data['pooler_output_size']!r}")
+        for key in ("image_size", "patch_size"):  # transformers also takes an [h, w] pair
+            v = fields[key]
+            if isinstance(v, list | tuple):
+                if len(v) != 2 or v[0] != v[1]:
+                    raise ConfigError(f"{source}.{key}: only square sizes are supported, got {v!r}")
+                fields[key] = v[0]
+        pooled = data.get("pooler_output_size")  # ViT and DeiT; null = hidden_size
+        if pooler and pooled is not None and pooled != fields["hidden_size"]:
+            raise ConfigError(f"{source}.pooler_output_size: only hidden_size ({fields['hidden_size']!r}) is "
+                              f"supported for the pooler's weights, got {pooled!r}")
         if variant == "dinov2":
             swiglu = data.get("use_swiglu_ffn", False)
             if not isinstance(swiglu, bool):
@@ -279,15 +285,20 @@ class ViTClassifierArch(ViTConfig):
     def in_channels(self) -> int:
         return self.num_channels
 
+    def check_input_size(self, input_size) -> None:
+        """ConfigError unless the input is image_size square (called by `parse_config`, so the error
+        names the config file, and by the model)."""
+        if tuple(input_size) != (self.image_size,) * 2:
+            raise ConfigError(f"preprocessing.input_size {list(input_size)} must be the arch's image_size "
+                              f"{[self.image_size] * 2} (position embeddings are not interpolated)")
+
 
 class ViTForImageClassification(nnx.Module):
     """A transformers ViT / DeiT image classifier: normalised [N, image_size, image_size, C] -> logits.
     The encoder sits under the checkpoint's own prefix (`vit` or `deit`), so state-dict keys map 1:1."""
 
     def __init__(self, arch: ViTClassifierArch, *, input_size: tuple[int, int], rngs: nnx.Rngs):
-        if tuple(input_size) != (arch.image_size,) * 2:
-            raise ConfigError(f"preprocessing.input_size {list(input_size)} must be the arch's image_size "
-                              f"{[arch.image_size] * 2} (position embeddings are not interpolated)")
+        arch.check_input_size(input_size)
         self.arch = arch
         setattr(self, arch.variant, ViTModel(arch, rngs=rngs))
         d, c = arch.hidden_size, arch.num_classes
