@@ -1410,10 +1410,12 @@ def main(argv: list[str] | None = None) -> int:
         "experiments": experiments,
         "notes": notes,
     }
+    from kdd_jax.io import atomic_write_bytes  # a killed run leaves the previous result files whole
+
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "convert_bench_quick" if args.quick else "convert_bench"
-    (args.out / f"{stem}.json").write_text(json.dumps(res, indent=1) + "\n")
-    (args.out / f"{stem}.md").write_text(render_markdown(res))
+    atomic_write_bytes(args.out / f"{stem}.json", (json.dumps(res, indent=1) + "\n").encode())
+    atomic_write_bytes(args.out / f"{stem}.md", render_markdown(res).encode())
     hl = summary["headline"][0]
     log(f"bare {hl['bare_MB_s']} MB/s, conversion {hl['conversion_MB_s']} MB/s, ratio {hl['ratio']}x "
         f"-> {args.out / stem}.{{md,json}}")
