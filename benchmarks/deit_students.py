@@ -208,8 +208,8 @@ def markdown(res: dict, meta: dict) -> str:
     lines = ["# DeiT students of CNN teachers", "",
              f"{meta['date']} · {meta['machine']['cpu_model']} ({meta['machine']['usable_cpus']} CPUs) · command "
              f"`{meta['command']}` · {meta['seconds']:.0f} s · versions {meta['versions']}", "",
-             "ViT students (transformers' DeiT layout, 4 layers, width 64, patch 4, 0.2 M parameters, 8 epochs on "
-             "10k augmented Fashion-MNIST images) distilled from the zoo's CNN teachers through the distillation "
+             "ViT students (transformers' DeiT layout, 4 layers, width 64, patch 4, 0.2 M parameters, "
+             f"{meta['epochs']:g} epochs on {meta['training_images'] // 1000}k augmented Fashion-MNIST images) distilled from the zoo's CNN teachers through the distillation "
              "token, the class token always on the true label: `hard` (DeiT's hard distillation: the teacher's "
              "argmax on each augmented image), `soft` (KL at T=3), on the teacher's own training images (`own`, as "
              "DeiT distilled on its teacher's ImageNet) or on a transfer set the teacher never saw; controls: the "
@@ -223,7 +223,7 @@ def markdown(res: dict, meta: dict) -> str:
                  f"{t['teacher_label_flips_clean']:.3f} / {t['teacher_label_flips_augmented']:.3f}")
         agree = "-" if r["teacher"] is None else f"{r['agree_own']:.3f} ({r['agree_other_max']:.3f})"
         lines.append(f"| `{r['name']}` | {r['kind']} | {r['test_accuracy']:.3f} | {flips} | {agree} |")
-    lines += ["", f"## Every test image as a probe (10k, teachers' probabilities)", "",
+    lines += ["", "## Every test image as a probe (10k, teachers' probabilities)", "",
               f"Accuracy / AUC over the {n} students (chance 0.25), per recipe, and students whose own-teacher "
               "excess lies above every control's (`detection_ceiling.py`'s detectability; the 2 DeiT controls, or "
               "the zoo's 6 CNN controls):", "",
@@ -344,7 +344,8 @@ def main(argv=None) -> int:
     meta = {"machine": machine(), "versions": versions(), "date": datetime.date.today().isoformat(),
             "command": "python benchmarks/deit_students.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "seconds": time.perf_counter() - started, "arch": ARCH, "training_images": SIZE, "runs": args.runs,
-            "synthesis_steps": args.steps, "recipes": RECIPES}
+            "synthesis_steps": args.steps, "recipes": RECIPES, "epochs": args.epochs, "lr": args.lr,
+            "batch": args.batch}
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(args.out / f"{args.tag}.json", json.dumps({"meta": meta, "results": res}, indent=1).encode())
     atomic_write_bytes(args.out / f"{args.tag}.md", markdown(res, meta).encode())

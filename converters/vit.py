@@ -43,7 +43,7 @@ _PROCESSOR_DEFAULTS = {"vit": ((0.5,) * 3, (0.5,) * 3, 2), "deit": (IMAGENET_MEA
 STUDENT_TYPES = ("vit", "deit")
 # the head's weight key -> (head, transformers class)
 _HEAD_KEYS = {"classifier.weight": ("cls", "*ForImageClassification"),
-          "cls_classifier.weight": ("cls_distill", "DeiTForImageClassificationWithTeacher")}
+              "cls_classifier.weight": ("cls_distill", "DeiTForImageClassificationWithTeacher")}
 
 
 def is_vit_folder(path) -> bool:
