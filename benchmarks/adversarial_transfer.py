@@ -28,8 +28,6 @@ Outputs: benchmarks/results/TAG.{md,json} (TAG: --tag, default adversarial_trans
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import sys
 import time
 from pathlib import Path
@@ -45,10 +43,9 @@ from flax import nnx  # noqa: E402
 
 from benchmarks.detection_accuracy import ZooRoles, load_zoo, log, pools, read_manifest, weights_id  # noqa: E402
 from benchmarks.detection_ceiling import detectability  # noqa: E402
+from benchmarks.provenance import run_meta, write_results  # noqa: E402
 from kdd_jax.evaluation import multiple_choice_metrics  # noqa: E402
-from kdd_jax.io import atomic_write_bytes  # noqa: E402
 from kdd_jax.scores.pairs import score_pairs  # noqa: E402
-from kdd_jax.versions import machine, versions  # noqa: E402
 
 SCORE_KEYS = ("transfer", "flip", "gain", "drop", "dark_adv", "neg_kl_adv", "dark_clean")
 
@@ -211,15 +208,10 @@ def main(argv=None) -> int:
             log(f"{attack} eps {eps}: {time.perf_counter() - t0:.0f} s; "
                 + ", ".join(f"{k} {ev[k]['accuracy']:.2f}" for k in SCORE_KEYS))
     recipes = sorted({zoo[s][2].get("recipe_id", "?") for s in students})
-    meta = {"date": datetime.date.today().isoformat(), "machine": machine(), "versions": versions(),
-            "command": " ".join(["python benchmarks/adversarial_transfer.py", *(argv if argv is not None else sys.argv[1:])]),
-            "seconds": time.perf_counter() - started, "n": args.n, "steps": args.steps, "seed": args.seed,
-            "students": len(students), "teachers": len(teachers), "controls": len(controls),
-            "teacher_names": teachers,
-            "zoo_weights": {n: weights_id(args.zoo, e) for n, (_, _, e) in zoo.items()}}
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(args.out / f"{args.tag}.json", json.dumps({"meta": meta, "results": results}, indent=1).encode())
-    atomic_write_bytes(args.out / f"{args.tag}.md", markdown(results, meta, recipes).encode())
+    meta = run_meta(__file__, argv, started, n=args.n, steps=args.steps, seed=args.seed, students=len(students),
+                    teachers=len(teachers), controls=len(controls), teacher_names=teachers,
+                    zoo_weights={n: weights_id(args.zoo, e) for n, (_, _, e) in zoo.items()})
+    write_results(args.out, args.tag, {"meta": meta, "results": results}, markdown(results, meta, recipes))
     log(f"wrote {args.out / args.tag}.{{md,json}}")
     return 0
 

@@ -22,7 +22,6 @@ Writes benchmarks/results/audit_scaling.{md,json} (machine, versions, date, comm
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import subprocess
@@ -131,7 +130,7 @@ def markdown(doc: dict) -> str:
     lines = ["# Audit scaling", "",
              f"Machine: {m['machine']['cpu_model']}, {m['machine']['usable_cpus']} CPUs; versions: {m['versions']}; "
              f"date {m['date']}; load average at start / end: {m['loadavg_start']} / {m['loadavg_end']}.",
-             f"Command: `{m['command']}` ({m['wall_seconds']:.0f} s).", "",
+             f"Command: `{m['command']}` ({m['seconds']:.0f} s).", "",
              "## Cost per student as the audit grows", "",
              f"Tiny random-weight VGG students (12x12, 6 classes), 2 local teachers (probabilities API), "
              f"{m['probes']} probes, {m['steps']} pixel-synthesis steps, 200 bootstrap replicates; every artefact "
@@ -168,8 +167,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks/results")
     ap.add_argument("--tag", default="audit_scaling")
     args = ap.parse_args(argv)
-    from kdd_jax.io import atomic_write_bytes, atomic_write_json
-    from kdd_jax.versions import machine, versions
+    from benchmarks.provenance import run_meta, write_results
 
     started = time.perf_counter()
     load0 = [round(x, 2) for x in os.getloadavg()]
@@ -184,15 +182,11 @@ def main(argv=None) -> int:
     import jax
 
     doc = {"audit": rows, "scoring": scoring,
-           "meta": {"machine": machine(), "versions": versions(), "date": datetime.date.today().isoformat(),
-                    "command": "python benchmarks/audit_scaling.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                    "wall_seconds": time.perf_counter() - started, "loadavg_start": load0,
-                    "loadavg_end": [round(x, 2) for x in os.getloadavg()], "probes": args.probes, "steps": args.steps,
-                    "pairs": args.pairs, "pair_probes": args.pair_probes, "reps": args.reps,
-                    "jax_backend": f"{jax.default_backend()} ({jax.devices()[0].device_kind})"}}
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out / f"{args.tag}.json", doc)
-    atomic_write_bytes(args.out / f"{args.tag}.md", markdown(doc).encode())
+           "meta": run_meta(__file__, argv, started, loadavg_start=load0,
+                            loadavg_end=[round(x, 2) for x in os.getloadavg()], probes=args.probes, steps=args.steps,
+                            pairs=args.pairs, pair_probes=args.pair_probes, reps=args.reps,
+                            jax_backend=f"{jax.default_backend()} ({jax.devices()[0].device_kind})")}
+    write_results(args.out, args.tag, doc, markdown(doc))
     print(markdown(doc))
     return 0
 

@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
 import sys
 import time
 from pathlib import Path
@@ -47,9 +45,8 @@ from scipy.stats import rankdata  # noqa: E402
 from benchmarks.detection_accuracy import ZooRoles, read_manifest  # noqa: E402
 from benchmarks.detection_ceiling import (  # noqa: E402
     evaluate_pool, fashion_pools, load_zoo, log, per_probe_scores, pool_logits, teacher_logp, weights_id)
+from benchmarks.provenance import run_meta, write_results  # noqa: E402
 from kdd_jax.evaluation import multiple_choice_metrics, tie_aware_accuracy  # noqa: E402
-from kdd_jax.io import atomic_write_bytes  # noqa: E402
-from kdd_jax.versions import machine, versions  # noqa: E402
 
 BOUNDARY_FRAC = 0.10
 SUBSET_NS = (100, 1000)
@@ -229,10 +226,8 @@ def main(argv=None) -> int:
             results[pool][n]["subsets"] = cv
 
     # ------------------------------------------------------------------ report
-    meta = {"date": datetime.date.today().isoformat(), "machine": machine(), "versions": versions(),
-            "command": " ".join(["python benchmarks/confidence_profile.py", *(argv if argv is not None else sys.argv[1:])]),
-            "seconds": time.perf_counter() - t_start, "pools": list(args.pools), "boundary_fraction": BOUNDARY_FRAC,
-            "zoo": str(args.zoo), "weights_sha256_12": {n: weights_id(args.zoo, e) for n, (_, _, e) in zoo.items()}}
+    meta = run_meta(__file__, argv, t_start, pools=list(args.pools), boundary_fraction=BOUNDARY_FRAC, zoo=str(args.zoo),
+                    weights_sha256_12={n: weights_id(args.zoo, e) for n, (_, _, e) in zoo.items()})
     rs = list(dict.fromkeys(recipes))
     names = list(BASELINES) + list(CANDIDATES) + ["dark_corr_z"] + [f"fusion_{c}" for c in CANDIDATES]
     L = ["# Confidence-structure scores: does a student inherit where its teacher is uncertain?", "",
@@ -296,11 +291,8 @@ def main(argv=None) -> int:
                              f"{'yes' if row['above_controls'] else 'no'}, {top}{'' if row['attributed'] else ' (wrong)'}")
             L.append(f"| `{students[i]}` (teacher {teachers[labels[i]].replace('teacher-', '')}) | " + " | ".join(cells) + " |")
         L.append("")
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(args.out / f"{args.tag}.md", ("\n".join(L) + "\n").encode())
-    atomic_write_bytes(args.out / f"{args.tag}.json", json.dumps(
-        {"meta": meta, "teachers": teachers, "students": students, "controls": controls, "recipes": recipes,
-         "best": best, "results": results}, indent=1).encode())
+    write_results(args.out, args.tag, {"meta": meta, "teachers": teachers, "students": students, "controls": controls,
+                                       "recipes": recipes, "best": best, "results": results}, "\n".join(L) + "\n")
     log(f"wrote {args.out / args.tag}.{{md,json}} ({time.perf_counter() - t_start:.0f} s)")
     return 0
 

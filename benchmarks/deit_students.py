@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import hashlib
 import json
 import math
@@ -54,8 +53,8 @@ import numpy as np  # noqa: E402
 from benchmarks.detection_accuracy import (  # noqa: E402
     ZooRoles, all_scores, load_zoo, log, pools, probe_logits, read_manifest, teacher_logp, weights_id)
 from benchmarks.detection_ceiling import evaluate_pool, fashion_pools, per_probe_scores, pool_logits  # noqa: E402
-from kdd_jax.io import atomic_write_bytes, sha256_file  # noqa: E402
-from kdd_jax.versions import machine, versions  # noqa: E402
+from benchmarks.provenance import run_meta, write_results  # noqa: E402
+from kdd_jax.io import sha256_file  # noqa: E402
 
 SCORES = ("dark_corr", "top1", "acs", "linear_cka")
 PROBE_METHODS = ("confidence", "mia")  # data-free (BN-free) and the unlabelled-pool filter
@@ -341,14 +340,9 @@ def main(argv=None) -> int:
            "vs_cnn_controls": evaluate_pool(per, labels, students, cnn_controls, recipes, names=SCORES, curve=())}
     if args.runs:
         res["probes"] = probe_audit(converted, students, labels, recipes, teachers, zoo, args.zoo, args.runs, args.steps, args.work)
-    meta = {"machine": machine(), "versions": versions(), "date": datetime.date.today().isoformat(),
-            "command": "python benchmarks/deit_students.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "seconds": time.perf_counter() - started, "arch": ARCH, "training_images": SIZE, "runs": args.runs,
-            "synthesis_steps": args.steps, "recipes": RECIPES, "epochs": args.epochs, "lr": args.lr,
-            "batch": args.batch}
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(args.out / f"{args.tag}.json", json.dumps({"meta": meta, "results": res}, indent=1).encode())
-    atomic_write_bytes(args.out / f"{args.tag}.md", markdown(res, meta).encode())
+    meta = run_meta(__file__, argv, started, arch=ARCH, training_images=SIZE, runs=args.runs,
+                    synthesis_steps=args.steps, recipes=RECIPES, epochs=args.epochs, lr=args.lr, batch=args.batch)
+    write_results(args.out, args.tag, {"meta": meta, "results": res}, markdown(res, meta))
     log(f"wrote {args.out / (args.tag + '.md')}")
     return 0
 

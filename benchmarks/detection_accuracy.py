@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import hashlib
 import json
 import sys
@@ -44,11 +43,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.provenance import run_meta, write_results  # noqa: E402
 from benchmarks.zoo.fashion import load_fashion  # noqa: E402
 from converters import convert_student  # noqa: E402
 from kdd_jax.detect import teacher_log_probs  # noqa: E402
 from kdd_jax.evaluation import binary_rates_loo, margin_statistic, multiple_choice_metrics, tie_aware_accuracy  # noqa: E402
-from kdd_jax.io import atomic_write_bytes, atomic_write_json  # noqa: E402
+from kdd_jax.io import atomic_write_bytes  # noqa: E402
 from kdd_jax.models import predict_logits  # noqa: E402
 from kdd_jax.report import svg_histogram_rows, svg_lines  # noqa: E402
 from kdd_jax.scores import SCORES  # noqa: E402
@@ -56,7 +56,6 @@ from kdd_jax.synthesis import ImagePool, SynthesisConfig, synthesize  # noqa: E4
 from kdd_jax.synthesis.mapping import map_probes  # noqa: E402
 from kdd_jax.teachers import CachedTeacher, ResponseCache, flax_teacher  # noqa: E402
 from kdd_jax.teachers.local import logits_to_output  # noqa: E402
-from kdd_jax.versions import machine, versions  # noqa: E402
 
 METHODS = ("pixel", "generator", "confidence", "noise", "real", "ood", "mia")
 OUTPUTS = ("logits", "probs", "topk", "labels")
@@ -244,7 +243,7 @@ def markdown(results, manifest, meta) -> str:
     lines = ["# Detection accuracy on the Fashion-MNIST zoo", "",
              f"Machine: {meta['machine']['cpu_model']}, {meta['machine']['usable_cpus']} CPUs, "
              f"{meta['machine']['memory_gib']} GiB, backend {meta['machine']['jax_backend']}; versions: {meta['versions']}; date {meta['date']}.",
-             f"Command: `{meta['command']}` ({meta['wall_seconds']:.0f} s, {meta['runs']} runs, "
+             f"Command: `{meta['command']}` ({meta['seconds']:.0f} s, {meta['runs']} runs, "
              f"{meta['synthesis_steps']} synthesis steps).", "",
              f"Zoo: {manifest['counts']['teacher']} teachers, {manifest['counts']['student']} distilled students, "
              f"{manifest['counts']['control']} independent controls (benchmarks/results/zoo.md). Accuracy ± std over "
@@ -371,16 +370,11 @@ def main(argv=None) -> int:
                     log(f"{done}/{total} ({method}, seed {seed}) elapsed {el:.0f}s; queries "
                         f"{sum(t.stats.queries for t in teachers)} new, {sum(t.stats.hits for t in teachers)} cached")
     results = evaluate(records, manifest, teacher_names)
-    meta = {"machine": {**machine(), "jax_backend": jax.default_backend()},
-            "versions": versions(), "date": datetime.date.today().isoformat(),
-            "command": "python benchmarks/detection_accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "wall_seconds": time.perf_counter() - started, "runs": args.runs, "synthesis_steps": args.steps,
-            "synthesis_seconds": {m: float(np.mean(v)) for m, v in synth_s.items()},
-            "queries": {t.name: dataclasses.asdict(t.stats) for t in teachers}}
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(args.out / f"{args.tag}.json",  # compact: thousands of cells
-                       json.dumps({"meta": meta, "teachers": teacher_names, "results": results}).encode())
-    atomic_write_bytes(args.out / f"{args.tag}.md", markdown(results, manifest, meta).encode())
+    meta = run_meta(__file__, argv, started, backend=True, runs=args.runs, synthesis_steps=args.steps,
+                    synthesis_seconds={m: float(np.mean(v)) for m, v in synth_s.items()},
+                    queries={t.name: dataclasses.asdict(t.stats) for t in teachers})
+    write_results(args.out, args.tag, {"meta": meta, "teachers": teacher_names, "results": results},
+                  markdown(results, manifest, meta), indent=None)  # compact: thousands of cells
     plots(results, args.out, args.tag)
     log(f"wrote {args.out / (args.tag + '.md')}")
     return 0

@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
 import sys
 import time
 from pathlib import Path
@@ -51,13 +49,13 @@ import numpy as np  # noqa: E402
 
 from benchmarks.detection_accuracy import (  # noqa: E402
     SCORE_NAMES, ZooRoles, load_zoo, log, pools, read_manifest, teacher_logp, weights_id)
+from benchmarks.provenance import run_meta, write_results  # noqa: E402
 from kdd_jax.evaluation import multiple_choice_metrics, tie_aware_accuracy  # noqa: E402
 from kdd_jax.io import atomic_write_bytes  # noqa: E402
 from kdd_jax.models import predict_logits  # noqa: E402
 from kdd_jax.scores import SCORES  # noqa: E402
 from kdd_jax.scores.pairs import score_pairs  # noqa: E402
 from kdd_jax.synthesis.real import _normalise  # noqa: E402
-from kdd_jax.versions import machine, versions  # noqa: E402
 
 POOL_SIZE = 10_000
 SET_PROBES = 1_000
@@ -231,7 +229,7 @@ def markdown(results: dict, meta: dict, students: list[str], recipes: list[str],
     lines = ["# Detection ceiling: every real image as a probe", "",
              f"Machine: {meta['machine']['cpu_model']}, {meta['machine']['usable_cpus']} CPUs, backend {meta['machine']['jax_backend']}; "
              f"versions: {meta['versions']}; date {meta['date']}.",
-             f"Command: `{meta['command']}` ({meta['wall_seconds']:.0f} s).", "",
+             f"Command: `{meta['command']}` ({meta['seconds']:.0f} s).", "",
              "Pools: " + "; ".join(f"`{k}` = {meta['pool_sizes'][k]} {v}" for k, v in meta["pool_sources"].items()) + ". "
              f"Teachers answer through the probabilities API. Point-wise scores use every probe; set scores the "
              f"first {SET_PROBES}. One deterministic evaluation (no runs to average): accuracy / one-vs-rest AUC "
@@ -347,17 +345,11 @@ def main(argv=None) -> int:
                 {n: e for n, (_, _, e) in zoo.items()})
         log(f"{pool}: dark_corr {results[pool]['dark_corr']['accuracy']:.3f}, "
             f"{results[pool]['dark_corr']['detectability']['above_controls']}/{len(students)} above the controls")
-    meta = {"machine": {**machine(), "jax_backend": jax.default_backend()}, "versions": versions(),
-            "date": datetime.date.today().isoformat(),
-            "command": "python benchmarks/detection_ceiling.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "wall_seconds": time.perf_counter() - started, "pool_sizes": {k: len(v) for k, v in pools.items()},
-            "pool_sources": sources,
-            "num_teachers": len(teachers), "set_probes": SET_PROBES, "subsets": SUBSETS}
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(args.out / f"{args.tag}.json", json.dumps(
-        {"meta": meta, "teachers": teachers, "students": students, "controls": controls, "recipes": recipes,
-         "results": results}, indent=1).encode())
-    atomic_write_bytes(args.out / f"{args.tag}.md", markdown(results, meta, students, recipes, teachers).encode())
+    meta = run_meta(__file__, argv, started, backend=True, pool_sizes={k: len(v) for k, v in pools.items()},
+                    pool_sources=sources, num_teachers=len(teachers), set_probes=SET_PROBES, subsets=SUBSETS)
+    write_results(args.out, args.tag, {"meta": meta, "teachers": teachers, "students": students, "controls": controls,
+                                       "recipes": recipes, "results": results},
+                  markdown(results, meta, students, recipes, teachers))
     log(f"wrote {args.out / (args.tag + '.md')}")
     return 0
 

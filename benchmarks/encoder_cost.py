@@ -18,7 +18,6 @@ Outputs: benchmarks/results/TAG.{md,json} (TAG: --tag, default encoder_cost).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 import tempfile
@@ -32,8 +31,8 @@ sys.path.insert(0, str(REPO))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from kdd_jax.io import atomic_write_bytes  # noqa: E402
-from kdd_jax.versions import machine, versions  # noqa: E402
+from benchmarks.provenance import run_meta, write_results  # noqa: E402
+
 
 # name -> (kind, transformers config fields, MLP width, image side)
 TOWERS = {
@@ -141,12 +140,8 @@ def main(argv=None) -> int:
                 cfg, inter = QUICK, 24
             rows.append(measure(name, kind, cfg, inter, Path(tmp), args.images))
             print(json.dumps(rows[-1]), flush=True)
-    meta = {"date": datetime.date.today().isoformat(), "machine": machine(), "versions": versions(),
-            "command": " ".join(["python benchmarks/encoder_cost.py", *(argv if argv is not None else sys.argv[1:])]),
-            "seconds": time.perf_counter() - start}
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(args.out / f"{args.tag}.json", json.dumps({"meta": meta, "results": rows}, indent=1).encode())
-    atomic_write_bytes(args.out / f"{args.tag}.md", markdown(rows, meta).encode())
+    meta = run_meta(__file__, argv, start)
+    write_results(args.out, args.tag, {"meta": meta, "results": rows}, markdown(rows, meta))
     print(f"wrote {args.out / args.tag}.{{md,json}}")
     return 0
 

@@ -47,11 +47,12 @@ sys.path.insert(0, str(REPO))
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.provenance import command, write_results  # noqa: E402
 from converters import convert_student  # noqa: E402
 from kdd_jax.evaluation import binary_rates_loo, margin_statistic, multiple_choice_metrics, tie_aware_accuracy  # noqa: E402
 from kdd_jax.generative.detect import GenerativeDetectConfig, classifier_captioner, make_probes  # noqa: E402
 from kdd_jax.generative.pipeline import load_diffusion  # noqa: E402
-from kdd_jax.io import atomic_write_bytes, atomic_write_json  # noqa: E402
+from kdd_jax.io import atomic_write_bytes  # noqa: E402
 from kdd_jax.scores import SCORES  # noqa: E402
 from kdd_jax.scores.images import IMAGE_CONSENSUS_SCORES, IMAGE_PAIR_SCORES, classifier_feature_net  # noqa: E402
 from kdd_jax.teachers import ResponseCache  # noqa: E402
@@ -206,15 +207,13 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 table[(method, score, n)] = row
     doc = {"benchmark": "generative_detection", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "command": "python benchmarks/generative_detection.py " + " ".join(sys.argv[1:] if argv is None else argv),
+           "command": command(__file__, argv),
            "machine": machine(), "versions": versions(), "runs": args.runs, "ns": ns,
            "teachers": tnames, "students": [{k: e.get(k) for k in ("name", "teacher", "recipe")} for e in students_m],
            "controls": [e["name"] for e in controls_m], "feature_net": _rel(args.feature_net),
            "crop": c, "seconds": round(time.time() - started, 1), "rows": rows, "teacher_teacher_ssim": tt_ssim,
            "queries": {t.name: {"queries": t.stats.queries, "hits": t.stats.hits} for t in teachers}}
-    results.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(results / f"{args.tag}.json", doc)
-    atomic_write_bytes(results / f"{args.tag}.md", render_markdown(doc, table, methods, ns).encode())
+    write_results(results, args.tag, doc, render_markdown(doc, table, methods, ns))
     print(render_markdown(doc, table, methods, ns))
     return 0
 

@@ -38,6 +38,9 @@ def test_detection_benchmark_smoke(toy_zoo, tmp_path):
     assert "1" not in acs and acs["10"]["runs"] == 2  # set scores need a set of probes: none at N=1
     md = (tmp_path / "results" / "smoke.md").read_text()
     assert "| pixel + neg_kl |" in md and "| pixel + dark_corr |" in md and "synthetic + KL (paper)" in md
+    meta = result["meta"]  # benchmarks/provenance.py: what reproduces the run
+    assert meta["command"] == "python benchmarks/detection_accuracy.py " + " ".join(argv)
+    assert meta["seconds"] > 0 and meta["machine"]["jax_backend"] and meta["versions"]["jax"] and meta["date"]
     stats = result["meta"]["queries"].values()
     assert sum(q["queries"] + q["hits"] for q in stats) == 2 * 2 * 2 * 4 * 100  # teachers x methods x runs x models x probes
     # noise probes depend only on the seed and input shape, so every model after the first is answered from the cache
