@@ -19,7 +19,6 @@ not. Per-student logits are cached in benchmarks/_work/datafree/ (keyed by weigh
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import hashlib
 import io
@@ -48,7 +47,7 @@ RESULTS = REPO / "benchmarks/results/datafree_probes.jsonl"
 
 
 def probe_logits(name, wid, model, config, sc, teachers, work: Path) -> dict:
-    h = hashlib.sha256(json.dumps(dataclasses.asdict(sc), sort_keys=True).encode()).hexdigest()[:8]
+    h = hashlib.sha256(json.dumps(sc.identity(), sort_keys=True).encode()).hexdigest()[:8]
     path = work / f"{name}-{wid}-{h}.npz"
     if path.exists():
         with np.load(path) as z:

@@ -57,7 +57,11 @@ from kdd_jax.synthesis.mapping import map_probes  # noqa: E402
 from kdd_jax.teachers import CachedTeacher, ResponseCache, flax_teacher  # noqa: E402
 from kdd_jax.teachers.local import logits_to_output  # noqa: E402
 
-METHODS = ("pixel", "generator", "confidence", "noise", "real", "ood", "mia")
+# Named settings beyond an engine method's defaults: label -> SynthesisConfig overrides (their `steps`
+# wins over --steps). pixel-robust: pixel synthesis with the student seeing its probes under fresh
+# Gaussian noise each step (`aug_noise`), the best data-free setting of datafree_probes.md.
+VARIANTS = {"pixel-robust": {"method": "pixel", "aug_noise": 1.0, "steps": 200}}
+METHODS = ("pixel", "generator", "confidence", "noise", "real", "ood", "mia", *VARIANTS)
 OUTPUTS = ("logits", "probs", "topk", "labels")
 TOPK = 3
 N_VALUES = (1, 10, 50, 100)
@@ -131,11 +135,12 @@ def weights_id(zoo: Path, entry: dict) -> str:
 
 
 def probe_logits(name, wid, model, config, method, seed, n, steps, teachers, image_pools, work: Path) -> dict:
-    """Student and teacher logits on the probes of (model, method, seed); cached on disk."""
-    sc = SynthesisConfig(method=method, n_probes=n, steps=steps, seed=seed)
+    """Student and teacher logits on the probes of (model, method, seed); cached on disk. `method`: an
+    engine method or a VARIANTS label."""
+    sc = SynthesisConfig(**{"method": method, "n_probes": n, "steps": steps, "seed": seed, **VARIANTS.get(method, {})})
     # keyed by every synthesis setting (a changed default makes new probes, never reuses stale ones)
-    cfg = hashlib.sha256(json.dumps(dataclasses.asdict(sc), sort_keys=True).encode()).hexdigest()[:8]
-    path = work / "logits" / method / f"{name}-{wid}-seed{seed}-n{n}-s{steps}-{cfg}{'-half' if method in ('ood', 'mia') else ''}.npz"
+    cfg = hashlib.sha256(json.dumps(sc.identity(), sort_keys=True).encode()).hexdigest()[:8]
+    path = work / "logits" / method / f"{name}-{wid}-seed{seed}-n{n}-s{sc.steps}-{cfg}{'-half' if method in ('ood', 'mia') else ''}.npz"
     if path.exists():
         with np.load(path) as z:
             return {k: z[k] for k in z.files}
@@ -244,7 +249,8 @@ def markdown(results, manifest, meta) -> str:
              f"Machine: {meta['machine']['cpu_model']}, {meta['machine']['usable_cpus']} CPUs, "
              f"{meta['machine']['memory_gib']} GiB, backend {meta['machine']['jax_backend']}; versions: {meta['versions']}; date {meta['date']}.",
              f"Command: `{meta['command']}` ({meta['seconds']:.0f} s, {meta['runs']} runs, "
-             f"{meta['synthesis_steps']} synthesis steps).", "",
+             f"{meta['synthesis_steps']} synthesis steps)."
+             + "".join(f" `{k}`: SynthesisConfig overrides `{json.dumps(v)}`." for k, v in meta.get("variants", {}).items()), "",
              f"Zoo: {manifest['counts']['teacher']} teachers, {manifest['counts']['student']} distilled students, "
              f"{manifest['counts']['control']} independent controls (benchmarks/results/zoo.md). Accuracy ± std over "
              "runs / one-vs-rest AUC, over distilled students, multiple choice among all teachers.", "",
@@ -371,6 +377,7 @@ def main(argv=None) -> int:
                         f"{sum(t.stats.queries for t in teachers)} new, {sum(t.stats.hits for t in teachers)} cached")
     results = evaluate(records, manifest, teacher_names)
     meta = run_meta(__file__, argv, started, backend=True, runs=args.runs, synthesis_steps=args.steps,
+                    variants={m: VARIANTS[m] for m in methods if m in VARIANTS},
                     synthesis_seconds={m: float(np.mean(v)) for m, v in synth_s.items()},
                     queries={t.name: dataclasses.asdict(t.stats) for t in teachers})
     write_results(args.out, args.tag, {"meta": meta, "teachers": teacher_names, "results": results},

@@ -42,7 +42,8 @@ MATCHED_FIELDS = ("score", "direction", "temperature", "synthesis.method", "synt
                   "synthesis.steps", "synthesis.lr", "synthesis.restarts", "synthesis.bn_weight",
                   "synthesis.ce_weight", "synthesis.tv_weight", "synthesis.l2_weight", "synthesis.mix_labels",
                   "synthesis.batch_size", "synthesis.z_dim", "synthesis.generator_width", "synthesis.init",
-                  "synthesis.init_scale", "synthesis.jitter", "synthesis.flip", "synthesis.pixel_scale")
+                  "synthesis.init_scale", "synthesis.jitter", "synthesis.flip", "synthesis.pixel_scale",
+                  "synthesis.aug_noise")
 
 
 # Generative detections (kdd_jax/generative/detect.py): their settings carry kind "generative"; a classifier

@@ -119,7 +119,7 @@ def _detect_config(args):
     if args.score is not None and args.score not in SCORES:
         raise ValueError(f"--score {args.score}: not a classifier score; choose from {sorted(SCORES)}")
     sc = SynthesisConfig(method=args.method, n_probes=args.probes or 100, steps=args.steps, seed=args.seed,
-                         restarts=args.restarts)
+                         restarts=args.restarts, aug_noise=args.aug_noise)
     return DetectConfig(synthesis=sc, score=args.score or "dark_corr")
 
 
@@ -578,6 +578,9 @@ def _add_detection_options(p) -> None:
     p.add_argument("--steps", type=int, default=200, help="synthesis optimisation steps (default 200)")
     p.add_argument("--method", default="pixel", choices=sorted(METHODS), help="synthesis method (default pixel)")
     p.add_argument("--restarts", type=int, default=1, help="independent probe groups optimised in parallel")
+    p.add_argument("--aug-noise", type=float, default=0.0, metavar="S",
+                   help="pixel/confidence: std of Gaussian noise (normalised units) on the probes the student sees at "
+                        "each step, so the class evidence must survive it (default 0: none)")
     from kdd_jax.generative.detect import score_names
 
     p.add_argument("--score", default=None, choices=sorted(set(SCORES) | set(score_names())),

@@ -113,14 +113,15 @@ def test_save_load_roundtrip_and_compatibility_checks(tmp_path):
     back.check_compatible(["a"], settings_of(DetectConfig(synthesis=SynthesisConfig(seed=5))))
 
 
-def test_a_calibration_older_than_a_setting_counts_as_made_with_its_default(tmp_path):
+@pytest.mark.parametrize("field, default, other", [("pixel_scale", 1, 2), ("aug_noise", 0.0, 0.5)])
+def test_a_calibration_older_than_a_setting_counts_as_made_with_its_default(tmp_path, field, default, other):
     """A synthesis setting added after a calibration was made is absent from it: it was made with
     what is now that setting's default, so it still matches detections at the default only."""
     cal = calib(np.random.default_rng(1).normal(size=(4, 2)), teachers=["a", "b"])
-    cal.settings.pop("synthesis.pixel_scale")
+    cal.settings.pop(f"synthesis.{field}")
     cal.check_compatible(["a"], settings_of(DetectConfig()))
-    with pytest.raises(CalibrationError, match="synthesis.pixel_scale=1 but this detection uses synthesis.pixel_scale=2"):
-        cal.check_compatible(["a"], settings_of(DetectConfig(synthesis=SynthesisConfig(pixel_scale=2))))
+    with pytest.raises(CalibrationError, match=f"synthesis.{field}={default} but this detection uses synthesis.{field}={other}"):
+        cal.check_compatible(["a"], settings_of(DetectConfig(synthesis=SynthesisConfig(**{field: other}))))
     cal.settings.pop("score")  # a non-synthesis field was always recorded: its absence is a mismatch
     with pytest.raises(CalibrationError, match="score=None"):
         cal.check_compatible(["a"], settings_of(DetectConfig()))

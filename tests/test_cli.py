@@ -103,3 +103,8 @@ def test_detect_budget_and_batchnorm_errors_are_clear_and_lose_nothing(make_stud
     assert "no BatchNorm" in capsys.readouterr().err
     assert main(base + ["--student", str(no_bn), "--method", "confidence"]) == 0
     assert ResponseCache(cache).count() == 12  # earlier answers kept, the new student's added
+    capsys.readouterr()
+    assert main(base + ["--student", str(student), "--aug-noise", "-0.5"]) == 1
+    assert "aug_noise must be a finite number >= 0, got -0.5" in capsys.readouterr().err
+    assert main(base + ["--student", str(student), "--aug-noise", "0.5"]) == 0  # new probes: 6 more answers
+    assert ResponseCache(cache).count() == 18

@@ -92,6 +92,32 @@ def test_jitter_flip_and_low_init(student):
     np.testing.assert_array_equal(np.asarray(_augment(jax.random.key(1), x, 0, False)), np.asarray(x))
 
 
+def test_aug_noise_is_seeded_valid_and_keeps_earlier_fingerprints(student):
+    """aug_noise=s shows the student its probes plus fresh N(0, s^2) noise each step (on top of any
+    jitter/flip): deterministic per seed, valid images, other probes than without it; at its
+    default it is left out of the settings' identity, so fingerprints and cache keys made before
+    the setting existed still match."""
+    from kdd_jax.synthesis.pixel import _augment
+    from kdd_jax.synthesis.probes import fingerprint
+
+    model, cfg = student
+    x = jax.random.normal(jax.random.key(0), (2, 64, 8, 8, 1))
+    k = jax.random.key(1)
+    np.testing.assert_array_equal(np.asarray(_augment(k, x, 2, True, 0.0)), np.asarray(_augment(k, x, 2, True)))
+    d = np.asarray(_augment(k, x, 0, False, 0.5)) - np.asarray(x)
+    assert abs(d.std() - 0.5) < 0.03 and abs(d.mean()) < 0.03
+    plain = synthesize(model, cfg, SynthesisConfig(n_probes=6, steps=8, seed=3))
+    noisy = [synthesize(model, cfg, SynthesisConfig(n_probes=6, steps=8, seed=3, aug_noise=0.5)) for _ in range(2)]
+    assert noisy[0].sha256 == noisy[1].sha256 != plain.sha256
+    lo, hi = cfg.preprocessing.value_range
+    assert noisy[0].raw.min() >= lo and noisy[0].raw.max() <= hi
+    assert "aug_noise" not in SynthesisConfig().identity() and SynthesisConfig(aug_noise=0.5).identity()["aug_noise"] == 0.5
+    assert fingerprint(model, cfg, SynthesisConfig()) != fingerprint(model, cfg, SynthesisConfig(aug_noise=0.5))
+    for bad in (-0.1, float("nan"), float("inf"), "1", True):
+        with pytest.raises(SynthesisError, match="aug_noise"):
+            SynthesisConfig(aug_noise=bad)
+
+
 def test_coarse_pixel_grid_gives_smooth_valid_probes(student):
     """pixel_scale=s optimises an (H/s x W/s) grid and shows the student its bilinear upsampling:
     at s = H every probe is one flat colour; at s = 2 the probes are smoother than at s = 1; all

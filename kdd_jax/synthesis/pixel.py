@@ -41,11 +41,20 @@ def _group_loss(graphdef, use_bn, consts, xg, tg):
     return bn_term + w[1] * soft_cross_entropy(logits, tg) + w[2] * total_variation(xg) + w[3] * jnp.mean(xg**2)
 
 
-def _augment(key, xs, jitter: int, flip: bool):
+def _augment(key, xs, jitter: int, flip: bool, noise: float = 0.0):
     """DeepInversion's jitter: the student sees each restart's probes shifted by a random
     (dy, dx) in [-jitter, jitter] (wrapping) and, with `flip`, mirrored left-right, so the probes
     cannot rely on pixel-exact high-frequency patterns (the main source of unnatural, adversarial
-    texture). xs: [G, n, H, W, C]; one transform per restart group."""
+    texture). xs: [G, n, H, W, C]; one transform per restart group. With `noise`, then Gaussian
+    noise of that std on every pixel (fresh each step), so the loss is an expectation over noise
+    and the class evidence must survive it; every loss term sees the noisy view."""
+    if noise:
+        key, k_noise = jax.random.split(key)
+        return _shift_flip(key, xs, jitter, flip) + noise * jax.random.normal(k_noise, xs.shape, xs.dtype)
+    return _shift_flip(key, xs, jitter, flip)
+
+
+def _shift_flip(key, xs, jitter: int, flip: bool):
     if jitter == 0 and not flip:
         return xs
     k_shift, k_flip = jax.random.split(key)
@@ -71,12 +80,12 @@ def _render(xs, hw: tuple[int, int]):
 
 def _step(static, carry, consts):
     """One Adam step on every restart's probes (restarts vmapped, shared student weights)."""
-    graphdef, use_bn, jitter, flip, hw = static
+    graphdef, use_bn, jitter, flip, hw, noise = static
     xs, opt_state, key = carry
     key, sub = jax.random.split(key)
 
     def total(xs):
-        seen = _augment(sub, _render(xs, hw), jitter, flip)
+        seen = _augment(sub, _render(xs, hw), jitter, flip, noise)
         losses = jax.vmap(lambda xg, tg: _group_loss(graphdef, use_bn, consts, xg, tg))(seen, consts["targets"])
         return losses.sum(), losses
 
@@ -115,7 +124,7 @@ def synthesize_pixels(model: nnx.Module, config, sc: SynthesisConfig,
     consts = {"state": state, "running": bn_running_stats(model), "targets": targets, "lo": lo, "hi": hi,
               "w": jnp.asarray([sc.bn_weight, sc.ce_weight, sc.tv_weight, sc.l2_weight], jnp.float32),
               "lr": jnp.float32(sc.lr if sc.lr is not None else 0.05)}
-    (x, _, _), history = run_loop(_step, (graphdef, use_bn, sc.jitter, sc.flip, (h, w)),
+    (x, _, _), history = run_loop(_step, (graphdef, use_bn, sc.jitter, sc.flip, (h, w), float(sc.aug_noise)),
                                (x, _adam(consts["lr"]).init(x), k_aug), consts, sc.steps,
                                sc.loop, progress, checkpoint)
     probes = np.asarray(_render(x, (h, w))).reshape(groups * per_group, h, w, pre.channels)[: sc.n_probes]

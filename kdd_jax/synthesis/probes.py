@@ -38,6 +38,9 @@ class SynthesisConfig:
     jitter: int = 0  # pixel: random shift (pixels) of the probes the student sees each step
     flip: bool = False  # pixel: random left-right flips too
     pixel_scale: int = 1  # pixel: optimise a grid this many times coarser, upsampled bilinearly (smoothness prior)
+    # pixel/confidence: std of Gaussian noise (normalised units) added to what the student sees each step, so
+    # class evidence must survive it (expectation over noise) instead of resting on pixel-exact texture
+    aug_noise: float = 0.0
     batch_size: int = 64  # generator training batch
     z_dim: int = 100  # generator: noise dimension
     generator_width: int = 64  # generator: channels of the last hidden conv (the first two have 2x)
@@ -49,6 +52,22 @@ class SynthesisConfig:
     def __post_init__(self):
         if self.n_probes < 1 or self.steps < 0 or self.restarts < 1 or self.batch_size < 1 or self.pixel_scale < 1:
             raise SynthesisError("n_probes, restarts, batch_size and pixel_scale must be >= 1 and steps >= 0")
+        if isinstance(self.aug_noise, bool) or not (isinstance(self.aug_noise, (int, float)) and 0.0 <= self.aug_noise < float("inf")):
+            raise SynthesisError(f"aug_noise must be a finite number >= 0, got {self.aug_noise!r}")
+
+    def identity(self) -> dict:
+        """The settings that decide the probes, for fingerprints and cache keys: every field, except
+        those added after probes were first cached while they hold their default (which is the
+        behaviour from before they existed), so adding a setting keeps earlier caches valid."""
+        d = dataclasses.asdict(self)
+        for name, neutral in _NEUTRAL_DEFAULTS.items():
+            if d[name] == neutral:
+                del d[name]
+        return d
+
+
+# Settings whose default reproduces the probes made before the setting existed (see identity()).
+_NEUTRAL_DEFAULTS = {"aug_noise": 0.0}
 
 
 def require_batchnorm(model, method: str) -> None:
@@ -128,7 +147,7 @@ def fingerprint(model, config, sc) -> str:
     """sha256 over the student's weights, its config and the synthesis settings."""
     from flax import nnx
 
-    h = hashlib.sha256(json.dumps([config.to_dict(), dataclasses.asdict(sc)], sort_keys=True, default=str).encode())
+    h = hashlib.sha256(json.dumps([config.to_dict(), sc.identity()], sort_keys=True, default=str).encode())
     for path, leaf in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(model)))[0]:
         h.update(jax.tree_util.keystr(path).encode())
         h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
