@@ -293,7 +293,7 @@ def jax_vmap_synthesis(students: list[Student], sc):
     consts = stack(consts)
     carry = stack(carries)
     hw = tuple(pre.input_size)  # the library's static tuple: probes rendered at the student's resolution
-    (xs, _, _), history = run_loop(_vmapped_pixel_step, (graphdef, True, sc.jitter, sc.flip, hw, float(sc.aug_noise)), carry, consts,
+    (xs, _, _), history = run_loop(_vmapped_pixel_step, (graphdef, True, sc.jitter, sc.flip, hw, sc.aug_noise), carry, consts,
                                    sc.steps, "python")
     return np.asarray(xs), history  # [S, 1, n, h, w, c], [steps, S]
 

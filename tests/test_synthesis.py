@@ -116,6 +116,9 @@ def test_aug_noise_is_seeded_valid_and_keeps_earlier_fingerprints(student):
     for bad in (-0.1, float("nan"), float("inf"), "1", True):
         with pytest.raises(SynthesisError, match="aug_noise"):
             SynthesisConfig(aug_noise=bad)
+    with pytest.raises(SynthesisError, match="aug_noise applies to the methods pixel and confidence.*'generator'"):
+        SynthesisConfig(method="generator", aug_noise=0.5)
+    assert SynthesisConfig(method="confidence", aug_noise=1).identity() == SynthesisConfig(method="confidence", aug_noise=1.0).identity()
 
 
 def test_coarse_pixel_grid_gives_smooth_valid_probes(student):

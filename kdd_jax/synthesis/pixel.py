@@ -124,7 +124,7 @@ def synthesize_pixels(model: nnx.Module, config, sc: SynthesisConfig,
     consts = {"state": state, "running": bn_running_stats(model), "targets": targets, "lo": lo, "hi": hi,
               "w": jnp.asarray([sc.bn_weight, sc.ce_weight, sc.tv_weight, sc.l2_weight], jnp.float32),
               "lr": jnp.float32(sc.lr if sc.lr is not None else 0.05)}
-    (x, _, _), history = run_loop(_step, (graphdef, use_bn, sc.jitter, sc.flip, (h, w), float(sc.aug_noise)),
+    (x, _, _), history = run_loop(_step, (graphdef, use_bn, sc.jitter, sc.flip, (h, w), sc.aug_noise),
                                (x, _adam(consts["lr"]).init(x), k_aug), consts, sc.steps,
                                sc.loop, progress, checkpoint)
     probes = np.asarray(_render(x, (h, w))).reshape(groups * per_group, h, w, pre.channels)[: sc.n_probes]

@@ -54,6 +54,10 @@ class SynthesisConfig:
             raise SynthesisError("n_probes, restarts, batch_size and pixel_scale must be >= 1 and steps >= 0")
         if isinstance(self.aug_noise, bool) or not (isinstance(self.aug_noise, (int, float)) and 0.0 <= self.aug_noise < float("inf")):
             raise SynthesisError(f"aug_noise must be a finite number >= 0, got {self.aug_noise!r}")
+        if self.aug_noise and self.method not in ("pixel", "confidence"):
+            raise SynthesisError(f"aug_noise applies to the methods pixel and confidence (it perturbs the probes being "
+                                 f"optimised), not to {self.method!r}")
+        object.__setattr__(self, "aug_noise", float(self.aug_noise))  # 1 and 1.0: one identity, one cache key
 
     def identity(self) -> dict:
         """The settings that decide the probes, for fingerprints and cache keys: every field, except
