@@ -118,6 +118,12 @@ def test_aug_noise_is_seeded_valid_and_keeps_earlier_fingerprints(student):
             SynthesisConfig(aug_noise=bad)
     with pytest.raises(SynthesisError, match="aug_noise applies to the methods pixel and confidence.*'generator'"):
         SynthesisConfig(method="generator", aug_noise=0.5)
+    # the other view settings too: the generator (and noise, real, ...) would ignore them silently
+    for method in ("generator", "noise", "mia"):
+        with pytest.raises(SynthesisError, match=f"jitter=2, flip=True, pixel_scale=2: jitter/flip/pixel_scale "
+                                                 f"apply to the methods pixel and confidence.*'{method}'"):
+            SynthesisConfig(method=method, jitter=2, flip=True, pixel_scale=2)
+    assert SynthesisConfig(method="generator", jitter=0, flip=False, pixel_scale=1).method == "generator"
     assert SynthesisConfig(method="confidence", aug_noise=1).identity() == SynthesisConfig(method="confidence", aug_noise=1.0).identity()
 
 
