@@ -170,6 +170,16 @@ def probe_logits(name, wid, model, config, method, seed, n, steps, teachers, ima
     return out
 
 
+def zoo_teachers(zoo: dict, zoo_dir: Path, work_root: Path):
+    """The zoo's teachers as logits APIs behind a persistent response cache, sorted by name (cached
+    teacher logits are stacked in this order, so it must not depend on the manifest's), and the work
+    folder of this exact set of teacher weights (the cache keys answers by teacher NAME)."""
+    names = sorted(n for n, (_, _, m) in zoo.items() if m["role"] == "teacher")
+    work = work_root / ("teachers-" + "-".join(weights_id(zoo_dir, zoo[t][2])[:6] for t in names))
+    cache = ResponseCache(work / "responses.sqlite")
+    return [CachedTeacher(flax_teacher(t, zoo[t][0], zoo[t][1], output="logits"), cache) for t in names], work
+
+
 # ------------------------------------------------------------------------------- stage 2: scores
 
 
@@ -245,6 +255,8 @@ def cell(res) -> str:
 
 def markdown(results, manifest, meta) -> str:
     get = lambda m, o, s, n: results.get(m, {}).get(o, {}).get(s, {}).get(n)  # noqa: E731
+    methods = [m for m in METHODS if m in results]  # the methods this run measured, in METHODS' order
+    skipped = [m for m in METHODS if m not in results]
     lines = ["# Detection accuracy on the Fashion-MNIST zoo", "",
              f"Machine: {meta['machine']['cpu_model']}, {meta['machine']['usable_cpus']} CPUs, "
              f"{meta['machine']['memory_gib']} GiB, backend {meta['machine']['jax_backend']}; versions: {meta['versions']}; date {meta['date']}.",
@@ -253,23 +265,24 @@ def markdown(results, manifest, meta) -> str:
              + "".join(f" `{k}`: SynthesisConfig overrides `{json.dumps(v)}`." for k, v in meta.get("variants", {}).items()), "",
              f"Zoo: {manifest['counts']['teacher']} teachers, {manifest['counts']['student']} distilled students, "
              f"{manifest['counts']['control']} independent controls (benchmarks/results/zoo.md). Accuracy ± std over "
-             "runs / one-vs-rest AUC, over distilled students, multiple choice among all teachers.", "",
+             "runs / one-vs-rest AUC, over distilled students, multiple choice among all teachers."
+             + (f" Not run here: {', '.join(skipped)}." if skipped else ""), "",
              "## Paper layout (teacher API: probabilities)", "",
              f"Rows `+ neg_kl` use the paper's point-wise KL (as -KL); rows `+ {BEST}` the engine's recommended score.", "",
              "| probes | N=1 | N=10 | N=50 | N=100 |", "|---|---|---|---|---|"]
     for score in ("neg_kl", BEST):
-        for method in METHODS:
+        for method in methods:
             lines.append(f"| {method} + {score} | " + " | ".join(cell(get(method, "probs", score, n)) for n in N_VALUES) + " |")
     for name, row in PAPER.items():
         lines.append(f"| {name} | " + " | ".join(f"{row[n][0]:.2f} / {row[n][1]:.2f}" if n in row else "-"
                                                    for n in N_VALUES) + " |")
     lines += ["", "## Every method x score at N=100 (probabilities API)", "",
               "| method | " + " | ".join(SCORE_NAMES) + " |", "|---|" + "---|" * len(SCORE_NAMES)]
-    for method in METHODS:
+    for method in methods:
         lines.append(f"| {method} | " + " | ".join(cell(get(method, "probs", s, 100)) for s in SCORE_NAMES) + " |")
     lines += ["", "## Teacher API kinds (N=100, best score per kind)", "",
               "| method | " + " | ".join(OUTPUTS) + " |", "|---|" + "---|" * len(OUTPUTS)]
-    for method in METHODS:
+    for method in methods:
         row = []
         for o in OUTPUTS:
             cands = [(s, get(method, o, s, 100)) for s in SCORE_NAMES]
@@ -284,7 +297,7 @@ def markdown(results, manifest, meta) -> str:
     lines += ["", "## Per recipe (accuracy, N=100, probabilities API)", "",
               "| method + score | " + " | ".join(recipes) + " |", "|---|" + "---|" * len(recipes)]
     for score in ("neg_kl", BEST):
-        for method in METHODS:
+        for method in methods:
             r = get(method, "probs", score, 100)
             if r:
                 lines.append(f"| {method} + {score} | " + " | ".join(f"{r['per_recipe_accuracy'][x]:.2f}" for x in recipes) + " |")
@@ -294,7 +307,7 @@ def markdown(results, manifest, meta) -> str:
               "independent controls.", "",
               "| method + score | TPR | FPR on controls |", "|---|---|---|"]
     for score in ("neg_kl", BEST):
-        for method in METHODS:
+        for method in methods:
             r = get(method, "probs", score, 100)
             if r and "binary" in r:
                 lines.append(f"| {method} + {score} | {r['binary']['tpr']:.2f} | {r['binary']['fpr']:.2f} |")
@@ -348,13 +361,9 @@ def main(argv=None) -> int:
     manifest = read_manifest(args.manifest)
     log(f"converting {len(manifest['models'])} zoo models")
     zoo = load_zoo(args.zoo, manifest)
-    # sorted: cached teacher logits are stacked in this order, so it must not depend on the manifest's
-    teacher_names = sorted(m["name"] for m in manifest["models"] if m["role"] == "teacher")
+    teachers, work = zoo_teachers(zoo, args.zoo, args.work)
+    teacher_names = [t.name for t in teachers]
     wids = {name: weights_id(args.zoo, m) for name, (_, _, m) in zoo.items()}
-    # the response cache keys answers by teacher NAME: one cache per exact set of teacher weights
-    work = args.work / ("teachers-" + "-".join(wids[t][:6] for t in teacher_names))
-    cache = ResponseCache(work / "responses.sqlite")
-    teachers = [CachedTeacher(flax_teacher(t, zoo[t][0], zoo[t][1], output="logits"), cache) for t in teacher_names]
     image_pools = pools() if set(methods) & {"real", "ood", "mia"} else {}
     audited = [n for n, (_, _, m) in zoo.items() if m["role"] in ("student", "control")]
     records, synth_s = {}, {}

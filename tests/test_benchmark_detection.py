@@ -38,6 +38,9 @@ def test_detection_benchmark_smoke(toy_zoo, tmp_path):
     assert "1" not in acs and acs["10"]["runs"] == 2  # set scores need a set of probes: none at N=1
     md = (tmp_path / "results" / "smoke.md").read_text()
     assert "| pixel + neg_kl |" in md and "| pixel + dark_corr |" in md and "synthetic + KL (paper)" in md
+    # methods this run did not measure get no rows of dashes, and the header says they were not run
+    assert "| generator + neg_kl |" not in md and "| real |" not in md
+    assert "Not run here: generator, confidence, real, ood, mia, pixel-robust." in md
     meta = result["meta"]  # benchmarks/provenance.py: what reproduces the run
     assert meta["command"] == "python benchmarks/detection_accuracy.py " + " ".join(argv)
     assert meta["seconds"] > 0 and meta["machine"]["jax_backend"] and meta["versions"]["jax"] and meta["date"]
@@ -237,3 +240,76 @@ def test_datafree_probe_search_smoke(toy_zoo, tmp_path):
     assert {k: v for k, v in again.items() if k not in ("command",)} == {k: v for k, v in first.items() if k != "command"}
     md = results.with_suffix(".md").read_text()
     assert first["zoo_weights_sha256"][:8] in md and "picks of the student's own family" in md
+
+
+def test_score_fusion_combinations():
+    """The pure pieces of benchmarks/score_fusion.py: z-sums and ranks over teachers, the teachers'
+    disagreement, and control normalisation with each control left out of its own reference."""
+    import numpy as np
+
+    from benchmarks.score_fusion import combine, control_z, ranks, teacher_disagreement, zscore
+
+    v = np.array([[1.0, 2.0, 3.0], [5.0, 5.0, 5.0]])
+    z = zscore(v)
+    assert np.allclose(z[0], [-1.2247449, 0.0, 1.2247449]) and np.all(z[1] == 0.0)  # a constant row is 0, not NaN
+    assert np.allclose(combine("z", [v, 10 * v + 3]), 2 * z)  # scale- and offset-free
+    assert np.allclose(ranks(np.array([0.3, 0.1, 0.3])), [1.5, 0.0, 1.5])
+    r = combine("rank", [np.array([[0.1, 0.9, 0.5]]), np.array([[0.2, 0.1, 0.9]])])
+    assert r.argmax() == 2  # ranks 0+1, 2+0, 1+2
+    with pytest.raises(ValueError, match="unknown combination"):
+        combine("mean", [v])
+    same = np.log(np.full((3, 4, 5), 0.2))
+    assert np.allclose(teacher_disagreement(same), 0.0)
+    split = np.log(np.array([[[0.98, 0.02]], [[0.02, 0.98]]]))
+    assert teacher_disagreement(split)[0] > 0.5  # two confident teachers disagreeing: JS near log 2
+    controls = np.array([[0.0, 1.0], [2.0, 1.0], [1.0, 4.0]])
+    zs, zc = control_z(np.array([[1.0, 4.0]]), controls)
+    assert np.allclose(zs, [[0.0, 2.0 / np.std([1, 1, 4], ddof=1)]])
+    # control 2's first column (1.0) is the mean of the others' (0, 2): z 0; its second (4) against (1, 1): sd 0 -> raw gap
+    assert np.allclose(zc[2], [0.0, 3.0])
+
+
+def test_score_fusion_smoke(toy_zoo, tmp_path):
+    """benchmarks/score_fusion.py on the toy zoo: every section is computed, a single-method fusion row
+    agrees with detection_accuracy on the same cached probes, and a re-run reads the caches."""
+    import numpy as np
+
+    from benchmarks import detection_accuracy as da
+    from benchmarks import score_fusion as bench
+    from tests.toyzoo import task
+
+    root = toy_zoo["root"]
+    manifest = toy_manifest(tmp_path)
+    x, _ = task(300, seed=78)
+    np.savez(tmp_path / "pools.npz", heldout=x.numpy())
+    work = tmp_path / "work"
+    argv = ["--zoo", str(root), "--manifest", str(manifest), "--pools", str(tmp_path / "pools.npz"), "--draws", "2",
+            "--fuse", "pixel,noise", "--runs", "2", "--steps", "5", "--ceiling-work", str(tmp_path / "ceiling"),
+            "--work", str(work), "--out", str(tmp_path / "results"), "--tag", "fusion"]
+    assert bench.main(argv) == 0
+    out = json.loads((tmp_path / "results" / "fusion.json").read_text())
+    pool = out["results"]["pool"]
+    assert set(pool["ensembles"]) == {"10", "100"}  # no N=1000 draw from 300 images
+    assert set(pool["ensembles"]["10"]) == set(bench.ENSEMBLE_SCORES) | set(bench.ENSEMBLES)
+    assert set(pool["selection"]) == {"10"}  # N=100 would need 1000 candidates
+    fusion = out["results"]["fusion"]
+    assert set(fusion) == {"1", "10", "50", "100"}
+    assert set(fusion["100"]) == {"pixel", "noise", "pixel + noise, N/2 each", "z(pixel) + z(noise), N each",
+                                  "pixel, control-normalised", "noise, control-normalised"}
+    for rows in (pool["ensembles"]["100"], fusion["100"]):
+        for r in rows.values():
+            assert r["runs"] == 2 and 0.0 <= r["accuracy"] <= 1.0 and set(r["per_recipe"]) == {"kd"}
+    # detection_accuracy on the same work folder reads the same probes: its dark_corr accuracy per N is the fusion row's
+    assert da.main(["--zoo", str(root), "--manifest", str(manifest), "--methods", "pixel,noise", "--runs", "2",
+                    "--steps", "5", "--work", str(work), "--out", str(tmp_path / "results"), "--tag", "da"]) == 0
+    da_out = json.loads((tmp_path / "results" / "da.json").read_text())
+    assert sum(q["queries"] for q in da_out["meta"]["queries"].values()) == 0  # every probe came from the cache
+    for method in ("pixel", "noise"):
+        for n in ("1", "10", "100"):
+            assert fusion[n][method]["accuracy"] == \
+                da_out["results"][method]["probs"]["dark_corr"][n]["accuracy"]
+    md = (tmp_path / "results" / "fusion.md").read_text()
+    assert "## Summary" in md and "## 1. Score ensembles" in md and "| z(all five) |" in md and "## 3-4. Probe-set fusion (pixel, noise" in md
+    assert out["meta"]["command"] == "python benchmarks/score_fusion.py " + " ".join(argv)
+    assert bench.main(argv) == 0
+    assert json.loads((tmp_path / "results" / "fusion.json").read_text())["results"] == out["results"]
