@@ -47,7 +47,7 @@ RESULTS = REPO / "benchmarks/results/datafree_probes.jsonl"
 
 
 def probe_logits(name, wid, model, config, sc, teachers, work: Path) -> dict:
-    h = hashlib.sha256(json.dumps(sc.identity(), sort_keys=True).encode()).hexdigest()[:8]
+    h = sc.identity_sha256()[:8]
     path = work / f"{name}-{wid}-{h}.npz"
     if path.exists():
         with np.load(path) as z:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import sys
 import time
@@ -139,7 +138,7 @@ def probe_logits(name, wid, model, config, method, seed, n, steps, teachers, ima
     engine method or a VARIANTS label."""
     sc = SynthesisConfig(**{"method": method, "n_probes": n, "steps": steps, "seed": seed, **VARIANTS.get(method, {})})
     # keyed by every synthesis setting (a changed default makes new probes, never reuses stale ones)
-    cfg = hashlib.sha256(json.dumps(sc.identity(), sort_keys=True).encode()).hexdigest()[:8]
+    cfg = sc.identity_sha256()[:8]
     path = work / "logits" / method / f"{name}-{wid}-seed{seed}-n{n}-s{sc.steps}-{cfg}{'-half' if method in ('ood', 'mia') else ''}.npz"
     if path.exists():
         with np.load(path) as z:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
+import json
 
 import jax
 import numpy as np
@@ -125,6 +128,11 @@ def test_aug_noise_is_seeded_valid_and_keeps_earlier_fingerprints(student):
             SynthesisConfig(method=method, jitter=2, flip=True, pixel_scale=2)
     assert SynthesisConfig(method="generator", jitter=0, flip=False, pixel_scale=1).method == "generator"
     assert SynthesisConfig(method="confidence", aug_noise=1).identity() == SynthesisConfig(method="confidence", aug_noise=1.0).identity()
+    # the cache key the benchmarks use: one per identity, so the neutral default keeps the key of before
+    before = {k: v for k, v in dataclasses.asdict(SynthesisConfig()).items() if k != "aug_noise"}
+    assert SynthesisConfig().identity_sha256() == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()
+    assert SynthesisConfig(aug_noise=1).identity_sha256() == SynthesisConfig(aug_noise=1.0).identity_sha256() \
+        != SynthesisConfig().identity_sha256()
 
 
 def test_coarse_pixel_grid_gives_smooth_valid_probes(student):

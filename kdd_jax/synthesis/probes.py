@@ -76,6 +76,10 @@ class SynthesisConfig:
                 del d[name]
         return d
 
+    def identity_sha256(self) -> str:
+        """sha256 (hex) of identity() as sorted JSON: a cache key for probes made with these settings."""
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()
+
 
 # Settings of the pixel-space methods' view of their probes, with the value that leaves it untouched.
 _PIXEL_VIEW_DEFAULTS = {"jitter": 0, "flip": False, "pixel_scale": 1, "aug_noise": 0.0}
