@@ -244,10 +244,10 @@ def test_datafree_probe_search_smoke(toy_zoo, tmp_path):
 
 def test_score_fusion_combinations():
     """The pure pieces of benchmarks/score_fusion.py: z-sums and ranks over teachers, the teachers'
-    disagreement, and control normalisation with each control left out of its own reference."""
+    disagreement, and the control-normalised binary rule judging each control against the others."""
     import numpy as np
 
-    from benchmarks.score_fusion import combine, control_z, ranks, teacher_disagreement, zscore
+    from benchmarks.score_fusion import combine, control_normalised_rates, ranks, teacher_disagreement, zscore
 
     v = np.array([[1.0, 2.0, 3.0], [5.0, 5.0, 5.0]])
     z = zscore(v)
@@ -262,11 +262,45 @@ def test_score_fusion_combinations():
     assert np.allclose(teacher_disagreement(same), 0.0)
     split = np.log(np.array([[[0.98, 0.02]], [[0.02, 0.98]]]))
     assert teacher_disagreement(split)[0] > 0.5  # two confident teachers disagreeing: JS near log 2
-    controls = np.array([[0.0, 1.0], [2.0, 1.0], [1.0, 4.0]])
-    zs, zc = control_z(np.array([[1.0, 4.0]]), controls)
-    assert np.allclose(zs, [[0.0, 2.0 / np.std([1, 1, 4], ddof=1)]])
-    # control 2's first column (1.0) is the mean of the others' (0, 2): z 0; its second (4) against (1, 1): sd 0 -> raw gap
-    assert np.allclose(zc[2], [0.0, 3.0])
+    rng = np.random.default_rng(0)
+    controls = rng.normal(0.0, 0.1, (6, 3))
+    students = rng.normal(0.0, 0.1, (10, 3)) + 5.0 * np.eye(3)[np.arange(10) % 3]  # far above every control
+    rates = control_normalised_rates(students, controls)
+    # the leave-one-out 90% rule misses the lowest of 10 students by construction (the threshold is the
+    # lowest of the other nine); no control comes near
+    assert rates["tpr"] == pytest.approx(0.9) and rates["fpr"] == 0.0
+    # a control that is as far above the others as the students are is flagged, judged without itself
+    outlier = np.vstack([controls, [5.0, 5.0, 5.0]])
+    assert control_normalised_rates(students, outlier)["fpr"] == 1 / 7
+
+
+def test_score_fusion_fusion_rows():
+    """fusion_experiments on hand-made per-probe scores: the single rows average the first N probes,
+    `N/2 each` is the mean over the first N/2 of each set (absent at N=1), `N of each` sums z-scores."""
+    import numpy as np
+
+    from benchmarks.score_fusion import Roles, fusion_experiments, zscore
+
+    rng = np.random.default_rng(1)
+    students, controls = ["s0", "s1", "s2", "s3"], ["c0", "c1", "c2"]
+    # per[method][run][model] = [K=2, N=10]; method a points every student to teacher 0 on its first 5 probes only
+    per = {m: {r: {x: rng.normal(0, 0.01, (2, 10)) for x in students + controls} for r in range(2)} for m in ("a", "b")}
+    for r in range(2):
+        for x in students:
+            per["a"][r][x][0, :5] += 1.0
+            per["b"][r][x][1, :] += 0.1  # b points to teacher 1 a little, on every probe
+    roles = Roles(np.zeros(4, int), np.array(["kd"] * 4))
+    out = fusion_experiments(per, ("a", "b"), students, controls, roles)
+    assert set(out) == {1, 10}  # FUSE_NS beyond the 10 probes are skipped
+    assert "a + b, N/2 each" not in out[1] and set(out[10]) == {
+        "a", "b", "a + b, N/2 each", "z(a) + z(b), N of each", "a, control-normalised", "b, control-normalised"}
+    assert out[10]["a"]["accuracy"] == 1.0 and out[10]["b"]["accuracy"] == 0.0
+    # N/2 each: a's first 5 (+1.0 on teacher 0) outweigh b's first 5 (+0.1 on teacher 1)
+    assert out[10]["a + b, N/2 each"]["accuracy"] == 1.0
+    # the z-sum of a (0.5 gap) and b (0.1 gap) is a tie up to the noise: each z-scored row over 2 teachers is +-1
+    zs = zscore(np.array([[0.5, 0.0]])) + zscore(np.array([[0.0, 0.1]]))
+    assert np.allclose(zs, 0.0)
+    assert out[10]["a"]["runs"] == 2 and out[10]["a, control-normalised"]["accuracy"] == 1.0
 
 
 def test_score_fusion_smoke(toy_zoo, tmp_path):
@@ -294,8 +328,10 @@ def test_score_fusion_smoke(toy_zoo, tmp_path):
     assert set(pool["selection"]) == {"10"}  # N=100 would need 1000 candidates
     fusion = out["results"]["fusion"]
     assert set(fusion) == {"1", "10", "50", "100"}
-    assert set(fusion["100"]) == {"pixel", "noise", "pixel + noise, N/2 each", "z(pixel) + z(noise), N each",
+    assert set(fusion["100"]) == {"pixel", "noise", "pixel + noise, N/2 each", "z(pixel) + z(noise), N of each",
                                   "pixel, control-normalised", "noise, control-normalised"}
+    assert "pixel + noise, N/2 each" not in fusion["1"]  # one probe is not split
+    assert len(out["meta"]["zoo_weights"]) == 6 and len(out["meta"]["zoo_weights_sha256"]) == 64
     for rows in (pool["ensembles"]["100"], fusion["100"]):
         for r in rows.values():
             assert r["runs"] == 2 and 0.0 <= r["accuracy"] <= 1.0 and set(r["per_recipe"]) == {"kd"}
@@ -309,7 +345,7 @@ def test_score_fusion_smoke(toy_zoo, tmp_path):
             assert fusion[n][method]["accuracy"] == \
                 da_out["results"][method]["probs"]["dark_corr"][n]["accuracy"]
     md = (tmp_path / "results" / "fusion.md").read_text()
-    assert "## Summary" in md and "## 1. Score ensembles" in md and "| z(all five) |" in md and "## 3-4. Probe-set fusion (pixel, noise" in md
+    assert "## Summary (accuracy / AUC)" in md and "## 1. Score ensembles" in md and "| z(all five) |" in md and "## 3-4. Probe-set fusion (pixel, noise" in md
     assert out["meta"]["command"] == "python benchmarks/score_fusion.py " + " ".join(argv)
     assert bench.main(argv) == 0
     assert json.loads((tmp_path / "results" / "fusion.json").read_text())["results"] == out["results"]
