@@ -577,7 +577,7 @@ def _add_detection_options(p) -> None:
     p.add_argument("--probes", type=int, default=None, help="number of probes N (default 100; 10 for a diffusion student)")
     p.add_argument("--steps", type=int, default=200, help="synthesis optimisation steps (default 200)")
     p.add_argument("--method", default="pixel", choices=sorted(METHODS), help="synthesis method (default pixel)")
-    p.add_argument("--restarts", type=int, default=1, help="independent probe groups optimised in parallel")
+    p.add_argument("--restarts", type=int, default=1, help="pixel/confidence: independent probe groups optimised in parallel")
     p.add_argument("--aug-noise", type=float, default=0.0, metavar="S",
                    help="pixel/confidence: std of Gaussian noise (normalised units) on the probes the student sees at "
                         "each step, so the class evidence must survive it (default 0: none)")

@@ -121,12 +121,21 @@ def test_aug_noise_is_seeded_valid_and_keeps_earlier_fingerprints(student):
             SynthesisConfig(aug_noise=bad)
     with pytest.raises(SynthesisError, match="aug_noise applies to the methods pixel and confidence.*'generator'"):
         SynthesisConfig(method="generator", aug_noise=0.5)
-    # the other view settings too: the generator (and noise, real, ...) would ignore them silently
+    # every method-specific setting: a method that does not read it would ignore it silently
     for method in ("generator", "noise", "mia"):
         with pytest.raises(SynthesisError, match=f"jitter=2, flip=True, pixel_scale=2: jitter/flip/pixel_scale "
-                                                 f"apply to the methods pixel and confidence.*'{method}'"):
+                                                 f"apply to the methods pixel and confidence only, not to '{method}'"):
             SynthesisConfig(method=method, jitter=2, flip=True, pixel_scale=2)
-    assert SynthesisConfig(method="generator", jitter=0, flip=False, pixel_scale=1).method == "generator"
+        with pytest.raises(SynthesisError, match=f"restarts=2, init='low': restarts/init apply to the methods pixel "
+                                                 f"and confidence only, not to '{method}'"):
+            SynthesisConfig(method=method, restarts=2, init="low")
+    for method in ("pixel", "confidence", "real"):
+        with pytest.raises(SynthesisError, match=f"z_dim=8: z_dim applies to the method generator only, not to '{method}'"):
+            SynthesisConfig(method=method, z_dim=8)
+    # at their defaults they are accepted by every method, and each method takes its own
+    assert SynthesisConfig(method="generator", jitter=0, flip=False, pixel_scale=1, restarts=1).method == "generator"
+    assert SynthesisConfig(method="confidence", restarts=2, init="low", aug_noise=1.0).restarts == 2
+    assert SynthesisConfig(method="generator", z_dim=8, batch_size=16, generator_width=8).z_dim == 8
     assert SynthesisConfig(method="confidence", aug_noise=1).identity() == SynthesisConfig(method="confidence", aug_noise=1.0).identity()
     # the cache key the benchmarks use: one per identity, so the neutral default keeps the key of before
     before = {k: v for k, v in dataclasses.asdict(SynthesisConfig()).items() if k != "aug_noise"}

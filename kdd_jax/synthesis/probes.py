@@ -54,16 +54,18 @@ class SynthesisConfig:
             raise SynthesisError("n_probes, restarts, batch_size and pixel_scale must be >= 1 and steps >= 0")
         if isinstance(self.aug_noise, bool) or not (isinstance(self.aug_noise, (int, float)) and 0.0 <= self.aug_noise < float("inf")):
             raise SynthesisError(f"aug_noise must be a finite number >= 0, got {self.aug_noise!r}")
-        if self.method not in ("pixel", "confidence"):
-            # these change what the student sees of the probes being optimised in pixel space; another
-            # method would ignore them silently and record settings that did nothing
-            changed = [f"{k}={getattr(self, k)!r}" for k, neutral in _PIXEL_VIEW_DEFAULTS.items() if getattr(self, k) != neutral]
+        # a setting only some methods read, changed from its default for a method that ignores it, would be
+        # recorded (fingerprints, reports, calibrations) as if it had acted: refused, naming each
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for methods, names in _METHOD_SETTINGS:
+            if self.method in methods:
+                continue
+            changed = [f"{k}={getattr(self, k)!r}" for k in names if getattr(self, k) != defaults[k]]
             if changed:
                 many = len(changed) > 1
                 raise SynthesisError(f"{', '.join(changed)}: {'/'.join(k.split('=')[0] for k in changed)} "
-                                     f"appl{'y' if many else 'ies'} to the methods pixel and confidence ("
-                                     f"{'they change' if many else 'it changes'} what the student sees of the probes "
-                                     f"being optimised), not to {self.method!r}")
+                                     f"appl{'y' if many else 'ies'} to the method{'s' if len(methods) > 1 else ''} "
+                                     f"{' and '.join(methods)} only, not to {self.method!r}")
         object.__setattr__(self, "aug_noise", float(self.aug_noise))  # 1 and 1.0: one identity, one cache key
 
     def identity(self) -> dict:
@@ -81,8 +83,13 @@ class SynthesisConfig:
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()
 
 
-# Settings of the pixel-space methods' view of their probes, with the value that leaves it untouched.
-_PIXEL_VIEW_DEFAULTS = {"jitter": 0, "flip": False, "pixel_scale": 1, "aug_noise": 0.0}
+# Settings only some methods read: (those methods, the settings). Pixel-space optimisation (pixel, and
+# confidence, its BN-free form): its restarts and initialisation, and what the student sees of the probes
+# being optimised. The generator: its network and training batch.
+_METHOD_SETTINGS = (
+    (("pixel", "confidence"), ("restarts", "init", "init_scale", "jitter", "flip", "pixel_scale", "aug_noise")),
+    (("generator",), ("batch_size", "z_dim", "generator_width")),
+)
 # Settings whose default reproduces the probes made before the setting existed (see identity()).
 _NEUTRAL_DEFAULTS = {"aug_noise": 0.0}
 
