@@ -41,7 +41,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks.detection_accuracy import ZooRoles, load_zoo, log, pools, read_manifest, weights_id  # noqa: E402
+from benchmarks.detection_accuracy import (  # noqa: E402
+    ZooRoles, add_zoo_arguments, load_zoo, log, pools, read_manifest, weights_id)
 from benchmarks.detection_ceiling import detectability  # noqa: E402
 from benchmarks.provenance import run_meta, write_results  # noqa: E402
 from kdd_jax.evaluation import multiple_choice_metrics  # noqa: E402
@@ -163,8 +164,7 @@ def markdown(results: list[dict], meta: dict, recipes: list[str]) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--zoo", type=Path, default=REPO / "benchmarks/zoo/cache")
-    ap.add_argument("--manifest", type=Path, default=REPO / "benchmarks/zoo/manifest.json")
+    add_zoo_arguments(ap)
     ap.add_argument("--n", type=int, default=200, help="test images per student (default 200)")
     ap.add_argument("--eps", default="0.01,0.03,0.1", help="L-inf budgets on [0, 1] pixels")
     ap.add_argument("--attacks", default="untargeted,targeted")

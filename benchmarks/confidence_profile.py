@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 from scipy.stats import rankdata  # noqa: E402
 
-from benchmarks.detection_accuracy import ZooRoles, read_manifest  # noqa: E402
+from benchmarks.detection_accuracy import ZooRoles, add_zoo_arguments, read_manifest  # noqa: E402
 from benchmarks.detection_ceiling import (  # noqa: E402
     evaluate_pool, fashion_pools, load_zoo, log, per_probe_scores, pool_logits, teacher_logp, weights_id)
 from benchmarks.provenance import run_meta, write_results  # noqa: E402
@@ -135,8 +135,7 @@ def zscore(S: np.ndarray, C: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pools", nargs="+", default=["test", "train"], choices=["test", "train"])
-    ap.add_argument("--zoo", type=Path, default=REPO / "benchmarks/zoo/cache")
-    ap.add_argument("--manifest", type=Path, default=REPO / "benchmarks/zoo/manifest.json")
+    add_zoo_arguments(ap)
     ap.add_argument("--work", type=Path, default=REPO / "benchmarks/_work/ceiling")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--tag", default="confidence_profile", help="output file stem")

@@ -51,7 +51,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 
 from benchmarks.detection_accuracy import (  # noqa: E402
-    ZooRoles, all_scores, load_zoo, log, pools, probe_logits, read_manifest, teacher_logp, weights_id)
+    ZooRoles, add_zoo_arguments, all_scores, load_zoo, log, pools, probe_logits, read_manifest, teacher_logp, weights_id)
 from benchmarks.detection_ceiling import evaluate_pool, fashion_pools, per_probe_scores, pool_logits  # noqa: E402
 from benchmarks.provenance import run_meta, write_results  # noqa: E402
 from kdd_jax.io import sha256_file  # noqa: E402
@@ -284,8 +284,7 @@ def probe_audit(converted: dict, students: list[str], labels: np.ndarray, kinds:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--zoo", type=Path, default=REPO / "benchmarks/zoo/cache")
-    ap.add_argument("--manifest", type=Path, default=REPO / "benchmarks/zoo/manifest.json")
+    add_zoo_arguments(ap)
     ap.add_argument("--work", type=Path, default=REPO / "benchmarks/_work/deit")
     ap.add_argument("--ceiling-work", type=Path, default=REPO / "benchmarks/_work/ceiling",
                     help="detection_ceiling.py's logits cache (shared: the zoo's logits are computed once)")

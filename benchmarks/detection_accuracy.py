@@ -89,6 +89,13 @@ def load_zoo(zoo: Path, manifest: dict):
     return models
 
 
+def add_zoo_arguments(ap) -> None:
+    """--zoo (the built zoo's model folders) and --manifest (its manifest.json), defaulting to the
+    repository's build (benchmarks/zoo/build_zoo.py): the options every zoo benchmark takes."""
+    ap.add_argument("--zoo", type=Path, default=REPO / "benchmarks/zoo/cache")
+    ap.add_argument("--manifest", type=Path, default=REPO / "benchmarks/zoo/manifest.json")
+
+
 def read_manifest(path: Path) -> dict:
     """The zoo's manifest, or SystemExit saying how to build the zoo (it is not in git)."""
     if not Path(path).is_file():
@@ -343,8 +350,7 @@ def plots(results, out_dir: Path, tag: str = "detection_accuracy") -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--zoo", type=Path, default=REPO / "benchmarks/zoo/cache")
-    ap.add_argument("--manifest", type=Path, default=REPO / "benchmarks/zoo/manifest.json")
+    add_zoo_arguments(ap)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--steps", type=int, default=200, help="synthesis steps (pixel, generator, confidence)")

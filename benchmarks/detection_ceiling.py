@@ -48,7 +48,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.detection_accuracy import (  # noqa: E402
-    SCORE_NAMES, ZooRoles, load_zoo, log, pools, read_manifest, teacher_logp, weights_id)
+    SCORE_NAMES, ZooRoles, add_zoo_arguments, load_zoo, log, pools, read_manifest, teacher_logp, weights_id)
 from benchmarks.provenance import run_meta, write_results  # noqa: E402
 from kdd_jax.evaluation import multiple_choice_metrics, tie_aware_accuracy  # noqa: E402
 from kdd_jax.io import atomic_write_bytes  # noqa: E402
@@ -297,8 +297,7 @@ def markdown(results: dict, meta: dict, students: list[str], recipes: list[str],
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--zoo", type=Path, default=REPO / "benchmarks/zoo/cache")
-    ap.add_argument("--manifest", type=Path, default=REPO / "benchmarks/zoo/manifest.json")
+    add_zoo_arguments(ap)
     ap.add_argument("--pools", type=Path, default=None,
                     help="an .npz of raw NCHW pools (default: Fashion-MNIST test and a train sample)")
     ap.add_argument("--work", type=Path, default=REPO / "benchmarks/_work/ceiling")

@@ -50,12 +50,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.detection_accuracy import (  # noqa: E402
-    ZooRoles, load_zoo, log, pools, probe_logits, read_manifest, teacher_logp, weights_id, zoo_teachers)
-from benchmarks.detection_ceiling import fashion_pools, pool_logits  # noqa: E402
+    METHODS as DA_METHODS, ZooRoles, add_zoo_arguments, load_zoo, log, pools, probe_logits, read_manifest, teacher_logp, weights_id, zoo_teachers)
+from benchmarks.detection_ceiling import fashion_pools, per_probe_scores, pool_logits  # noqa: E402
 from benchmarks.provenance import run_meta, write_results  # noqa: E402
 from kdd_jax.evaluation import binary_rates_loo, margin_statistic, multiple_choice_metrics, tie_aware_accuracy  # noqa: E402
 from kdd_jax.scores import SCORES  # noqa: E402
-from kdd_jax.scores.pairs import score_pairs  # noqa: E402
+from kdd_jax.synthesis import ImagePool  # noqa: E402
 
 ENSEMBLE_SCORES = ("dark_corr", "acs", "linear_cka", "rbf_cka", "inverse_kl")
 ENSEMBLES = {  # label -> (combination, member scores)
@@ -167,9 +167,8 @@ def pool_experiments(logits: dict, teachers: list, students: list, controls: lis
     c = logits[teachers[0]].shape[-1]
     t_logp = teacher_logp(np.stack([logits[t] for t in teachers]), "probs", c)
     models = students + controls
-    y = jnp.asarray(t_logp)
-    per = {m: {s: np.asarray(score_pairs(s, jnp.broadcast_to(jnp.asarray(logits[m]), y.shape[:2] + (c,)), y))
-               for s in set(ENSEMBLE_SCORES + SELECT_SCORES) if SCORES[s].kind == "pointwise"} for m in models}
+    pointwise = tuple(s for s in dict.fromkeys(ENSEMBLE_SCORES + SELECT_SCORES) if SCORES[s].kind == "pointwise")
+    per = {m: per_probe_scores(logits[m], t_logp, names=pointwise) for m in models}  # score -> [K, P]
     js = teacher_disagreement(t_logp)
     n_pool = len(js)
     rng = np.random.default_rng(seed)
@@ -318,8 +317,7 @@ def markdown(results: dict, meta: dict, recipes: list) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--zoo", type=Path, default=REPO / "benchmarks/zoo/cache")
-    ap.add_argument("--manifest", type=Path, default=REPO / "benchmarks/zoo/manifest.json")
+    add_zoo_arguments(ap)
     ap.add_argument("--pools", type=Path, default=None,
                     help="an .npz whose first array is a raw NCHW pool (default: the 10k Fashion-MNIST test images)")
     ap.add_argument("--draws", type=int, default=5, help="random probe subsets per N (experiments 1-2)")
@@ -334,6 +332,17 @@ def main(argv=None) -> int:
     fuse = tuple(m for m in args.fuse.split(",") if m)
     if fuse and len(fuse) != 2:
         ap.error(f"--fuse takes two methods, got {fuse}")
+    unknown = sorted(set(fuse) - set(DA_METHODS))
+    if unknown:
+        ap.error(f"--fuse: unknown methods {unknown}; detection_accuracy's: {', '.join(DA_METHODS)}")
+    if args.runs < 1 or args.draws < 1:
+        ap.error(f"--runs and --draws must be >= 1, got {args.runs} and {args.draws}")
+    if args.pools is not None:  # before any model is converted: a bad file fails at once, naming it
+        with np.load(args.pools) as f:
+            if not f.files:
+                ap.error(f"--pools {args.pools}: the file holds no array")
+            pool_name = f.files[0]
+            raw = np.asarray(f[pool_name], np.float32)
     started = time.perf_counter()
     manifest = read_manifest(args.manifest)
     log(f"converting {len(manifest['models'])} zoo models")
@@ -343,10 +352,8 @@ def main(argv=None) -> int:
     if args.pools is None:
         raw, pool_name, source = fashion_pools()["test"], "test", "10k Fashion-MNIST test images"
     else:
-        with np.load(args.pools) as f:
-            pool_name = f.files[0]
-            raw = np.asarray(f[pool_name], np.float32)
         source = f"{args.pools}[{pool_name!r}]"
+        ImagePool(raw, None, source).check(zoo[z.students[0]][1])  # shape, channels, range: named errors
         # keyed by content: another file's array of the same name must not reuse these logits
         pool_name = f"{pool_name}-{hashlib.sha256(raw.tobytes()).hexdigest()[:12]}"
     results = {}
@@ -357,7 +364,6 @@ def main(argv=None) -> int:
     if fuse:
         teachers, work = zoo_teachers(zoo, args.zoo, args.work)
         image_pools = pools() if set(fuse) & {"real", "ood", "mia"} else {}
-        fn = SCORES["dark_corr"].fn
         per = {}
         for method in fuse:
             for seed in range(args.runs):
@@ -366,8 +372,8 @@ def main(argv=None) -> int:
                     p = probe_logits(name, wids[name], model, config, method, seed, 100, args.steps,
                                      teachers, image_pools, work)
                     t = teacher_logp(p["teachers"], "probs", config.arch.num_classes)
-                    per.setdefault(method, {}).setdefault(seed, {})[name] = np.asarray(
-                        jax.vmap(lambda y: fn(p["student"], y))(t))
+                    per.setdefault(method, {}).setdefault(seed, {})[name] = per_probe_scores(
+                        p["student"], t, names=("dark_corr",))["dark_corr"]
             log(f"fusion: {method} probes ready")
         results["fusion"] = fusion_experiments(per, fuse, z.students, z.controls, roles)
     meta = run_meta(__file__, argv, started, backend=True, pool_source=source, draws=args.draws, fuse=list(fuse),

@@ -107,6 +107,29 @@ def test_detectability_excess_is_centred():
     assert d["above_controls"] == 1 and d["n"] == 2
 
 
+def test_score_fusion_refuses_bad_input(toy_zoo, tmp_path, capsys):
+    """benchmarks/score_fusion.py: unknown --fuse methods, no runs, an empty pool file and a pool the
+    students cannot take are refused by name, before any logits are computed or results written."""
+    import numpy as np
+
+    from benchmarks import score_fusion as bench
+    from kdd_jax.synthesis import SynthesisError
+
+    base = ["--zoo", str(toy_zoo["root"]), "--manifest", str(toy_manifest(tmp_path)),
+            "--ceiling-work", str(tmp_path / "ceiling"), "--work", str(tmp_path / "work"), "--out", str(tmp_path / "results")]
+    np.savez(tmp_path / "empty.npz")
+    np.savez(tmp_path / "big.npz", big=np.zeros((5, 1, 28, 28), np.float32))
+    for extra, message in ((["--fuse", "pixel,bogus"], "--fuse: unknown methods ['bogus']"),
+                           (["--runs", "0"], "--runs and --draws must be >= 1, got 0 and 5"),
+                           (["--pools", str(tmp_path / "empty.npz")], "empty.npz: the file holds no array")):
+        with pytest.raises(SystemExit):
+            bench.main(base + extra)
+        assert message in capsys.readouterr().err
+    with pytest.raises(SynthesisError, match=r"big\.npz\['big'\].*shape \(5, 1, 28, 28\)"):
+        bench.main(base + ["--pools", str(tmp_path / "big.npz"), "--fuse", ""])
+    assert not (tmp_path / "ceiling").exists() and not (tmp_path / "results").exists()
+
+
 def test_detection_ceiling_refuses_a_pool_the_students_cannot_take(toy_zoo, tmp_path):
     """A pool of the wrong image size is refused before any model runs, naming the file and array."""
     import numpy as np
