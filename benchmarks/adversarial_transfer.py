@@ -45,7 +45,7 @@ from benchmarks.detection_accuracy import (  # noqa: E402
     ZooRoles, add_zoo_arguments, load_zoo, log, pools, read_manifest, weights_id)
 from benchmarks.detection_ceiling import detectability  # noqa: E402
 from benchmarks.provenance import run_meta, write_results  # noqa: E402
-from kdd_jax.evaluation import multiple_choice_metrics  # noqa: E402
+from kdd_jax.evaluation import zoo_metrics  # noqa: E402
 from kdd_jax.scores.pairs import score_pairs  # noqa: E402
 
 SCORE_KEYS = ("transfer", "flip", "gain", "drop", "dark_adv", "neg_kl_adv", "dark_clean")
@@ -126,15 +126,12 @@ def evaluate(rows: dict, zoo: dict, teachers: list[str], students: list[str], co
     for key in SCORE_KEYS:
         S = np.array([rows[s]["scores"][key] for s in students])
         C = np.array([rows[c]["scores"][key] for c in controls])
-        mc = multiple_choice_metrics(S[None], labels)
+        mc = zoo_metrics(S, labels, recipes=recipes)
         picks = S.argmax(1)
-        per_recipe = {}
-        for r, p, y in zip(recipes, picks, labels):
-            per_recipe.setdefault(r, []).append(float(p == y))
         out[key] = {"accuracy": mc["accuracy"], "auc": mc["auc"],
                     "above_controls": detectability(S, labels, C)["above_controls"],
                     "own_family_pick": float(np.mean([family[teachers[p]] == family[s] for p, s in zip(picks, students)])),
-                    "per_recipe": {r: float(np.mean(v)) for r, v in sorted(per_recipe.items())}}
+                    "per_recipe": dict(sorted(mc["per_recipe"].items()))}
     return out
 
 

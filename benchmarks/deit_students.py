@@ -253,7 +253,7 @@ def probe_audit(converted: dict, students: list[str], labels: np.ndarray, kinds:
     """method -> score -> accuracy / AUC over the students at N_PROBES (and accuracy per recipe
     kind), from `runs` seeds of probes; teachers answer through detection_accuracy.py's cached
     logits API, seen as probabilities."""
-    from kdd_jax.evaluation import multiple_choice_metrics, tie_aware_accuracy
+    from kdd_jax.evaluation import zoo_metrics
     from kdd_jax.teachers import CachedTeacher, ResponseCache, flax_teacher
 
     wid = {t: weights_id(zoo_dir, zoo[t][2]) for t in teachers}
@@ -261,7 +261,6 @@ def probe_audit(converted: dict, students: list[str], labels: np.ndarray, kinds:
     cache = ResponseCache(work / "responses.sqlite")
     tq = [CachedTeacher(flax_teacher(t, zoo[t][0], zoo[t][1], output="logits"), cache) for t in teachers]
     image_pools = pools()
-    kinds_a = np.asarray(kinds)
     out = {}
     for method in PROBE_METHODS:
         S = {s: np.zeros((runs, len(students), len(teachers))) for s in PROBE_SCORES}
@@ -275,10 +274,7 @@ def probe_audit(converted: dict, students: list[str], labels: np.ndarray, kinds:
             log(f"  probes {method}, seed {seed}: done")
         out[method] = {}
         for s in PROBE_SCORES:
-            out[method][s] = multiple_choice_metrics(S[s], labels)
-            out[method][s]["per_recipe"] = {
-                k: float(np.mean([tie_aware_accuracy(r[kinds_a == k], labels[kinds_a == k]) for r in S[s]]))
-                for k in dict.fromkeys(kinds)}
+            out[method][s] = zoo_metrics(S[s], labels, recipes=kinds)
     return out
 
 

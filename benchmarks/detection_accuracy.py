@@ -46,7 +46,7 @@ from benchmarks.provenance import run_meta, write_results  # noqa: E402
 from benchmarks.zoo.fashion import load_fashion  # noqa: E402
 from converters import convert_student  # noqa: E402
 from kdd_jax.detect import teacher_log_probs  # noqa: E402
-from kdd_jax.evaluation import binary_rates_loo, margin_statistic, multiple_choice_metrics, tie_aware_accuracy  # noqa: E402
+from kdd_jax.evaluation import margin_statistic, zoo_metrics  # noqa: E402
 from kdd_jax.io import atomic_write_bytes  # noqa: E402
 from kdd_jax.models import predict_logits  # noqa: E402
 from kdd_jax.report import svg_histogram_rows, svg_lines  # noqa: E402
@@ -221,7 +221,7 @@ def evaluate(records, manifest, teachers_order):
     controls = [n for n, m in models.items() if m["role"] == "control"]
     labels = np.array([teachers_order.index(models[n]["teacher"]) for n in distilled])
     seeds = sorted({k[1] for k in records})
-    recipes = sorted({models[n]["recipe_id"] for n in distilled})
+    recipes = [models[n]["recipe_id"] for n in distilled]
     results = {}
     for method in METHODS:
         for output in OUTPUTS:
@@ -234,20 +234,11 @@ def evaluate(records, manifest, teachers_order):
                         continue
                     if not np.all(np.isfinite(S)):
                         continue
-                    res = multiple_choice_metrics(S, labels)
-                    per_recipe = {}
-                    for rid in recipes:
-                        sel = np.array([models[m]["recipe_id"] == rid for m in distilled])
-                        per_recipe[rid] = float(np.mean([tie_aware_accuracy(S[r][sel], labels[sel]) for r in range(len(S))]))
-                    res["per_recipe_accuracy"] = per_recipe
-                    if len(controls) and len(distilled) >= 2:
-                        rates = [binary_rates_loo(margin_statistic(S[r]), margin_statistic(C[r])) for r in range(len(seeds))]
-                        res["binary"] = {"tpr": float(np.mean([x["tpr"] for x in rates])),
-                                         "fpr": float(np.mean([x["fpr"] for x in rates])),
-                                         "tpr_target": 0.9, "n_controls": len(controls)}
-                        if output == "probs" and n == 100 and score in ("neg_kl", BEST):  # plotted ones only: keeps the JSON small
-                            res["margins"] = {"distilled": margin_statistic(S).ravel().tolist(),
-                                              "controls": margin_statistic(C).ravel().tolist()}
+                    res = zoo_metrics(S, labels, recipes=recipes, controls=C if len(controls) else None)
+                    res["per_recipe_accuracy"] = dict(sorted(res.pop("per_recipe").items()))
+                    if "binary" in res and output == "probs" and n == 100 and score in ("neg_kl", BEST):
+                        res["margins"] = {"distilled": margin_statistic(S).ravel().tolist(),
+                                          "controls": margin_statistic(C).ravel().tolist()}  # plotted ones only
                     results.setdefault(method, {}).setdefault(output, {}).setdefault(score, {})[n] = res
     return results
 

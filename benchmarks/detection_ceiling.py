@@ -50,7 +50,7 @@ import numpy as np  # noqa: E402
 from benchmarks.detection_accuracy import (  # noqa: E402
     SCORE_NAMES, ZooRoles, add_zoo_arguments, load_zoo, log, pools, read_manifest, teacher_logp, weights_id)
 from benchmarks.provenance import run_meta, write_results  # noqa: E402
-from kdd_jax.evaluation import multiple_choice_metrics, tie_aware_accuracy  # noqa: E402
+from kdd_jax.evaluation import multiple_choice_metrics, tie_aware_accuracy, zoo_metrics  # noqa: E402
 from kdd_jax.io import atomic_write_bytes  # noqa: E402
 from kdd_jax.models import predict_logits  # noqa: E402
 from kdd_jax.scores import SCORES  # noqa: E402
@@ -202,10 +202,8 @@ def evaluate_pool(per: dict[str, dict], labels: np.ndarray, students: list[str],
         agg = lambda m: per[m][name].mean(-1) if per[m][name].ndim == 2 else per[m][name]  # noqa: E731
         S = np.stack([agg(m) for m in students])
         C = np.stack([agg(m) for m in controls]) if controls else np.zeros((0, S.shape[1]))
-        metrics = multiple_choice_metrics(S, labels)
-        rec = np.asarray(recipes)
-        out[name] = {"accuracy": metrics["accuracy"], "auc": metrics["auc"],
-                     "per_recipe": {r: tie_aware_accuracy(S[rec == r], labels[rec == r]) for r in dict.fromkeys(recipes)},
+        metrics = zoo_metrics(S, labels, recipes=recipes)
+        out[name] = {"accuracy": metrics["accuracy"], "auc": metrics["auc"], "per_recipe": metrics["per_recipe"],
                      "detectability": detectability(S, labels, C)}
         if name in curve:
             n_all = per[students[0]][name].shape[-1]

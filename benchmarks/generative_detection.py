@@ -49,7 +49,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks.provenance import command, write_results  # noqa: E402
 from converters import convert_student  # noqa: E402
-from kdd_jax.evaluation import binary_rates_loo, margin_statistic, multiple_choice_metrics, tie_aware_accuracy  # noqa: E402
+from kdd_jax.evaluation import zoo_metrics  # noqa: E402
 from kdd_jax.generative.detect import GenerativeDetectConfig, classifier_captioner, make_probes  # noqa: E402
 from kdd_jax.generative.pipeline import load_diffusion  # noqa: E402
 from kdd_jax.io import atomic_write_bytes  # noqa: E402
@@ -194,16 +194,11 @@ def main(argv: list[str] | None = None) -> int:
                               for r in range(args.runs)])  # [R, M, K]
                 C = np.stack([[scores_at(records[(e["name"], method, r)], score, n) for e in controls_m]
                               for r in range(args.runs)])
-                mc = multiple_choice_metrics(S, labels)
-                rates = [binary_rates_loo(margin_statistic(S[r]), margin_statistic(C[r]) if controls_m else [])
-                         for r in range(args.runs)]
-                per_recipe = {}
-                for recipe in sorted({e["recipe"] for e in students_m}):
-                    idx = [i for i, e in enumerate(students_m) if e["recipe"] == recipe]
-                    per_recipe[recipe] = float(np.mean([tie_aware_accuracy(S[r][idx], labels[idx]) for r in range(args.runs)]))
-                row = {"method": method, "score": score, "n": n, **{k: mc[k] for k in ("accuracy", "accuracy_std", "auc", "auc_std")},
-                       "tpr": float(np.mean([x["tpr"] for x in rates])), "fpr": float(np.mean([x["fpr"] for x in rates])),
-                       "per_recipe": per_recipe}
+                met = zoo_metrics(S, labels, recipes=[e["recipe"] for e in students_m], controls=C)
+                binary = met.get("binary", {})  # absent with fewer than two students
+                row = {"method": method, "score": score, "n": n, **{k: met[k] for k in ("accuracy", "accuracy_std", "auc", "auc_std")},
+                       "tpr": binary.get("tpr", float("nan")), "fpr": binary.get("fpr", float("nan")),
+                       "per_recipe": dict(sorted(met["per_recipe"].items()))}
                 rows.append(row)
                 table[(method, score, n)] = row
     doc = {"benchmark": "generative_detection", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

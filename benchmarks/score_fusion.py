@@ -53,7 +53,7 @@ from benchmarks.detection_accuracy import (  # noqa: E402
     METHODS as DA_METHODS, ZooRoles, add_zoo_arguments, load_zoo, log, pools, probe_logits, read_manifest, teacher_logp, weights_id, zoo_teachers)
 from benchmarks.detection_ceiling import fashion_pools, per_probe_scores, pool_logits  # noqa: E402
 from benchmarks.provenance import run_meta, write_results  # noqa: E402
-from kdd_jax.evaluation import binary_rates_loo, margin_statistic, multiple_choice_metrics, tie_aware_accuracy  # noqa: E402
+from kdd_jax.evaluation import binary_rates_loo, zoo_metrics  # noqa: E402
 from kdd_jax.scores import SCORES  # noqa: E402
 from kdd_jax.synthesis import ImagePool  # noqa: E402
 
@@ -137,13 +137,13 @@ def metrics(S: np.ndarray, C: np.ndarray | None, roles: Roles, rates: list[dict]
     """S [R, M, K] students, C [R, Cn, K] controls, per run -> accuracy/AUC (mean, std), per-recipe
     accuracy, binary TPR/FPR: of the margin statistic (leave-one-out threshold at >= 90% TPR), or the
     per-run `rates` given."""
-    out = multiple_choice_metrics(S, roles.labels)
-    res = {"accuracy": out["accuracy"], "accuracy_std": out["accuracy_std"], "auc": out["auc"], "runs": len(S),
-           "per_recipe": {r: float(np.mean([tie_aware_accuracy(s[roles.recipes == r], roles.labels[roles.recipes == r])
-                                            for s in S])) for r in dict.fromkeys(roles.recipes.tolist())}}
-    if rates is None and C is not None and C.shape[1] and S.shape[1] >= 2:
-        rates = [binary_rates_loo(margin_statistic(s), margin_statistic(c)) for s, c in zip(S, C)]
-    if rates:
+    out = zoo_metrics(S, roles.labels, recipes=roles.recipes,
+                      controls=C if rates is None and C is not None and C.shape[1] else None)
+    res = {"accuracy": out["accuracy"], "accuracy_std": out["accuracy_std"], "auc": out["auc"], "runs": out["runs"],
+           "per_recipe": out["per_recipe"]}
+    if rates is None and "binary" in out:
+        res["tpr"], res["fpr"] = out["binary"]["tpr"], out["binary"]["fpr"]
+    elif rates:
         res["tpr"] = float(np.mean([x["tpr"] for x in rates]))
         res["fpr"] = float(np.mean([x["fpr"] for x in rates]))
     return res

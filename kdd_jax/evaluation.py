@@ -1,6 +1,6 @@
 """Detection quality over a zoo: the paper's protocol (its `score2detect.py`), and the binary
-"distilled or not" rates. Pure numpy; used by benchmarks/detection_accuracy.py and by anyone who
-evaluates the detector on their own zoo.
+"distilled or not" rates. Pure numpy; `zoo_metrics` is what every zoo benchmark under benchmarks/ reports,
+and what anyone who evaluates the detector on their own zoo should call.
 
 Multiple choice, per run r (R runs with different seeds):
     accuracy_r = share of distilled students whose argmax-score teacher is their true teacher
@@ -112,3 +112,42 @@ def binary_rates_loo(distilled: np.ndarray, controls: np.ndarray, *, tpr_target:
     fp = sum(x >= all_d for x in c)
     return {"tpr": tp / len(d), "fpr": fp / len(c) if len(c) else float("nan"), "n_distilled": len(d),
             "n_controls": len(c), "tpr_target": tpr_target}
+
+
+def zoo_metrics(scores: np.ndarray, labels: np.ndarray, *, recipes=None, controls: np.ndarray | None = None,
+                tpr_target: float = 0.9) -> dict:
+    """Everything a zoo benchmark reports for one (probe method, score, N) cell, in one place.
+
+    scores [R, M, K] (or [M, K] for one run) for the distilled students, labels [M] their teachers'
+    indices, recipes [M] (optional) their recipe names, controls [R, C, K] (optional) the independent
+    models' scores on the same runs' probes. Returns `multiple_choice_metrics`, plus
+      per_recipe: {recipe: accuracy, mean over runs} in first-appearance order (when recipes are given);
+      binary:     {tpr, fpr, tpr_target, n_controls}: `binary_rates_loo` of the margin statistic per run,
+                  averaged over runs (when controls are given and there are >= 2 students; fpr is nan
+                  with an empty control set).
+    """
+    s = np.asarray(scores, np.float64)
+    if s.ndim == 2:
+        s = s[None]
+    labels = np.asarray(labels)
+    out = multiple_choice_metrics(s, labels)
+    if recipes is not None:
+        rec = np.asarray(recipes)
+        if rec.shape != labels.shape:
+            raise ValueError(f"{len(rec)} recipes for {len(labels)} students")
+        out["per_recipe"] = {r: float(np.mean([tie_aware_accuracy(run[rec == r], labels[rec == r]) for run in s]))
+                             for r in dict.fromkeys(rec.tolist())}
+    if controls is not None and s.shape[1] >= 2:
+        c = np.asarray(controls, np.float64)
+        if c.size == 0:  # no controls (np.stack of empty rows gives [R, 0])
+            c = np.zeros((s.shape[0], 0, s.shape[2]))
+        elif c.ndim == 2:
+            c = c[None]
+        if c.shape[0] != s.shape[0] or c.shape[2] != s.shape[2]:
+            raise ValueError(f"controls {c.shape} do not match the students' runs x teachers {s.shape}")
+        rates = [binary_rates_loo(margin_statistic(run), margin_statistic(ctl), tpr_target=tpr_target)
+                 for run, ctl in zip(s, c)]
+        out["binary"] = {"tpr": float(np.mean([x["tpr"] for x in rates])),
+                         "fpr": float(np.mean([x["fpr"] for x in rates])),
+                         "tpr_target": tpr_target, "n_controls": int(c.shape[1])}
+    return out

@@ -14,6 +14,8 @@ from kdd_jax.evaluation import (
     multiple_choice_metrics,
     ovr_auc,
     softmax_over_teachers,
+    tie_aware_accuracy,
+    zoo_metrics,
 )
 
 
@@ -61,3 +63,34 @@ def test_binary_rates_loo():
     assert same["fpr"] >= 0.8  # indistinguishable controls are flagged as often as students
     with pytest.raises(ValueError):
         binary_rates_loo([1.0], [0.0])
+
+
+def test_zoo_metrics_combines_runs_recipes_and_controls():
+    rng = np.random.default_rng(0)
+    labels = np.array([0, 1, 2, 0, 1, 2])
+    recipes = np.array(["soft", "soft", "soft", "hard", "hard", "hard"])
+    runs = []
+    for _ in range(3):
+        s = rng.normal(size=(6, 3))
+        s[np.arange(3), labels[:3]] += 10  # the soft students are always found; the hard ones at random
+        runs.append(s)
+    S = np.stack(runs)
+    C = rng.normal(size=(3, 4, 3))  # controls: no teacher stands out
+    out = zoo_metrics(S, labels, recipes=recipes, controls=C)
+    mc = multiple_choice_metrics(S, labels)
+    assert {k: out[k] for k in mc} == mc
+    assert list(out["per_recipe"]) == ["soft", "hard"]
+    assert out["per_recipe"]["soft"] == 1.0
+    assert out["per_recipe"]["hard"] == pytest.approx(np.mean([tie_aware_accuracy(s[3:], labels[3:]) for s in S]))
+    rates = [binary_rates_loo(margin_statistic(s), margin_statistic(c)) for s, c in zip(S, C)]
+    assert out["binary"] == {"tpr": pytest.approx(np.mean([r["tpr"] for r in rates])),
+                             "fpr": pytest.approx(np.mean([r["fpr"] for r in rates])), "tpr_target": 0.9, "n_controls": 4}
+    # one run given as [M, K]; no controls -> no binary block; an empty control set -> fpr nan
+    single = zoo_metrics(S[0], labels, recipes=recipes)
+    assert single["runs"] == 1 and "binary" not in single
+    empty = zoo_metrics(S, labels, controls=np.stack([[] for _ in S]))["binary"]
+    assert empty["n_controls"] == 0 and np.isnan(empty["fpr"]) and 0 < empty["tpr"] <= 1
+    with pytest.raises(ValueError, match="recipes"):
+        zoo_metrics(S, labels, recipes=recipes[:5])
+    with pytest.raises(ValueError, match="controls"):
+        zoo_metrics(S, labels, controls=C[:2])
