@@ -119,8 +119,10 @@ def test_aug_noise_is_seeded_valid_and_keeps_earlier_fingerprints(student):
     for bad in (-0.1, float("nan"), float("inf"), "1", True):
         with pytest.raises(SynthesisError, match="aug_noise"):
             SynthesisConfig(aug_noise=bad)
-    with pytest.raises(SynthesisError, match="aug_noise applies to the methods pixel and confidence.*'generator'"):
-        SynthesisConfig(method="generator", aug_noise=0.5)
+    for method in ("noise", "real"):
+        with pytest.raises(SynthesisError, match=f"aug_noise=0.5: aug_noise applies to the methods pixel, confidence "
+                                                 f"and generator only, not to '{method}'"):
+            SynthesisConfig(method=method, aug_noise=0.5)
     # every method-specific setting: a method that does not read it would ignore it silently
     for method in ("generator", "noise", "mia"):
         with pytest.raises(SynthesisError, match=f"jitter=2, flip=True, pixel_scale=2: jitter/flip/pixel_scale "

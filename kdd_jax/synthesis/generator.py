@@ -2,6 +2,10 @@
 
     min_phi  bn_weight * L_BNS(student on G_phi(z, w))  +  ce_weight * sum_i w_i CE(student(G_phi(z, w)), y_i)
 
+With `aug_noise` > 0 the student sees every generated batch plus fresh Gaussian noise of that std
+(normalised units) during training, as pixel synthesis does: the generator must produce class evidence
+that survives the noise; the probes it then makes are clean.
+
 G_phi is a DCGAN-style generator conditioned on soft class targets w (mixed labels): the noise z is
 multiplied by a linear embedding of w (the soft version of GDFQ's nn.Embedding, so label mixtures
 embed as the same mixture of class codes). Its BatchNorm layers always normalise with batch
@@ -77,13 +81,14 @@ class Generator(nnx.Module):
         return h[:, : self.out_hw[0], : self.out_hw[1]]
 
 
-# The generator's static structure: (generator graphdef, student graphdef, z_dim, classes, batch, mix).
+# The generator's static structure: (generator graphdef, student graphdef, z_dim, classes, batch, mix,
+# aug_noise).
 # Module-level pure functions keyed on it compile once per architecture, not once per student.
 
 
 def _generate(static, params, stats, key, lo, hi, n):
     """n probes (clipped to the valid range), their targets, and the generator's updated BN state."""
-    g_graphdef, _, z_dim, num_classes, _, mix = static
+    g_graphdef, _, z_dim, num_classes, _, mix, _ = static
     kz, kw = jax.random.split(key)
     z = jax.random.normal(kz, (n, z_dim))
     tg = mixed_label_targets(kw, n, num_classes, mix=mix)
@@ -97,12 +102,17 @@ def _adam(lr):
 
 
 def _step(static, carry, consts):
-    _, s_graphdef, _, _, bs, _ = static
+    _, s_graphdef, _, _, bs, _, noise = static
     params, stats, opt_state, key = carry
     key, sub = jax.random.split(key)
 
     def loss_fn(params, stats):
-        x, tg, new_stats = _generate(static, params, stats, sub, consts["lo"], consts["hi"], bs)
+        if noise:  # the student sees each batch under fresh Gaussian noise (as pixel's aug_noise)
+            k_gen, k_noise = jax.random.split(sub)
+            x, tg, new_stats = _generate(static, params, stats, k_gen, consts["lo"], consts["hi"], bs)
+            x = x + noise * jax.random.normal(k_noise, x.shape, x.dtype)
+        else:  # the key stream of generators trained before aug_noise existed
+            x, tg, new_stats = _generate(static, params, stats, sub, consts["lo"], consts["hi"], bs)
         logits, bstats = forward_with_bn_stats(nnx.merge(s_graphdef, consts["state"], copy=True), x)
         w = consts["w"]
         return w[0] * bn_statistics_loss(bstats, consts["running"]) + w[1] * soft_cross_entropy(logits, tg), new_stats
@@ -134,7 +144,7 @@ def synthesize_generator(model: nnx.Module, config, sc: SynthesisConfig,
     gen = Generator(sc.z_dim, num_classes, (h, w), pre.channels, width=sc.generator_width,
                     rngs=nnx.Rngs(params=k_gen))
     g_graphdef, g_params, g_stats = nnx.split(gen, nnx.Param, nnx.BatchStat)
-    static = (g_graphdef, s_graphdef, sc.z_dim, num_classes, bs, sc.mix_labels)
+    static = (g_graphdef, s_graphdef, sc.z_dim, num_classes, bs, sc.mix_labels, sc.aug_noise)
     consts = {"state": s_state, "running": bn_running_stats(model), "lo": lo, "hi": hi,
               "w": jnp.asarray([sc.bn_weight, sc.ce_weight], jnp.float32),
               "lr": jnp.float32(sc.lr if sc.lr is not None else 1e-3)}

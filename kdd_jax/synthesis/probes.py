@@ -38,8 +38,8 @@ class SynthesisConfig:
     jitter: int = 0  # pixel: random shift (pixels) of the probes the student sees each step
     flip: bool = False  # pixel: random left-right flips too
     pixel_scale: int = 1  # pixel: optimise a grid this many times coarser, upsampled bilinearly (smoothness prior)
-    # pixel/confidence: std of Gaussian noise (normalised units) added to what the student sees each step, so
-    # class evidence must survive it (expectation over noise) instead of resting on pixel-exact texture
+    # pixel/confidence/generator: std of Gaussian noise (normalised units) added to what the student sees each
+    # step, so class evidence must survive it (expectation over noise) instead of resting on pixel-exact texture
     aug_noise: float = 0.0
     batch_size: int = 64  # generator training batch
     z_dim: int = 100  # generator: noise dimension
@@ -65,7 +65,7 @@ class SynthesisConfig:
                 many = len(changed) > 1
                 raise SynthesisError(f"{', '.join(changed)}: {'/'.join(k.split('=')[0] for k in changed)} "
                                      f"appl{'y' if many else 'ies'} to the method{'s' if len(methods) > 1 else ''} "
-                                     f"{' and '.join(methods)} only, not to {self.method!r}")
+                                     f"{_and(methods)} only, not to {self.method!r}")
         object.__setattr__(self, "aug_noise", float(self.aug_noise))  # 1 and 1.0: one identity, one cache key
 
     def identity(self) -> dict:
@@ -85,11 +85,16 @@ class SynthesisConfig:
 
 # Settings only some methods read: (those methods, the settings). Pixel-space optimisation (pixel, and
 # confidence, its BN-free form): its restarts and initialisation, and what the student sees of the probes
-# being optimised. The generator: its network and training batch.
+# being optimised. The generator: its network and training batch. Noise on what the student sees: all three.
 _METHOD_SETTINGS = (
-    (("pixel", "confidence"), ("restarts", "init", "init_scale", "jitter", "flip", "pixel_scale", "aug_noise")),
+    (("pixel", "confidence"), ("restarts", "init", "init_scale", "jitter", "flip", "pixel_scale")),
     (("generator",), ("batch_size", "z_dim", "generator_width")),
+    (("pixel", "confidence", "generator"), ("aug_noise",)),
 )
+def _and(names) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
 # Settings whose default reproduces the probes made before the setting existed (see identity()).
 _NEUTRAL_DEFAULTS = {"aug_noise": 0.0}
 
