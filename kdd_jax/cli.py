@@ -579,8 +579,8 @@ def _add_detection_options(p) -> None:
     p.add_argument("--method", default="pixel", choices=sorted(METHODS), help="synthesis method (default pixel)")
     p.add_argument("--restarts", type=int, default=1, help="pixel/confidence: independent probe groups optimised in parallel")
     p.add_argument("--aug-noise", type=float, default=0.0, metavar="S",
-                   help="pixel/confidence/generator: std of Gaussian noise (normalised units) on the probes the student "
-                        "sees at each step, so the class evidence must survive it (default 0: none)")
+                   help="pixel/confidence: std of Gaussian noise (normalised units) on the probes the student sees at "
+                        "each step; generator: on its training batches. The class evidence must survive it (default 0: none)")
     from kdd_jax.generative.detect import score_names
 
     p.add_argument("--score", default=None, choices=sorted(set(SCORES) | set(score_names())),

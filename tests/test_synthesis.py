@@ -134,6 +134,11 @@ def test_aug_noise_is_seeded_valid_and_keeps_earlier_fingerprints(student):
     for method in ("pixel", "confidence", "real"):
         with pytest.raises(SynthesisError, match=f"z_dim=8: z_dim applies to the method generator only, not to '{method}'"):
             SynthesisConfig(method=method, z_dim=8)
+    # settings of several groups at fault: one error names them all
+    with pytest.raises(SynthesisError, match="jitter=2: jitter applies to the methods pixel and confidence only; "
+                                             "aug_noise=0.5: aug_noise applies to the methods pixel, confidence and "
+                                             "generator only, not to 'noise'"):
+        SynthesisConfig(method="noise", jitter=2, aug_noise=0.5)
     # at their defaults they are accepted by every method, and each method takes its own
     assert SynthesisConfig(method="generator", jitter=0, flip=False, pixel_scale=1, restarts=1).method == "generator"
     assert SynthesisConfig(method="confidence", restarts=2, init="low", aug_noise=1.0).restarts == 2

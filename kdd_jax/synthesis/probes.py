@@ -57,15 +57,18 @@ class SynthesisConfig:
         # a setting only some methods read, changed from its default for a method that ignores it, would be
         # recorded (fingerprints, reports, calibrations) as if it had acted: refused, naming each
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        faults = []  # one error naming every setting at fault, group by group
         for methods, names in _METHOD_SETTINGS:
             if self.method in methods:
                 continue
             changed = [f"{k}={getattr(self, k)!r}" for k in names if getattr(self, k) != defaults[k]]
             if changed:
                 many = len(changed) > 1
-                raise SynthesisError(f"{', '.join(changed)}: {'/'.join(k.split('=')[0] for k in changed)} "
-                                     f"appl{'y' if many else 'ies'} to the method{'s' if len(methods) > 1 else ''} "
-                                     f"{_and(methods)} only, not to {self.method!r}")
+                faults.append(f"{', '.join(changed)}: {'/'.join(k.split('=')[0] for k in changed)} "
+                              f"appl{'y' if many else 'ies'} to the method{'s' if len(methods) > 1 else ''} "
+                              f"{_and(methods)} only")
+        if faults:
+            raise SynthesisError(f"{'; '.join(faults)}, not to {self.method!r}")
         object.__setattr__(self, "aug_noise", float(self.aug_noise))  # 1 and 1.0: one identity, one cache key
 
     def identity(self) -> dict:
@@ -91,6 +94,8 @@ _METHOD_SETTINGS = (
     (("generator",), ("batch_size", "z_dim", "generator_width")),
     (("pixel", "confidence", "generator"), ("aug_noise",)),
 )
+
+
 def _and(names) -> str:
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
