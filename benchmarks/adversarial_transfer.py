@@ -45,7 +45,7 @@ from benchmarks.detection_accuracy import (  # noqa: E402
     ZooRoles, add_zoo_arguments, load_zoo, log, pools, read_manifest, weights_id)
 from benchmarks.detection_ceiling import detectability  # noqa: E402
 from benchmarks.provenance import run_meta, write_results  # noqa: E402
-from kdd_jax.evaluation import zoo_metrics  # noqa: E402
+from kdd_jax.evaluation import tie_aware_share, zoo_metrics  # noqa: E402
 from kdd_jax.scores.pairs import score_pairs  # noqa: E402
 
 SCORE_KEYS = ("transfer", "flip", "gain", "drop", "dark_adv", "neg_kl_adv", "dark_clean")
@@ -127,10 +127,10 @@ def evaluate(rows: dict, zoo: dict, teachers: list[str], students: list[str], co
         S = np.array([rows[s]["scores"][key] for s in students])
         C = np.array([rows[c]["scores"][key] for c in controls])
         mc = zoo_metrics(S, labels, recipes=recipes)
-        picks = S.argmax(1)
+        own_family = np.array([[family[t] == family[s] for t in teachers] for s in students])
         out[key] = {"accuracy": mc["accuracy"], "auc": mc["auc"],
                     "above_controls": detectability(S, labels, C)["above_controls"],
-                    "own_family_pick": float(np.mean([family[teachers[p]] == family[s] for p, s in zip(picks, students)])),
+                    "own_family_pick": tie_aware_share(S, own_family),
                     "per_recipe": dict(sorted(mc["per_recipe"].items()))}
     return out
 
@@ -143,7 +143,7 @@ def markdown(results: list[dict], meta: dict, recipes: list[str]) -> str:
              f"teachers answer log-probabilities. {meta['students']} distilled students x {meta['teachers']} teachers, "
              f"{meta['controls']} independent controls. Accuracy is tie-aware; AUC one-vs-rest; 'above' = students whose "
              "own-teacher excess (scores centred over the teachers) beats every control's for that teacher; "
-             "'own family' = share of picks that are a teacher of the student's own architecture family "
+             "'own family' = share of picks (tie-aware) that are a teacher of the student's own architecture family "
              "(chance 0.25). `dark_clean` is the same images unattacked: the baseline.", "",
              "| attack | eps | attack success | score | accuracy | AUC | above controls | own family | "
              + " | ".join(recipes) + " |",

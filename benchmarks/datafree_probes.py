@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 
 from benchmarks import detection_accuracy as da  # noqa: E402
-from kdd_jax.evaluation import multiple_choice_metrics  # noqa: E402
+from kdd_jax.evaluation import multiple_choice_metrics, tie_aware_share  # noqa: E402
 from kdd_jax.io import atomic_write_bytes  # noqa: E402
 from kdd_jax.models import predict_logits  # noqa: E402
 from kdd_jax.synthesis import SynthesisConfig, synthesize  # noqa: E402
@@ -159,7 +159,7 @@ def run(args) -> None:
                        for n in students] for r in seeds])
         m = multiple_choice_metrics(s, labels)
         row[score] = [round(m["accuracy"], 3), round(m["auc"], 3)]
-        row["own_family_pick"][score] = round(float(np.mean(same_family[np.arange(len(students)), s.argmax(-1)])), 3)
+        row["own_family_pick"][score] = round(float(np.mean([tie_aware_share(run, same_family) for run in s])), 3)
     ag = np.array([agreement(res[(r, n)], tnames.index(zoo[n][2]["teacher"])) for r in seeds for n in students])
     row |= {"teacher_agree": round(float(ag[:, 0].mean()), 3), "student_own_agree": round(float(ag[:, 1].mean()), 3),
             "student_other_agree": round(float(ag[:, 2].mean()), 3),

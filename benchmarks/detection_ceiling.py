@@ -227,7 +227,8 @@ def markdown(results: dict, meta: dict, students: list[str], recipes: list[str],
     lines = ["# Detection ceiling: every real image as a probe", "",
              f"Machine: {meta['machine']['cpu_model']}, {meta['machine']['usable_cpus']} CPUs, backend {meta['machine']['jax_backend']}; "
              f"versions: {meta['versions']}; date {meta['date']}.",
-             f"Command: `{meta['command']}` ({meta['seconds']:.0f} s).", "",
+             f"Command: `{meta['command']}` ({meta['seconds']:.0f} s). Zoo weights: `weights_sha256_12` in the JSON "
+             "(a zoo rebuilt on another host differs: compare before comparing figures).", "",
              "Pools: " + "; ".join(f"`{k}` = {meta['pool_sizes'][k]} {v}" for k, v in meta["pool_sources"].items()) + ". "
              f"Teachers answer through the probabilities API. Point-wise scores use every probe; set scores the "
              f"first {SET_PROBES}. One deterministic evaluation (no runs to average): accuracy / one-vs-rest AUC "
@@ -343,7 +344,8 @@ def main(argv=None) -> int:
         log(f"{pool}: dark_corr {results[pool]['dark_corr']['accuracy']:.3f}, "
             f"{results[pool]['dark_corr']['detectability']['above_controls']}/{len(students)} above the controls")
     meta = run_meta(__file__, argv, started, backend=True, pool_sizes={k: len(v) for k, v in pools.items()},
-                    pool_sources=sources, num_teachers=len(teachers), set_probes=SET_PROBES, subsets=SUBSETS)
+                    pool_sources=sources, num_teachers=len(teachers), set_probes=SET_PROBES, subsets=SUBSETS,
+                    weights_sha256_12={n: weights_id(args.zoo, e) for n, (_, _, e) in zoo.items()})
     write_results(args.out, args.tag, {"meta": meta, "teachers": teachers, "students": students, "controls": controls,
                                        "recipes": recipes, "results": results},
                   markdown(results, meta, students, recipes, teachers))

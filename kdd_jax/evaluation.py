@@ -1,6 +1,7 @@
 """Detection quality over a zoo: the paper's protocol (its `score2detect.py`), and the binary
-"distilled or not" rates. Pure numpy; `zoo_metrics` is what every zoo benchmark under benchmarks/ reports,
-and what anyone who evaluates the detector on their own zoo should call.
+"distilled or not" rates. Pure numpy; `zoo_metrics` is what the zoo detection benchmarks under benchmarks/ report
+(accuracy, per recipe, binary rates), and what anyone who evaluates the detector on their own zoo
+should call.
 
 Multiple choice, per run r (R runs with different seeds):
     accuracy_r = share of distilled students whose argmax-score teacher is their true teacher
@@ -53,8 +54,19 @@ def tie_aware_accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
     """Share of students whose true teacher has the top score; a k-way tie for the top earns 1/k
     (the expected accuracy of breaking the tie at random), never the first-index luck of argmax."""
     s = np.asarray(scores, np.float64)
+    return tie_aware_share(s, np.eye(s.shape[-1], dtype=bool)[np.asarray(labels)])
+
+
+def tie_aware_share(scores: np.ndarray, hits: np.ndarray) -> float:
+    """scores [M, K], hits [M, K] bool (which teachers count as a hit for each model, e.g. those of its
+    own architecture family) -> share of models whose top-scored teacher is a hit, a tie for the top
+    counting the fraction of tied teachers that are hits (argmax would credit the first in full)."""
+    s = np.asarray(scores, np.float64)
+    hits = np.asarray(hits, bool)
+    if hits.shape != s.shape:
+        raise ValueError(f"hits {hits.shape} do not match scores {s.shape}")
     top = s == s.max(-1, keepdims=True)
-    return float(np.mean(top[np.arange(len(labels)), labels] / top.sum(-1)))
+    return float(np.mean((top & hits).sum(-1) / top.sum(-1)))
 
 
 def multiple_choice_metrics(scores: np.ndarray, labels: np.ndarray) -> dict:
@@ -133,8 +145,8 @@ def zoo_metrics(scores: np.ndarray, labels: np.ndarray, *, recipes=None, control
     out = multiple_choice_metrics(s, labels)
     if recipes is not None:
         rec = np.asarray(recipes)
-        if rec.shape != labels.shape:
-            raise ValueError(f"{len(rec)} recipes for {len(labels)} students")
+        if rec.ndim != 1 or rec.shape != labels.shape:
+            raise ValueError(f"recipes: one name per student expected ({len(labels)}), got {recipes!r:.80}")
         out["per_recipe"] = {r: float(np.mean([tie_aware_accuracy(run[rec == r], labels[rec == r]) for run in s]))
                              for r in dict.fromkeys(rec.tolist())}
     if controls is not None and s.shape[1] >= 2:

@@ -15,6 +15,7 @@ from kdd_jax.evaluation import (
     ovr_auc,
     softmax_over_teachers,
     tie_aware_accuracy,
+    tie_aware_share,
     zoo_metrics,
 )
 
@@ -90,7 +91,28 @@ def test_zoo_metrics_combines_runs_recipes_and_controls():
     assert single["runs"] == 1 and "binary" not in single
     empty = zoo_metrics(S, labels, controls=np.stack([[] for _ in S]))["binary"]
     assert empty["n_controls"] == 0 and np.isnan(empty["fpr"]) and 0 < empty["tpr"] <= 1
+    # ties share the credit, per recipe as overall (argmax would credit the first teacher in full)
+    tied = np.array([[1.0, 1.0, 0.0], [0.0, 2.0, 2.0], [3.0, 0.0, 0.0]])
+    t = zoo_metrics(tied, np.array([0, 2, 0]), recipes=["a", "a", "b"])
+    assert t["per_recipe"] == {"a": 0.5, "b": 1.0} and t["accuracy"] == pytest.approx(2 / 3)
+    # one student: no leave-one-out threshold exists, so no binary block (even with controls)
+    assert "binary" not in zoo_metrics(S[:, :1], labels[:1], recipes=list(recipes[:1]), controls=C)
     with pytest.raises(ValueError, match="recipes"):
         zoo_metrics(S, labels, recipes=recipes[:5])
+    with pytest.raises(ValueError, match="recipes"):
+        zoo_metrics(S, labels, recipes="abcdef")
     with pytest.raises(ValueError, match="controls"):
         zoo_metrics(S, labels, controls=C[:2])
+
+
+def test_tie_aware_share_splits_tied_tops_by_their_hits():
+    scores = np.array([[2.0, 2.0, 0.0, 0.0],   # tie of teachers 0 and 1, only 1 a hit -> 1/2
+                       [0.0, 1.0, 1.0, 1.0],   # 3-way tie, 2 hits -> 2/3
+                       [5.0, 0.0, 0.0, 0.0]])  # clear top, a hit -> 1
+    hits = np.array([[0, 1, 0, 0], [0, 1, 1, 0], [1, 0, 0, 1]], bool)
+    assert tie_aware_share(scores, hits) == pytest.approx((1 / 2 + 2 / 3 + 1) / 3)
+    assert tie_aware_share(scores, ~hits) == pytest.approx(1 - (1 / 2 + 2 / 3 + 1) / 3)
+    labels = np.array([1, 2, 0])  # the accuracy is the share with one-hot hits
+    assert tie_aware_accuracy(scores, labels) == tie_aware_share(scores, np.eye(4, dtype=bool)[labels])
+    with pytest.raises(ValueError, match="hits"):
+        tie_aware_share(scores, hits[:2])
