@@ -23,6 +23,8 @@ import datetime
 import hashlib
 import io
 import json
+import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -41,6 +43,8 @@ from kdd_jax.synthesis import SynthesisConfig, synthesize  # noqa: E402
 from kdd_jax.synthesis.mapping import map_probes  # noqa: E402
 from kdd_jax.teachers import CachedTeacher, ResponseCache, flax_teacher  # noqa: E402
 from kdd_jax.versions import machine, versions  # noqa: E402
+
+DEFAULT_STUDENTS = "s09,s10,s11,s12,s13,s14,s15,s16"  # the cross-family students (own-family picks are wrong)
 
 SCORES = ("neg_kl", "dark_corr", "linear_cka", "acs")
 RESULTS = REPO / "benchmarks/results/datafree_probes.jsonl"
@@ -74,6 +78,23 @@ def agreement(z: dict, own: int) -> tuple[float, float, float]:
     return float(pairs), float(np.mean(st == tt[own])), float(np.mean([np.mean(st == tt[j]) for j in range(k) if j != own]))
 
 
+def students_of(command: str) -> str:
+    """Which students a row covers, from its recorded command: the --students value, ranges of
+    consecutive sNN prefixes folded (s01,s02,s03 -> s01-s03); the default when absent."""
+    words = shlex.split(command)
+    value = words[words.index("--students") + 1] if "--students" in words[:-1] else DEFAULT_STUDENTS
+    names = value.split(",")
+    if value == "all" or not all(re.fullmatch(r"s\d\d", n) for n in names):
+        return value
+    nums, out = sorted(int(n[1:]) for n in names), []
+    for i in nums:
+        if out and i == out[-1][1] + 1:
+            out[-1][1] = i
+        else:
+            out.append([i, i])
+    return ",".join(f"s{a:02d}" if a == b else f"s{a:02d}-s{b:02d}" for a, b in out)
+
+
 def render(rows: list[dict]) -> str:
     lines = ["# Data-free probe search on the Fashion-MNIST zoo", "",
              "Rows appended by `python benchmarks/datafree_probes.py CONFIG --students ... --seeds ...` (each row "
@@ -83,12 +104,12 @@ def render(rows: list[dict]) -> str:
              "a wrong answer for the cross-family students s09-s16 (chance 0.25). Zoo weights: a digest of the teachers' "
              "and students' weight hashes (rows before it was recorded ran on the original build; the zoo rebuilt on "
              "2026-11-23 on another machine has slightly different weights: benchmarks/zoo/README.md, Determinism).",
-             "", "| settings | students x seeds | " + " | ".join(SCORES)
+             "", "| settings | students: count x seeds | " + " | ".join(SCORES)
              + " | teachers agree | student = own teacher | student = other teachers | s / student "
              "| picks of the student's own family (" + " / ".join(SCORES) + ") | zoo weights |",
              "|---|---|" + "---|" * (len(SCORES) + 6)]
     for r in rows:
-        lines.append(f"| `{json.dumps(r['cfg'])}` | {r['n_students']} x {len(r['seeds'])} | "
+        lines.append(f"| `{json.dumps(r['cfg'])}` | {students_of(r['command'])}: {r['n_students']} x {len(r['seeds'])} | "
                      + " | ".join(f"{r[s][0]:.2f} / {r[s][1]:.2f}" for s in SCORES)
                      + f" | {r['teacher_agree']:.2f} | {r['student_own_agree']:.2f} | {r['student_other_agree']:.2f}"
                      f" | {r['secs_per_student']:.1f} | "
@@ -100,7 +121,7 @@ def render(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("config", nargs="?", help="JSON object of SynthesisConfig overrides")
-    ap.add_argument("--students", default="s09,s10,s11,s12,s13,s14,s15,s16", help="name prefixes, or 'all'")
+    ap.add_argument("--students", default=DEFAULT_STUDENTS, help="name prefixes, or 'all'")
     ap.add_argument("--seeds", default="0")
     da.add_zoo_arguments(ap)
     ap.add_argument("--work", type=Path, default=REPO / "benchmarks/_work/datafree")
@@ -115,7 +136,7 @@ def main(argv=None) -> int:
             SynthesisConfig(**{"n_probes": 100, **over})
         except (ValueError, TypeError) as e:  # bad JSON, unknown field, invalid value
             ap.error(f"CONFIG {args.config!r}: {e}")
-        run(args)
+        run(args, sys.argv[1:] if argv is None else argv)
     if not args.results.is_file():
         ap.error(f"{args.results}: no results to render (run a CONFIG first)")
     rows = [json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
@@ -123,7 +144,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def run(args) -> None:
+def run(args, argv: list[str]) -> None:
     over = json.loads(args.config)
     manifest = json.loads(args.manifest.read_text())
     zoo = da.load_zoo(args.zoo, manifest)
@@ -164,7 +185,7 @@ def run(args) -> None:
     row |= {"teacher_agree": round(float(ag[:, 0].mean()), 3), "student_own_agree": round(float(ag[:, 1].mean()), 3),
             "student_other_agree": round(float(ag[:, 2].mean()), 3),
             "secs_per_student": round(float(np.mean([float(z["secs"]) for z in res.values()])), 2),
-            "command": "python benchmarks/datafree_probes.py " + " ".join(sys.argv[1:]),
+            "command": "python benchmarks/datafree_probes.py " + shlex.join(argv),
             "date": datetime.date.today().isoformat(), "machine": machine(), "versions": versions()}
     print(json.dumps({k: row[k] for k in ("cfg", *SCORES, "teacher_agree", "student_own_agree", "student_other_agree")}))
     args.results.parent.mkdir(parents=True, exist_ok=True)

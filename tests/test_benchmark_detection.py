@@ -263,6 +263,11 @@ def test_datafree_probe_search_smoke(toy_zoo, tmp_path):
     assert {k: v for k, v in again.items() if k not in ("command",)} == {k: v for k, v in first.items() if k != "command"}
     md = results.with_suffix(".md").read_text()
     assert first["zoo_weights_sha256"][:8] in md and "picks of the student's own family" in md
+    # the row names its students (from the command it records: re-runnable, the JSON config quoted)
+    assert bench.students_of(first["command"]) == "all" and "| all: 1 x 1 |" in md
+    assert first["command"].startswith("python benchmarks/datafree_probes.py '{\"method\": \"pixel\"")
+    assert bench.students_of("python benchmarks/datafree_probes.py '{}' --seeds 0") == "s09-s16"  # the default
+    assert bench.students_of("x '{}' --students s01,s02,s03,s05,s07,s08 --seeds 0") == "s01-s03,s05,s07-s08"
 
 
 def test_score_fusion_combinations():
