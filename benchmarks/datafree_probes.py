@@ -80,8 +80,12 @@ def agreement(z: dict, own: int) -> tuple[float, float, float]:
 
 def students_of(command: str) -> str:
     """Which students a row covers, from its recorded command: the --students value, ranges of
-    consecutive sNN prefixes folded (s01,s02,s03 -> s01-s03); the default when absent."""
-    words = shlex.split(command)
+    consecutive sNN prefixes folded (s01,s02,s03 -> s01-s03); the default when absent; "?" for a
+    command that does not parse (a hand-edited row must not stop the markdown from rendering)."""
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return "?"
     value = words[words.index("--students") + 1] if "--students" in words[:-1] else DEFAULT_STUDENTS
     names = value.split(",")
     if value == "all" or not all(re.fullmatch(r"s\d\d", n) for n in names):

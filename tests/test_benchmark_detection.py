@@ -268,6 +268,7 @@ def test_datafree_probe_search_smoke(toy_zoo, tmp_path):
     assert first["command"].startswith("python benchmarks/datafree_probes.py '{\"method\": \"pixel\"")
     assert bench.students_of("python benchmarks/datafree_probes.py '{}' --seeds 0") == "s09-s16"  # the default
     assert bench.students_of("x '{}' --students s01,s02,s03,s05,s07,s08 --seeds 0") == "s01-s03,s05,s07-s08"
+    assert bench.students_of("x '{\"unbalanced\": 1} --students s01") == "?"
 
 
 def test_score_fusion_combinations():
