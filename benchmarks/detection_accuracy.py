@@ -51,7 +51,7 @@ from kdd_jax.io import atomic_write_bytes  # noqa: E402
 from kdd_jax.models import predict_logits  # noqa: E402
 from kdd_jax.report import svg_histogram_rows, svg_lines  # noqa: E402
 from kdd_jax.scores import SCORES  # noqa: E402
-from kdd_jax.synthesis import ImagePool, SynthesisConfig, synthesize  # noqa: E402
+from kdd_jax.synthesis import OPTIMISED_METHODS, ImagePool, SynthesisConfig, synthesize  # noqa: E402
 from kdd_jax.synthesis.mapping import map_probes  # noqa: E402
 from kdd_jax.teachers import CachedTeacher, ResponseCache, flax_teacher  # noqa: E402
 from kdd_jax.teachers.local import logits_to_output  # noqa: E402
@@ -143,7 +143,10 @@ def weights_id(zoo: Path, entry: dict) -> str:
 def probe_logits(name, wid, model, config, method, seed, n, steps, teachers, image_pools, work: Path) -> dict:
     """Student and teacher logits on the probes of (model, method, seed); cached on disk. `method`: an
     engine method or a VARIANTS label."""
-    sc = SynthesisConfig(**{"method": method, "n_probes": n, "steps": steps, "seed": seed, **VARIANTS.get(method, {})})
+    over = {"method": method, **VARIANTS.get(method, {})}
+    # `steps` goes to the optimised methods only: noise and the pool filters optimise nothing and refuse it
+    sc = SynthesisConfig(**{"n_probes": n, "seed": seed, **({"steps": steps} if over["method"] in OPTIMISED_METHODS else {}),
+                            **over})
     # keyed by every synthesis setting (a changed default makes new probes, never reuses stale ones)
     cfg = sc.identity_sha256()[:8]
     path = work / "logits" / method / f"{name}-{wid}-seed{seed}-n{n}-s{sc.steps}-{cfg}{'-half' if method in ('ood', 'mia') else ''}.npz"

@@ -575,7 +575,8 @@ def _add_detection_options(p) -> None:
     p.add_argument("--teacher", action="append", metavar="NAME",
                    help="use only this teacher from the file (repeatable; one teacher: binary mode)")
     p.add_argument("--probes", type=int, default=None, help="number of probes N (default 100; 10 for a diffusion student)")
-    p.add_argument("--steps", type=int, default=200, help="synthesis optimisation steps (default 200)")
+    p.add_argument("--steps", type=int, default=200, help="synthesis optimisation steps of pixel, confidence and "
+                   "generator (default 200); noise and the pool methods optimise nothing and refuse another value")
     p.add_argument("--method", default="pixel", choices=sorted(METHODS), help="synthesis method (default pixel)")
     p.add_argument("--restarts", type=int, default=1, help="pixel/confidence: independent probe groups optimised in parallel")
     p.add_argument("--aug-noise", type=float, default=0.0, metavar="S",
@@ -702,7 +703,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dm.add_argument("--out", default="runs/demo", help="report directory (default runs/demo)")
     dm.add_argument("--probes", type=int, default=64, help="probes per student (default 64)")
-    dm.add_argument("--steps", type=int, default=60, help="synthesis steps (default 60)")
+    dm.add_argument("--steps", type=int, help="synthesis steps of the data-free optimised methods pixel, confidence "
+                    "and generator (default 60); the pool methods and noise optimise nothing and refuse it")
     dm.add_argument("--method", default="mia", choices=sorted(METHODS),
                     help="probe method (default mia: filter the zoo's unlabelled image pool; pixel: data-free)")
     dm.add_argument("--seed", type=int, default=0, help="fixes probes and verdicts (default 0)")

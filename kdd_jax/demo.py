@@ -83,17 +83,20 @@ def _read_manifest(path: Path) -> dict:
 
 
 POOL_METHODS = ("real", "ood", "mia")
+DEMO_STEPS = 60  # synthesis steps of the optimised methods (pixel, confidence, generator): a short demo
 
 
-def run_demo(out: str | Path, *, zoo: str | Path = DEMO_ZOO, probes: int = 64, steps: int = 60, seed: int = 0,
+def run_demo(out: str | Path, *, zoo: str | Path = DEMO_ZOO, probes: int = 64, steps: int | None = None, seed: int = 0,
              method: str = "mia", quiet: bool = False) -> dict:
     """Serve the zoo's teachers, audit every student (kdd_jax.audit), return the summary dict
-    (`students`: the audit's rows plus description / truth / correct; `failed`: name -> error)."""
+    (`students`: the audit's rows plus description / truth / correct; `failed`: name -> error).
+    `steps`: synthesis steps of the optimised methods (default DEMO_STEPS); the pool methods and
+    noise optimise nothing and refuse it."""
     from kdd_jax.audit import audit
     from kdd_jax.config import load_config
     from kdd_jax.detect import DetectConfig
     from kdd_jax.io import atomic_write_json
-    from kdd_jax.synthesis import SynthesisConfig
+    from kdd_jax.synthesis import OPTIMISED_METHODS, SynthesisConfig
     from kdd_jax.teachers import CachedTeacher, ResponseCache
     from kdd_jax.teachers.config import load_teachers_file, open_teacher
 
@@ -101,6 +104,10 @@ def run_demo(out: str | Path, *, zoo: str | Path = DEMO_ZOO, probes: int = 64, s
         if not quiet:
             print(msg, file=sys.stderr, flush=True)
 
+    # checked before any server starts: a setting the method ignores is an error, never silently recorded
+    sc = SynthesisConfig(method=method, n_probes=probes, seed=seed,
+                         **({"steps": DEMO_STEPS if steps is None else steps} if method in OPTIMISED_METHODS
+                            else {} if steps is None else {"steps": steps}))
     zoo, out = Path(zoo), Path(out)
     manifest_path = zoo / "manifest.json"
     if not manifest_path.is_file():
@@ -129,9 +136,9 @@ def run_demo(out: str | Path, *, zoo: str | Path = DEMO_ZOO, probes: int = 64, s
 
     def progress(step, loss):
         now = time.perf_counter()
-        if now - last[0] > 2 or step == steps:
+        if now - last[0] > 2 or step == sc.steps:
             last[0] = now
-            say(f"    synthesis {step}/{steps}  loss {loss:.3f}")
+            say(f"    synthesis {step}/{sc.steps}  loss {loss:.3f}")
 
     out.mkdir(parents=True, exist_ok=True)
     procs = []
@@ -157,7 +164,7 @@ def run_demo(out: str | Path, *, zoo: str | Path = DEMO_ZOO, probes: int = 64, s
         atomic_write_json(teachers_file, {"teachers": entries})
         cache = ResponseCache(out / "cache" / "responses.sqlite")
         teachers = [CachedTeacher(open_teacher(e), cache) for e in load_teachers_file(teachers_file)]
-        dc = DetectConfig(synthesis=SynthesisConfig(method=method, n_probes=probes, steps=steps, seed=seed))
+        dc = DetectConfig(synthesis=sc)
         say(f"auditing {len(known)} students -> {out}")
         # the folder is the demo's own: finished students are kept, ones made with other settings redone
         result = audit([(s["name"], zoo / s["dir"]) for s in manifest["students"]], teachers, dc, out, resume=True,
@@ -173,7 +180,8 @@ def run_demo(out: str | Path, *, zoo: str | Path = DEMO_ZOO, probes: int = 64, s
                 p.kill()
     order = {s["name"]: i for i, s in enumerate(manifest["students"])}  # the table follows the manifest
     return {"command": "demo", "out": str(out), "teachers": result.teachers,
-            "settings": {"method": method, "probes": probes, "steps": steps, "seed": seed, "score": dc.score},
+            "settings": {"method": method, "probes": probes, "seed": seed, "score": dc.score}
+            | ({"steps": sc.steps} if method in OPTIMISED_METHODS else {}),
             "students": sorted(result.rows, key=lambda r: order[r["student"]]),
             "failed": {n: result.failed[n] for n in sorted(result.failed, key=order.get)},
             "skipped": result.skipped, "queries": result.queries, "seconds": result.seconds,

@@ -72,6 +72,9 @@ def test_demo_serves_teachers_over_http_and_audits_every_student(toy_zoo, tmp_pa
 def test_demo_without_a_zoo_fails_clearly(tmp_path, capsys):
     assert main(["demo", "--zoo", str(tmp_path), "--out", str(tmp_path / "o"), "-q"]) == 1
     assert "no demo zoo here" in capsys.readouterr().err
+    # steps with a method that optimises nothing (the default, mia): refused before any server starts
+    assert main(["demo", "--zoo", str(tmp_path), "--out", str(tmp_path / "o"), "--steps", "30", "-q"]) == 1
+    assert "steps=30: steps applies to the methods pixel, confidence and generator only, not to 'mia'" in capsys.readouterr().err
     for content, message in [("{", "cannot read the demo manifest"), ("{}", "non-empty 'teachers'"),
                              (json.dumps({"teachers": [{"name": "t"}], "students": [{}]}), "teachers[0] lacks ['dir']"),
                              (json.dumps({"teachers": [{"name": "t", "dir": "nope"}],

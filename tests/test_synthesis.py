@@ -134,6 +134,21 @@ def test_aug_noise_is_seeded_valid_and_keeps_earlier_fingerprints(student):
     for method in ("pixel", "confidence", "real"):
         with pytest.raises(SynthesisError, match=f"z_dim=8: z_dim applies to the method generator only, not to '{method}'"):
             SynthesisConfig(method=method, z_dim=8)
+    # the optimisation's own settings: noise and the pool methods optimise nothing
+    for method in ("noise", "real", "ood", "mia"):
+        with pytest.raises(SynthesisError, match=f"steps=60, lr=0.1, loop='scan': steps/lr/loop apply to the methods "
+                                                 f"pixel, confidence and generator only, not to '{method}'"):
+            SynthesisConfig(method=method, steps=60, lr=0.1, loop="scan")
+        with pytest.raises(SynthesisError, match=f"ce_weight=2.0, mix_labels=False: ce_weight/mix_labels apply to "
+                                                 f"the methods pixel, confidence and generator only, not to '{method}'"):
+            SynthesisConfig(method=method, ce_weight=2.0, mix_labels=False)
+    # the BatchNorm prior: not the BN-free confidence method; the pixel-space priors: not the generator
+    with pytest.raises(SynthesisError, match="bn_weight=0.5: bn_weight applies to the methods pixel and generator "
+                                             "only, not to 'confidence'"):
+        SynthesisConfig(method="confidence", bn_weight=0.5)
+    with pytest.raises(SynthesisError, match="tv_weight=0.0, l2_weight=0.0: tv_weight/l2_weight apply to the "
+                                             "methods pixel and confidence only, not to 'generator'"):
+        SynthesisConfig(method="generator", tv_weight=0.0, l2_weight=0.0)
     # settings of several groups at fault: one error names them all
     with pytest.raises(SynthesisError, match="jitter=2: jitter applies to the methods pixel and confidence only; "
                                              "aug_noise=0.5: aug_noise applies to the methods pixel, confidence and "
@@ -143,6 +158,9 @@ def test_aug_noise_is_seeded_valid_and_keeps_earlier_fingerprints(student):
     assert SynthesisConfig(method="generator", jitter=0, flip=False, pixel_scale=1, restarts=1).method == "generator"
     assert SynthesisConfig(method="confidence", restarts=2, init="low", aug_noise=1.0).restarts == 2
     assert SynthesisConfig(method="generator", z_dim=8, batch_size=16, generator_width=8).z_dim == 8
+    assert SynthesisConfig(method="generator", steps=5, lr=1e-2, bn_weight=2.0, ce_weight=0.5, mix_labels=False).steps == 5
+    assert SynthesisConfig(method="confidence", steps=5, tv_weight=0.0, l2_weight=0.0, loop="scan").loop == "scan"
+    assert SynthesisConfig(method="mia", steps=200, lr=None, bn_weight=1.0).method == "mia"  # defaults pass
     assert SynthesisConfig(method="confidence", aug_noise=1).identity() == SynthesisConfig(method="confidence", aug_noise=1.0).identity()
     # the cache key the benchmarks use: one per identity, so the neutral default keeps the key of before
     before = {k: v for k, v in dataclasses.asdict(SynthesisConfig()).items() if k != "aug_noise"}

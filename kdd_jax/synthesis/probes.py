@@ -87,12 +87,16 @@ class SynthesisConfig:
 
 
 # Settings only some methods read: (those methods, the settings). Pixel-space optimisation (pixel, and
-# confidence, its BN-free form): its restarts and initialisation, and what the student sees of the probes
-# being optimised. The generator: its network and training batch. Noise on what the student sees: all three.
+# confidence, its BN-free form): its restarts, initialisation and image priors, and what the student sees of
+# the probes being optimised. The generator: its network and training batch. The BatchNorm prior: pixel and
+# generator. The optimisation itself (its length, step size, class loss and labels, loop, noise on what the
+# student sees): all three optimised methods; noise and the pool methods (real, ood, mia) optimise nothing.
 _METHOD_SETTINGS = (
-    (("pixel", "confidence"), ("restarts", "init", "init_scale", "jitter", "flip", "pixel_scale")),
+    (("pixel", "confidence"), ("restarts", "init", "init_scale", "jitter", "flip", "pixel_scale", "tv_weight",
+                               "l2_weight")),
     (("generator",), ("batch_size", "z_dim", "generator_width")),
-    (("pixel", "confidence", "generator"), ("aug_noise",)),
+    (("pixel", "generator"), ("bn_weight",)),
+    (("pixel", "confidence", "generator"), ("steps", "lr", "ce_weight", "mix_labels", "loop", "aug_noise")),
 )
 
 
