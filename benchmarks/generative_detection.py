@@ -195,9 +195,10 @@ def main(argv: list[str] | None = None) -> int:
                 C = np.stack([[scores_at(records[(e["name"], method, r)], score, n) for e in controls_m]
                               for r in range(args.runs)])
                 met = zoo_metrics(S, labels, recipes=[e["recipe"] for e in students_m], controls=C)
-                binary = met.get("binary", {})  # absent with fewer than two students
+                # absent with fewer than two students, fpr nan without controls: null, "n/a" in the table
+                binary = {k: v for k, v in met.get("binary", {}).items() if np.isfinite(v)}
                 row = {"method": method, "score": score, "n": n, **{k: met[k] for k in ("accuracy", "accuracy_std", "auc", "auc_std")},
-                       "tpr": binary.get("tpr", float("nan")), "fpr": binary.get("fpr", float("nan")),
+                       "tpr": binary.get("tpr"), "fpr": binary.get("fpr"),
                        "per_recipe": dict(sorted(met["per_recipe"].items()))}
                 rows.append(row)
                 table[(method, score, n)] = row
@@ -245,7 +246,7 @@ def render_markdown(doc: dict, table: dict, methods: list[str], ns: list[int]) -
                 r = table.get((method, score, n))
                 cells += [_cell(r, "accuracy"), _cell(r, "auc")]
             r10 = table.get((method, score, nb))
-            bin_ = f"{r10['tpr']:.2f} / {r10['fpr']:.2f}" if r10 else "-"
+            bin_ = " / ".join("n/a" if r10[k] is None else f"{r10[k]:.2f}" for k in ("tpr", "fpr")) if r10 else "-"
             kind = "consensus" if score in IMAGE_CONSENSUS_SCORES else "pair" if score in PAIR else "set"
             lines.append(f"| {score} | {kind} | {' | '.join(cells)} | {bin_} |")
         lines.append("")

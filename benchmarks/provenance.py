@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -35,10 +36,23 @@ def run_meta(script: str, argv: Sequence[str] | None, started: float, *, backend
 
 
 def write_results(out: Path, tag: str, doc: dict, markdown: str, *, indent: int | None = 1) -> tuple[Path, Path]:
-    """`out/<tag>.json` (`indent` None: compact) and `out/<tag>.md`, each replaced atomically."""
+    """`out/<tag>.json` (`indent` None: compact) and `out/<tag>.md`, each replaced atomically. A value
+    that is not a finite number (a rate with nothing to measure it on) is written as null: NaN and
+    Infinity are not JSON, and strict readers (jq, JavaScript, Go) refuse the whole file over them."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = out / f"{tag}.json", out / f"{tag}.md"
-    atomic_write_bytes(paths[0], (json.dumps(doc, indent=indent) + "\n").encode())
+    atomic_write_bytes(paths[0], (json.dumps(finite_or_null(doc), indent=indent, allow_nan=False) + "\n").encode())
     atomic_write_bytes(paths[1], markdown.encode())
     return paths
+
+
+def finite_or_null(obj):
+    """`obj` with every non-finite float (nan, inf) inside dicts, lists and tuples replaced by None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_null(v) for v in obj]
+    return obj

@@ -378,3 +378,15 @@ def test_score_fusion_smoke(toy_zoo, tmp_path):
     assert out["meta"]["command"] == "python benchmarks/score_fusion.py " + " ".join(argv)
     assert bench.main(argv) == 0
     assert json.loads((tmp_path / "results" / "fusion.json").read_text())["results"] == out["results"]
+
+
+def test_results_json_is_strict_json(tmp_path):
+    """A rate with nothing to measure it on (nan) or an unbounded ratio (inf) is written as null:
+    NaN/Infinity are not JSON and strict readers refuse the whole file."""
+    from benchmarks.provenance import write_results
+
+    doc = {"a": float("nan"), "rows": [{"fpr": float("inf"), "tpr": 0.5}, (1, -float("inf"))], "n": 3, "s": "nan"}
+    js, md = write_results(tmp_path, "t", doc, "# t\n")
+    back = json.loads(js.read_text(), parse_constant=lambda c: pytest.fail(f"{c} written"))
+    assert back == {"a": None, "rows": [{"fpr": None, "tpr": 0.5}, [1, None]], "n": 3, "s": "nan"}
+    assert md.read_text() == "# t\n" and doc["a"] != doc["a"]  # the caller's document is left as it was

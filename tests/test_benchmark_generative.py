@@ -55,3 +55,11 @@ def test_generative_benchmark_smoke(toy_zoo, tmp_path):
     again = json.loads((tmp_path / "results" / "smoke.json").read_text())
     assert again["rows"] == doc["rows"] and again["teacher_teacher_ssim"] == doc["teacher_teacher_ssim"]
     assert all(v["queries"] == 0 and v["hits"] == 4 for v in again["queries"].values())  # only the baseline's reads
+    # one distilled student: no leave-one-out threshold, so no binary rates; null in the JSON (strict JSON,
+    # no NaN), n/a in the table, and the multiple-choice columns still there
+    (tmp_path / "zoo" / "manifest.json").write_text(json.dumps({"models": [e for e in entries if e["name"] != "s1"]}))
+    assert bench.main([*argv[:-1], "one"]) == 0
+    text = (tmp_path / "results" / "one.json").read_text()
+    one = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the results JSON"))
+    assert all(r["tpr"] is None and r["fpr"] is None and 0 <= r["accuracy"] <= 1 for r in one["rows"])
+    assert "| n/a / n/a |" in (tmp_path / "results" / "one.md").read_text()
