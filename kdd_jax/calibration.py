@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from kdd_jax.io import atomic_write_json
-from kdd_jax.synthesis.probes import SynthesisConfig
+from kdd_jax.synthesis.probes import SynthesisConfig, ignored_settings
 from kdd_jax.versions import versions
 
 CALIBRATION_FORMAT = 1
@@ -76,10 +76,15 @@ class CalibrationError(ValueError):
 
 
 def settings_of(detect_config) -> dict:
-    """The MATCHED_FIELDS of a DetectConfig, flattened to 'a.b' keys."""
+    """The MATCHED_FIELDS of a DetectConfig, flattened to 'a.b' keys, less the synthesis settings its
+    method never reads: they cannot change its probes, so a calibration or audit record must match
+    on them neither (records made before such settings were refused may hold any value there)."""
     d = dataclasses.asdict(detect_config)
+    ignored = {f"synthesis.{n}" for n in ignored_settings(detect_config.synthesis.method)}
     out = {}
     for f in MATCHED_FIELDS:
+        if f in ignored:
+            continue
         v = d
         for part in f.split("."):
             v = v[part]

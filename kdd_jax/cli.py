@@ -299,6 +299,7 @@ def cmd_detect_classifier(args) -> int:
     from kdd_jax.calibration import Calibration
     from kdd_jax.config import to_json_dict
     from kdd_jax.detect import detect, load_any_student, save_detection
+    from kdd_jax.synthesis import OPTIMISED_METHODS
 
     calibration = None
     try:
@@ -310,7 +311,8 @@ def cmd_detect_classifier(args) -> int:
         sc = dc.synthesis
         if not args.quiet:
             _eprint(f"student {args.student}: {config.family}, {len(teachers)} candidate teacher(s); "
-                    f"synthesising {sc.n_probes} probes ({sc.method}, {sc.steps} steps, seed {sc.seed})")
+                    f"synthesising {sc.n_probes} probes ({sc.method}, "
+                    f"{f'{sc.steps} steps, ' if sc.method in OPTIMISED_METHODS else ''}seed {sc.seed})")
         pool = _pool(args, config)
         result = detect(model, config, teachers, dc, _synthesis_progress(args, sc.steps),
                         calibration=calibration, alpha=args.alpha, pool=pool,

@@ -65,6 +65,16 @@ def test_audit_names_the_distilled_students_teacher(setup, capsys):
     rows = {r["student"]: r for r in json.loads(capsys.readouterr().out)["students"]}
     assert list(rows) == ["student"] and rows["student"]["answer"] == "teacher-a"
     assert rows["student"]["scores"]["teacher-a"] > rows["student"]["scores"]["teacher-b"]
+    # noise records no steps; a record written before unread settings were refused (it held steps=20)
+    # is resumed, not refused: steps never changed noise probes
+    path = setup["out"] / "students" / "student" / "verdict.json"
+    rec = json.loads(path.read_text())
+    assert "synthesis.steps" not in rec["audit_settings"] and rec["audit_settings"]["synthesis.method"] == "noise"
+    rec["audit_settings"]["synthesis.steps"] = 20
+    path.write_text(json.dumps(rec))
+    assert main(["audit", "--students", setup["students"][0], "--out", str(setup["out"]), *common,
+                 "--json", "--method", "noise", "--resume"]) == 0
+    assert json.loads(capsys.readouterr().out)["skipped"] == ["student"]
 
 
 def test_audit_end_to_end_summary_and_resume(setup, capsys):

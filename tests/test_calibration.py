@@ -127,6 +127,26 @@ def test_a_calibration_older_than_a_setting_counts_as_made_with_its_default(tmp_
         cal.check_compatible(["a"], settings_of(DetectConfig()))
 
 
+def test_settings_a_method_never_reads_are_not_matched():
+    """A pool method ignores steps (and every optimisation setting): a calibration made before such
+    settings were refused may state any value there, and still matches; the settings it reads do not."""
+    mia = settings_of(DetectConfig(synthesis=SynthesisConfig(method="mia")))
+    assert "synthesis.steps" not in mia and "synthesis.lr" not in mia and "synthesis.bn_weight" not in mia
+    assert mia["synthesis.method"] == "mia" and mia["synthesis.n_probes"] == 100
+    # confidence reads steps but not the BatchNorm prior; the generator reads it but not the pixel priors
+    conf = settings_of(DetectConfig(synthesis=SynthesisConfig(method="confidence")))
+    gen = settings_of(DetectConfig(synthesis=SynthesisConfig(method="generator")))
+    assert "synthesis.steps" in conf and "synthesis.bn_weight" not in conf and "synthesis.tv_weight" in conf
+    assert "synthesis.bn_weight" in gen and "synthesis.tv_weight" not in gen and "synthesis.z_dim" in gen
+    old = calib(np.random.default_rng(1).normal(size=(4, 2)), teachers=["a", "b"],
+                settings={**mia, "synthesis.steps": 60, "synthesis.lr": 0.1})  # as an earlier kdd calibrate wrote it
+    old.check_compatible(["a"], mia)
+    with pytest.raises(CalibrationError, match="synthesis.n_probes=100 but this detection uses synthesis.n_probes=50"):
+        old.check_compatible(["a"], settings_of(DetectConfig(synthesis=SynthesisConfig(method="mia", n_probes=50))))
+    with pytest.raises(CalibrationError, match="synthesis.method='mia' but this detection uses synthesis.method='ood'"):
+        old.check_compatible(["a"], settings_of(DetectConfig(synthesis=SynthesisConfig(method="ood"))))
+
+
 @pytest.mark.parametrize("content, message", [
     ("not json", "cannot read calibration file"),
     (json.dumps({"format": 99}), "field 'format'"),

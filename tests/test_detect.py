@@ -93,6 +93,11 @@ def test_kdd_detect_cli_end_to_end(zoo, tmp_path, capsys):
     again = json.loads(capsys.readouterr().out)
     assert again["teachers"]["teacher-a"]["queries"] == 0 and again["teachers"]["teacher-a"]["hits"] == 48
     assert again["verdict"] == report["verdict"]
+    # noise optimises nothing: its progress line states no steps (and --steps 60 would be refused)
+    noise = [a for a in argv if a not in ("--steps", "60", "-q")]
+    noise[noise.index("--out") + 1] = str(tmp_path / "noise")
+    assert main([*noise, "--method", "noise"]) == 0
+    assert "synthesising 48 probes (noise, seed 0)" in capsys.readouterr().err
     # the report directory: a self-contained page and the exact probes, with their hash
     from kdd_jax.io import read_safetensors
 

@@ -100,6 +100,11 @@ _METHOD_SETTINGS = (
 )
 
 
+def ignored_settings(method: str) -> frozenset[str]:
+    """The SynthesisConfig fields `method` never reads (held at their defaults, as __post_init__ requires)."""
+    return frozenset(n for methods, names in _METHOD_SETTINGS if method not in methods for n in names)
+
+
 def _and(names) -> str:
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
