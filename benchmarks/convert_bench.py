@@ -54,6 +54,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script: benchmarks.provenance must be importable
+    sys.path.insert(0, str(REPO))
 BENCH_KIND = "kdd_jax.benchmark.convert_bench"
 ZOO_FORMAT = 2  # bump when the way a zoo member is written changes (forces a rebuild)
 MB = 1e6
@@ -1410,11 +1412,12 @@ def main(argv: list[str] | None = None) -> int:
         "experiments": experiments,
         "notes": notes,
     }
+    from benchmarks.provenance import finite_or_null  # strict JSON: a non-finite number is null
     from kdd_jax.io import atomic_write_bytes  # a killed run leaves the previous result files whole
 
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "convert_bench_quick" if args.quick else "convert_bench"
-    atomic_write_bytes(args.out / f"{stem}.json", (json.dumps(res, indent=1) + "\n").encode())
+    atomic_write_bytes(args.out / f"{stem}.json", (json.dumps(finite_or_null(res), indent=1, allow_nan=False) + "\n").encode())
     atomic_write_bytes(args.out / f"{stem}.md", render_markdown(res).encode())
     hl = summary["headline"][0]
     log(f"bare {hl['bare_MB_s']} MB/s, conversion {hl['conversion_MB_s']} MB/s, ratio {hl['ratio']}x "

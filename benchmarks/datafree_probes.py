@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 
 from benchmarks import detection_accuracy as da  # noqa: E402
+from benchmarks.provenance import finite_or_null  # noqa: E402
 from kdd_jax.evaluation import multiple_choice_metrics, tie_aware_share  # noqa: E402
 from kdd_jax.io import atomic_write_bytes  # noqa: E402
 from kdd_jax.models import predict_logits  # noqa: E402
@@ -99,6 +100,10 @@ def students_of(command: str) -> str:
     return ",".join(f"s{a:02d}" if a == b else f"s{a:02d}-s{b:02d}" for a, b in out)
 
 
+def _num(v) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
+
+
 def render(rows: list[dict]) -> str:
     lines = ["# Data-free probe search on the Fashion-MNIST zoo", "",
              "Rows appended by `python benchmarks/datafree_probes.py CONFIG --students ... --seeds ...` (each row "
@@ -106,7 +111,8 @@ def render(rows: list[dict]) -> str:
              "students named, probabilities API, N = n_probes; chance accuracy 0.25. Agreement: top-1, on the probes. Seconds per student are wall time on a shared 2-core machine with other jobs running: not throughput figures. "
              "Own-family picks: share of the students whose top-scored teacher has the student's architecture family, "
              "a wrong answer for the cross-family students s09-s16 (chance 0.25). Zoo weights: a digest of the teachers' "
-             "and students' weight hashes (rows before it was recorded ran on the original build; the zoo rebuilt on "
+             "and the row's students' weight hashes, so on one build rows over other students show other digests "
+             "(rows before it was recorded ran on the original build; the zoo rebuilt on "
              "2026-11-23 on another machine has slightly different weights: benchmarks/zoo/README.md, Determinism).",
              "", "| settings | students: count x seeds | " + " | ".join(SCORES)
              + " | teachers agree | student = own teacher | student = other teachers | s / student "
@@ -114,10 +120,10 @@ def render(rows: list[dict]) -> str:
              "|---|---|" + "---|" * (len(SCORES) + 6)]
     for r in rows:
         lines.append(f"| `{json.dumps(r['cfg'])}` | {students_of(r['command'])}: {r['n_students']} x {len(r['seeds'])} | "
-                     + " | ".join(f"{r[s][0]:.2f} / {r[s][1]:.2f}" for s in SCORES)
+                     + " | ".join(" / ".join(_num(v) for v in r[s]) for s in SCORES)
                      + f" | {r['teacher_agree']:.2f} | {r['student_own_agree']:.2f} | {r['student_other_agree']:.2f}"
                      f" | {r['secs_per_student']:.1f} | "
-                     + (" / ".join(f"{r['own_family_pick'][s]:.2f}" for s in SCORES) if "own_family_pick" in r else "")
+                     + (" / ".join(_num(r['own_family_pick'][s]) for s in SCORES) if "own_family_pick" in r else "")
                      + f" | {r['zoo_weights_sha256'][:8] if 'zoo_weights_sha256' in r else 'original build'} |")
     return "\n".join(lines) + "\n"
 
@@ -194,7 +200,7 @@ def run(args, argv: list[str]) -> None:
     print(json.dumps({k: row[k] for k in ("cfg", *SCORES, "teacher_agree", "student_own_agree", "student_other_agree")}))
     args.results.parent.mkdir(parents=True, exist_ok=True)
     with open(args.results, "a") as f:
-        f.write(json.dumps(row) + "\n")
+        f.write(json.dumps(finite_or_null(row), allow_nan=False) + "\n")  # an AUC with one teacher class: null
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from kdd_jax.io import atomic_write_bytes
 from kdd_jax.versions import machine, versions
 
@@ -48,7 +50,10 @@ def write_results(out: Path, tag: str, doc: dict, markdown: str, *, indent: int 
 
 
 def finite_or_null(obj):
-    """`obj` with every non-finite float (nan, inf) inside dicts, lists and tuples replaced by None."""
+    """`obj` with every non-finite float (nan, inf) inside dicts, lists and tuples replaced by None
+    (numpy scalars first become Python numbers): what every benchmark writes as JSON."""
+    if isinstance(obj, np.generic):
+        obj = obj.item()
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):

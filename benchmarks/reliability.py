@@ -1817,8 +1817,12 @@ def write_report(res: dict, out: Path, name: str) -> None:
               f"{de['devices_within_tolerance']} (bitwise identical: {de['devices_bitwise_identical']}; largest "
               f"difference in units of the tolerance: "
               + ", ".join(f"{k} {v:.2g}" for k, v in de["devices_max_diff_in_tolerance_units"].items()) + ")", ""]
-    (out / f"{name}.md").write_text("\n".join(L) + "\n")
-    (out / f"{name}.json").write_text(json.dumps(res, indent=1, default=float) + "\n")
+    from benchmarks.provenance import finite_or_null  # strict JSON: a non-finite number is null
+    from kdd_jax.io import atomic_write_bytes  # a run killed mid-write leaves the previous files whole
+
+    atomic_write_bytes(out / f"{name}.md", ("\n".join(L) + "\n").encode())
+    atomic_write_bytes(out / f"{name}.json", (json.dumps(finite_or_null(res), indent=1, default=float,
+                                                         allow_nan=False) + "\n").encode())
 
 
 # =============================================================================== main

@@ -689,10 +689,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _write(out: Path, stem: str, res: dict) -> None:
+    from benchmarks.provenance import finite_or_null  # strict JSON: a non-finite number is null
     from kdd_jax.io import atomic_write_bytes  # a run killed mid-write leaves the previous file whole
 
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / f"{stem}.json", (json.dumps(res, indent=1, default=_json_default) + "\n").encode())
+    atomic_write_bytes(out / f"{stem}.json", (json.dumps(finite_or_null(res), indent=1, default=_json_default,
+                                                         allow_nan=False) + "\n").encode())
     atomic_write_bytes(out / f"{stem}.md", render_markdown(res).encode())
 
 

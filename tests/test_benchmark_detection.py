@@ -237,8 +237,6 @@ def test_mistake_inheritance_counts_only_the_teachers_mistakes_on_the_students_o
 def test_datafree_probe_search_smoke(toy_zoo, tmp_path):
     """benchmarks/datafree_probes.py on the toy zoo: one row per run with accuracy, AUC, agreement
     diagnostics, own-family picks and the weights it ran on; a re-run reads every logit from its cache."""
-    import math
-
     from benchmarks import datafree_probes as bench
 
     manifest = toy_manifest(tmp_path)
@@ -255,7 +253,7 @@ def test_datafree_probe_search_smoke(toy_zoo, tmp_path):
     assert first["n_students"] == 1 and first["cfg"] == {"method": "pixel", "steps": 3, "n_probes": 16}
     for score in bench.SCORES:
         acc, auc = first[score]
-        assert acc in (0.0, 1.0) and math.isnan(auc)  # one-vs-rest AUC is undefined for a single student
+        assert acc in (0.0, 1.0) and auc is None  # one-vs-rest AUC is undefined for a single student: null
         # one student, whose own teacher is its family's: an own-family pick is a correct pick
         assert first["own_family_pick"][score] == acc
     assert 0.0 <= first["student_other_agree"] <= 1.0 and len(first["zoo_weights_sha256"]) == 12
@@ -265,6 +263,7 @@ def test_datafree_probe_search_smoke(toy_zoo, tmp_path):
     assert first["zoo_weights_sha256"][:8] in md and "picks of the student's own family" in md
     # the row names its students (from the command it records: re-runnable, the JSON config quoted)
     assert bench.students_of(first["command"]) == "all" and "| all: 1 x 1 |" in md
+    assert f"| {first['neg_kl'][0]:.2f} / n/a |" in md  # the undefined AUC
     assert first["command"].startswith("python benchmarks/datafree_probes.py '{\"method\": \"pixel\"")
     assert bench.students_of("python benchmarks/datafree_probes.py '{}' --seeds 0") == "s09-s16"  # the default
     assert bench.students_of("x '{}' --students s01,s02,s03,s05,s07,s08 --seeds 0") == "s01-s03,s05,s07-s08"
@@ -390,3 +389,7 @@ def test_results_json_is_strict_json(tmp_path):
     back = json.loads(js.read_text(), parse_constant=lambda c: pytest.fail(f"{c} written"))
     assert back == {"a": None, "rows": [{"fpr": None, "tpr": 0.5}, [1, None]], "n": 3, "s": "nan"}
     assert md.read_text() == "# t\n" and doc["a"] != doc["a"]  # the caller's document is left as it was
+    import numpy as np
+
+    from benchmarks.provenance import finite_or_null  # numpy scalars too (the benchmarks' own writers)
+    assert finite_or_null({"x": np.float32("nan"), "y": np.float32(0.5), "n": np.int64(3)}) == {"x": None, "y": 0.5, "n": 3}
