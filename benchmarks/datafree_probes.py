@@ -104,11 +104,18 @@ def _num(v) -> str:
     return "n/a" if v is None else f"{v:.2f}"
 
 
+def _cell(row: dict, score: str) -> str:
+    """accuracy / AUC, each with its std over seeds when the row has several seeds and records it."""
+    std = row.get("std_over_seeds", {}).get(score) if len(row["seeds"]) > 1 else None
+    return " / ".join(_num(v) + ("" if std is None or std[i] is None else f" ± {std[i]:.2f}")
+                      for i, v in enumerate(row[score]))
+
+
 def render(rows: list[dict]) -> str:
     lines = ["# Data-free probe search on the Fashion-MNIST zoo", "",
              "Rows appended by `python benchmarks/datafree_probes.py CONFIG --students ... --seeds ...` (each row "
              "records its own command, date, machine and versions). Accuracy / one-vs-rest AUC over the distilled "
-             "students named, probabilities API, N = n_probes; chance accuracy 0.25. Agreement: top-1, on the probes. Seconds per student are wall time on a shared 2-core machine with other jobs running: not throughput figures. "
+             "students named (mean over seeds; ± std over seeds where the row records it), probabilities API, N = n_probes; chance accuracy 0.25. Agreement: top-1, on the probes. Seconds per student are wall time on a shared 2-core machine with other jobs running: not throughput figures. "
              "Own-family picks: share of the students whose top-scored teacher has the student's architecture family, "
              "a wrong answer for the cross-family students s09-s16 (chance 0.25). Zoo weights: a digest of the teachers' "
              "and the row's students' weight hashes, so on one build rows over other students show other digests "
@@ -120,7 +127,7 @@ def render(rows: list[dict]) -> str:
              "|---|---|" + "---|" * (len(SCORES) + 6)]
     for r in rows:
         lines.append(f"| `{json.dumps(r['cfg'])}` | {students_of(r['command'])}: {r['n_students']} x {len(r['seeds'])} | "
-                     + " | ".join(" / ".join(_num(v) for v in r[s]) for s in SCORES)
+                     + " | ".join(_cell(r, s) for s in SCORES)
                      + f" | {r['teacher_agree']:.2f} | {r['student_own_agree']:.2f} | {r['student_other_agree']:.2f}"
                      f" | {r['secs_per_student']:.1f} | "
                      + (" / ".join(_num(r['own_family_pick'][s]) for s in SCORES) if "own_family_pick" in r else "")
@@ -190,6 +197,7 @@ def run(args, argv: list[str]) -> None:
                        for n in students] for r in seeds])
         m = multiple_choice_metrics(s, labels)
         row[score] = [round(m["accuracy"], 3), round(m["auc"], 3)]
+        row.setdefault("std_over_seeds", {})[score] = [round(m["accuracy_std"], 3), round(m["auc_std"], 3)]
         row["own_family_pick"][score] = round(float(np.mean([tie_aware_share(run, same_family) for run in s])), 3)
     ag = np.array([agreement(res[(r, n)], tnames.index(zoo[n][2]["teacher"])) for r in seeds for n in students])
     row |= {"teacher_agree": round(float(ag[:, 0].mean()), 3), "student_own_agree": round(float(ag[:, 1].mean()), 3),

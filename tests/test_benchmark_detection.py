@@ -268,6 +268,15 @@ def test_datafree_probe_search_smoke(toy_zoo, tmp_path):
     assert bench.students_of("python benchmarks/datafree_probes.py '{}' --seeds 0") == "s09-s16"  # the default
     assert bench.students_of("x '{}' --students s01,s02,s03,s05,s07,s08 --seeds 0") == "s01-s03,s05,s07-s08"
     assert bench.students_of("x '{\"unbalanced\": 1} --students s01") == "?"
+    # several seeds: the row records the std over them and the table shows it (one seed: no ±)
+    two = tmp_path / "results" / "two.jsonl"
+    assert bench.main([*argv[:-1], str(two), "--seeds", "0,1"]) == 0
+    row = json.loads(two.read_text())
+    assert row["seeds"] == [0, 1] and set(row["std_over_seeds"]) == set(bench.SCORES)
+    acc_std = row["std_over_seeds"]["dark_corr"][0]
+    assert acc_std in (0.0, 0.5) and row["std_over_seeds"]["dark_corr"][1] is None  # 1 student: no AUC
+    assert f"| {row['dark_corr'][0]:.2f} ± {acc_std:.2f} / n/a |" in two.with_suffix(".md").read_text()
+    assert "±" not in md.split("| all: 1 x 1 |")[1].splitlines()[0]
 
 
 def test_score_fusion_combinations():
