@@ -82,7 +82,6 @@ def _read_manifest(path: Path) -> dict:
     return manifest
 
 
-POOL_METHODS = ("real", "ood", "mia")
 DEMO_STEPS = 60  # synthesis steps of the optimised methods (pixel, confidence, generator): a short demo
 
 
@@ -96,7 +95,7 @@ def run_demo(out: str | Path, *, zoo: str | Path = DEMO_ZOO, probes: int = 64, s
     from kdd_jax.config import load_config
     from kdd_jax.detect import DetectConfig
     from kdd_jax.io import atomic_write_json
-    from kdd_jax.synthesis import OPTIMISED_METHODS, SynthesisConfig
+    from kdd_jax.synthesis import OPTIMISED_METHODS, POOL_METHODS, SynthesisConfig
     from kdd_jax.teachers import CachedTeacher, ResponseCache
     from kdd_jax.teachers.config import load_teachers_file, open_teacher
 
@@ -105,9 +104,9 @@ def run_demo(out: str | Path, *, zoo: str | Path = DEMO_ZOO, probes: int = 64, s
             print(msg, file=sys.stderr, flush=True)
 
     # checked before any server starts: a setting the method ignores is an error, never silently recorded
-    sc = SynthesisConfig(method=method, n_probes=probes, seed=seed,
-                         **({"steps": DEMO_STEPS if steps is None else steps} if method in OPTIMISED_METHODS
-                            else {} if steps is None else {"steps": steps}))
+    if steps is None and method in OPTIMISED_METHODS:
+        steps = DEMO_STEPS
+    sc = SynthesisConfig(method=method, n_probes=probes, seed=seed, **({} if steps is None else {"steps": steps}))
     zoo, out = Path(zoo), Path(out)
     manifest_path = zoo / "manifest.json"
     if not manifest_path.is_file():

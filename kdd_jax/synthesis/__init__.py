@@ -3,7 +3,15 @@
 from kdd_jax.synthesis.losses import bn_statistics_loss, mixed_label_targets, soft_cross_entropy, total_variation
 from kdd_jax.synthesis.generator import synthesize_generator
 from kdd_jax.synthesis.pixel import synthesize_pixels
-from kdd_jax.synthesis.probes import Checkpointer, ProbeSet, SynthesisConfig, SynthesisError, fingerprint
+from kdd_jax.synthesis.probes import (
+    OPTIMISED_METHODS,
+    POOL_METHODS,
+    Checkpointer,
+    ProbeSet,
+    SynthesisConfig,
+    SynthesisError,
+    fingerprint,
+)
 from kdd_jax.synthesis.real import ImagePool, select_from_pool
 
 
@@ -34,8 +42,6 @@ METHODS = {
     "ood": select_from_pool,             # energy-score in-distribution filter of an auxiliary pool
     "mia": select_from_pool,             # membership-inference (loss / confidence) filter of a pool
 }
-POOL_METHODS = ("real", "ood", "mia")
-OPTIMISED_METHODS = ("pixel", "generator", "confidence")  # the ones with a loop to checkpoint
 
 
 def synthesize(model, config, sc: SynthesisConfig, progress=None, *, pool: ImagePool | None = None,
@@ -60,6 +66,7 @@ def synthesize(model, config, sc: SynthesisConfig, progress=None, *, pool: Image
 __all__ = [
     "METHODS",
     "Checkpointer",
+    "OPTIMISED_METHODS",
     "POOL_METHODS",
     "ImagePool",
     "ProbeSet",

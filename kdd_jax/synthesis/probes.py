@@ -91,12 +91,14 @@ class SynthesisConfig:
 # the probes being optimised. The generator: its network and training batch. The BatchNorm prior: pixel and
 # generator. The optimisation itself (its length, step size, class loss and labels, loop, noise on what the
 # student sees): all three optimised methods; noise and the pool methods (real, ood, mia) optimise nothing.
+POOL_METHODS = ("real", "ood", "mia")  # choose probes from an ImagePool the auditor supplies
+OPTIMISED_METHODS = ("pixel", "confidence", "generator")  # optimise through the student: a loop to checkpoint
 _METHOD_SETTINGS = (
     (("pixel", "confidence"), ("restarts", "init", "init_scale", "jitter", "flip", "pixel_scale", "tv_weight",
                                "l2_weight")),
     (("generator",), ("batch_size", "z_dim", "generator_width")),
     (("pixel", "generator"), ("bn_weight",)),
-    (("pixel", "confidence", "generator"), ("steps", "lr", "ce_weight", "mix_labels", "loop", "aug_noise")),
+    (OPTIMISED_METHODS, ("steps", "lr", "ce_weight", "mix_labels", "loop", "aug_noise")),
 )
 
 
