@@ -73,7 +73,9 @@ def audit_run(n: int, work: Path, probes: int, steps: int) -> dict:
     teachers = [CachedTeacher(open_teacher(TeacherEntry(name=t, path=str(root / "teachers" / t), output="probs")), cache)
                 for t in ("teacher-a", "teacher-b")]
     students = find_students([root / "students"])
-    dc = DetectConfig(synthesis=SynthesisConfig(n_probes=probes, steps=steps), n_bootstrap=200)
+    # aug_noise 0: the committed figures were measured before noise became pixel's default (it adds one
+    # normal draw per probe per step, little next to the student's forward and backward pass)
+    dc = DetectConfig(synthesis=SynthesisConfig(n_probes=probes, steps=steps, aug_noise=0.0), n_bootstrap=200)
     starts, ends = [], []
 
     def log(msg: str) -> None:

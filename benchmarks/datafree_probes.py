@@ -115,7 +115,9 @@ def render(rows: list[dict]) -> str:
     lines = ["# Data-free probe search on the Fashion-MNIST zoo", "",
              "Rows appended by `python benchmarks/datafree_probes.py CONFIG --students ... --seeds ...` (each row "
              "records its own command, date, machine and versions). Accuracy / one-vs-rest AUC over the distilled "
-             "students named (mean over seeds; ± std over seeds where the row records it), probabilities API, N = n_probes; chance accuracy 0.25. Agreement: top-1, on the probes. Seconds per student are wall time on a shared 2-core machine with other jobs running: not throughput figures. "
+             "students named (mean over seeds; ± std over seeds where the row records it), probabilities API, N = n_probes; chance accuracy 0.25. "
+             "Settings are overrides of the defaults of the row's date: until 2026-11-24 pixel's default aug_noise was 0, so earlier "
+             "pixel rows without aug_noise ran without noise (rows since record every resolved setting, `synthesis` in the JSONL). Agreement: top-1, on the probes. Seconds per student are wall time on a shared 2-core machine with other jobs running: not throughput figures. "
              "Own-family picks: share of the students whose top-scored teacher has the student's architecture family, "
              "a wrong answer for the cross-family students s09-s16 (chance 0.25). Zoo weights: a digest of the teachers' "
              "and the row's students' weight hashes, so on one build rows over other students show other digests "
@@ -183,7 +185,9 @@ def run(args, argv: list[str]) -> None:
             res[(seed, n)] = probe_logits(n, wids[n], model, config, sc, teachers, work / "logits")
             da.log(f"{n} seed {seed}: {float(res[(seed, n)]['secs']):.1f} s")
     n_probes = SynthesisConfig(**{"n_probes": 100, **over}).n_probes
-    row = {"cfg": over, "n_students": len(students), "seeds": seeds,
+    # every setting as resolved (defaults change: pixel's aug_noise was 0 until 2026-11-24, 1.0 since)
+    resolved = {k: v for k, v in SynthesisConfig(**{"n_probes": 100, **over}).identity().items() if k != "seed"}
+    row = {"cfg": over, "synthesis": resolved, "n_students": len(students), "seeds": seeds,
            # which weights: a zoo rebuilt on another machine differs (benchmarks/zoo/README.md, Determinism)
            "zoo_weights_sha256": hashlib.sha256(json.dumps({n: wids[n] for n in tnames + students},
                                                            sort_keys=True).encode()).hexdigest()[:12]}

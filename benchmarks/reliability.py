@@ -1185,7 +1185,8 @@ def run_mixed(cfg: dict, args, work: Path, rng: random.Random) -> dict:
     zoo = ensure_toy_zoo(work)
     student, scfg = load_any_student(zoo / "student")
     inner = {n: flax_teacher(n, *load_any_student(zoo / n), output="probs") for n in ("teacher-a", "teacher-b")}
-    dc = DetectConfig(synthesis=SynthesisConfig(n_probes=32, steps=20, seed=0), n_bootstrap=500)
+    # aug_noise 0: the probes (and verdicts) of the committed campaign, made before noise became pixel's default
+    dc = DetectConfig(synthesis=SynthesisConfig(n_probes=32, steps=20, seed=0, aug_noise=0.0), n_bootstrap=500)
     kinds = list(FAULT_KINDS)
     p = cfg["fault_p"]
     spec = InputSpec((12, 12), 1, (0.0, 1.0))

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from kdd_jax.io import atomic_write_json
-from kdd_jax.synthesis.probes import SynthesisConfig, ignored_settings
+from kdd_jax.synthesis.probes import NEUTRAL_DEFAULTS, SynthesisConfig, ignored_settings
 from kdd_jax.versions import versions
 
 CALIBRATION_FORMAT = 1
@@ -97,12 +97,16 @@ _MISSING = object()
 
 def recorded_setting(recorded: dict, field: str):
     """A MATCHED_FIELDS value as a calibration or audit record states it. A record made before a
-    synthesis setting existed lacks it; it was made with what is now that setting's default (a new
-    setting's default always keeps the old behaviour), so old records stay usable."""
+    synthesis setting existed lacks it; it was made with the setting's neutral value (NEUTRAL_DEFAULTS:
+    the one that keeps the behaviour from before it existed) or, for a setting that has none, its
+    default (which then keeps that behaviour), so old records stay usable."""
     if field in recorded:
         return recorded[field]
     if field.startswith("synthesis."):
-        default = {f.name: f.default for f in dataclasses.fields(SynthesisConfig)}.get(field[len("synthesis."):], _MISSING)
+        name = field[len("synthesis."):]
+        if name in NEUTRAL_DEFAULTS:
+            return NEUTRAL_DEFAULTS[name]
+        default = {f.name: f.default for f in dataclasses.fields(SynthesisConfig)}.get(name, _MISSING)
         if default is not _MISSING:
             return default
     return None

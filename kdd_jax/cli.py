@@ -312,7 +312,8 @@ def cmd_detect_classifier(args) -> int:
         if not args.quiet:
             _eprint(f"student {args.student}: {config.family}, {len(teachers)} candidate teacher(s); "
                     f"synthesising {sc.n_probes} probes ({sc.method}, "
-                    f"{f'{sc.steps} steps, ' if sc.method in OPTIMISED_METHODS else ''}seed {sc.seed})")
+                    f"{f'{sc.steps} steps, ' if sc.method in OPTIMISED_METHODS else ''}"
+                    f"{f'aug-noise {sc.aug_noise:g}, ' if sc.aug_noise else ''}seed {sc.seed})")
         pool = _pool(args, config)
         result = detect(model, config, teachers, dc, _synthesis_progress(args, sc.steps),
                         calibration=calibration, alpha=args.alpha, pool=pool,
@@ -581,9 +582,11 @@ def _add_detection_options(p) -> None:
                    "generator (default 200); noise and the pool methods optimise nothing and refuse another value")
     p.add_argument("--method", default="pixel", choices=sorted(METHODS), help="synthesis method (default pixel)")
     p.add_argument("--restarts", type=int, default=1, help="pixel/confidence: independent probe groups optimised in parallel")
-    p.add_argument("--aug-noise", type=float, default=0.0, metavar="S",
+    p.add_argument("--aug-noise", type=float, default=None, metavar="S",
                    help="pixel/confidence: std of Gaussian noise (normalised units) on the probes the student sees at "
-                        "each step; generator: on its training batches. The class evidence must survive it (default 0: none)")
+                        "each step; generator: on its training batches. The class evidence must survive it (default "
+                        "1.0 for pixel, the best data-free setting measured; 0, none, for confidence and generator; "
+                        "--aug-noise 0 gives pixel probes as before it became the default)")
     from kdd_jax.generative.detect import score_names
 
     p.add_argument("--score", default=None, choices=sorted(set(SCORES) | set(score_names())),

@@ -246,19 +246,23 @@ def test_audit_scaling_benchmark_smoke(tmp_path):
     assert doc["audit"][1]["per_student_s_mean"] > 0 and "| 3 |" in (tmp_path / "smoke.md").read_text()
 
 
-@pytest.mark.parametrize("field, default, other", [("pixel_scale", 1, 2), ("aug_noise", 0.0, 0.5)])
-def test_a_record_older_than_a_setting_is_reused_at_its_default(tmp_path, field, default, other):
-    """Records from before a synthesis setting existed lack it; they were made with its default."""
+@pytest.mark.parametrize("field, before, other", [("pixel_scale", 1, 2), ("aug_noise", 0.0, 0.5)])
+def test_a_record_older_than_a_setting_is_reused_as_made_before_it(tmp_path, field, before, other):
+    """Records from before a synthesis setting existed lack it; they were made with the value that
+    reproduces the behaviour from before it (pixel_scale's default; aug_noise 0, no longer pixel's default)."""
     from kdd_jax.audit import finished_record, record_settings
     from kdd_jax.detect import DetectConfig
     from kdd_jax.synthesis import SynthesisConfig
 
-    expected = record_settings(DetectConfig(), ["t1", "t2"])
+    expected = record_settings(DetectConfig(synthesis=SynthesisConfig(**{field: before})), ["t1", "t2"])
     old = {k: v for k, v in expected.items() if k != f"synthesis.{field}"}
     d = _student_dir(tmp_path, "s")
     d.mkdir(parents=True)
     (d / "verdict.json").write_text(json.dumps({"audit_settings": old, "answer": "t1"}))
     assert finished_record(tmp_path, "s", expected)["answer"] == "t1"
     changed = record_settings(DetectConfig(synthesis=SynthesisConfig(**{field: other})), ["t1", "t2"])
-    with pytest.raises(AuditError, match=f"synthesis.{field}={default}, this audit uses synthesis.{field}={other}"):
+    with pytest.raises(AuditError, match=f"synthesis.{field}={before}, this audit uses synthesis.{field}={other}"):
         finished_record(tmp_path, "s", changed)
+    if field == "aug_noise":  # today's pixel default sees noise: the old record is not reused for it
+        with pytest.raises(AuditError, match="synthesis.aug_noise=0.0, this audit uses synthesis.aug_noise=1.0"):
+            finished_record(tmp_path, "s", record_settings(DetectConfig(), ["t1", "t2"]))

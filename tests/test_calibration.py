@@ -113,18 +113,35 @@ def test_save_load_roundtrip_and_compatibility_checks(tmp_path):
     back.check_compatible(["a"], settings_of(DetectConfig(synthesis=SynthesisConfig(seed=5))))
 
 
-@pytest.mark.parametrize("field, default, other", [("pixel_scale", 1, 2), ("aug_noise", 0.0, 0.5)])
-def test_a_calibration_older_than_a_setting_counts_as_made_with_its_default(tmp_path, field, default, other):
-    """A synthesis setting added after a calibration was made is absent from it: it was made with
-    what is now that setting's default, so it still matches detections at the default only."""
+@pytest.mark.parametrize("field, before, other", [("pixel_scale", 1, 2), ("aug_noise", 0.0, 0.5)])
+def test_a_calibration_older_than_a_setting_counts_as_made_as_before_it(tmp_path, field, before, other):
+    """A synthesis setting added after a calibration was made is absent from it: it was made with the
+    value that reproduces the behaviour from before the setting existed (pixel_scale's default; for
+    aug_noise 0, which pixel's default no longer is), so it matches detections at that value only."""
     cal = calib(np.random.default_rng(1).normal(size=(4, 2)), teachers=["a", "b"])
     cal.settings.pop(f"synthesis.{field}")
-    cal.check_compatible(["a"], settings_of(DetectConfig()))
-    with pytest.raises(CalibrationError, match=f"synthesis.{field}={default} but this detection uses synthesis.{field}={other}"):
+    cal.check_compatible(["a"], settings_of(DetectConfig(synthesis=SynthesisConfig(**{field: before}))))
+    with pytest.raises(CalibrationError, match=f"synthesis.{field}={before} but this detection uses synthesis.{field}={other}"):
         cal.check_compatible(["a"], settings_of(DetectConfig(synthesis=SynthesisConfig(**{field: other}))))
     cal.settings.pop("score")  # a non-synthesis field was always recorded: its absence is a mismatch
     with pytest.raises(CalibrationError, match="score=None"):
         cal.check_compatible(["a"], settings_of(DetectConfig()))
+
+
+def test_a_calibration_from_before_pixel_saw_noise_by_default_is_refused_at_the_new_default():
+    """Pixel synthesis sees its probes under noise (aug_noise 1.0) by default: a calibration made before
+    (no aug_noise recorded, or 0.0) holds other probes' scores and is refused, naming both values; it
+    still serves detections that ask for aug_noise 0."""
+    for recorded in (None, 0.0):
+        cal = calib(np.random.default_rng(1).normal(size=(4, 2)), teachers=["a", "b"])
+        assert cal.settings["synthesis.aug_noise"] == 1.0  # what a calibration at today's defaults records
+        if recorded is None:
+            cal.settings.pop("synthesis.aug_noise")
+        else:
+            cal.settings["synthesis.aug_noise"] = recorded
+        with pytest.raises(CalibrationError, match="synthesis.aug_noise=0.0 but this detection uses synthesis.aug_noise=1.0"):
+            cal.check_compatible(["a"], settings_of(DetectConfig()))
+        cal.check_compatible(["a"], settings_of(DetectConfig(synthesis=SynthesisConfig(aug_noise=0))))
 
 
 def test_settings_a_method_never_reads_are_not_matched():

@@ -74,6 +74,8 @@ def test_rerun_is_free_and_identical(zoo, tmp_path):
 
 
 def test_kdd_detect_cli_end_to_end(zoo, tmp_path, capsys):
+    """The CLI end to end on noise probes, which carry this toy student's signal (module docstring); the
+    default data-free pixel path is run for its plumbing only."""
     from pathlib import Path
 
     from kdd_jax.cli import main
@@ -81,7 +83,7 @@ def test_kdd_detect_cli_end_to_end(zoo, tmp_path, capsys):
     paths = {n: str(Path(zoo[n].report["source"]["weights"]).parent) for n in ("teacher-a", "teacher-b", "student")}
     tfile = tmp_path / "teachers.json"
     tfile.write_text(json.dumps({"teachers": [{"name": n, "path": paths[n], "output": "probs"} for n in ("teacher-b", "teacher-a")]}))
-    argv = ["detect", "--student", paths["student"], "--teachers", str(tfile), "--probes", "48", "--steps", "60",
+    argv = ["detect", "--student", paths["student"], "--teachers", str(tfile), "--probes", "48", "--method", "noise",
             "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out"), "-q"]
     assert main(argv) == 0
     table = capsys.readouterr().out
@@ -93,11 +95,15 @@ def test_kdd_detect_cli_end_to_end(zoo, tmp_path, capsys):
     again = json.loads(capsys.readouterr().out)
     assert again["teachers"]["teacher-a"]["queries"] == 0 and again["teachers"]["teacher-a"]["hits"] == 48
     assert again["verdict"] == report["verdict"]
-    # noise optimises nothing: its progress line states no steps (and --steps 60 would be refused)
-    noise = [a for a in argv if a not in ("--steps", "60", "-q")]
-    noise[noise.index("--out") + 1] = str(tmp_path / "noise")
-    assert main([*noise, "--method", "noise"]) == 0
-    assert "synthesising 48 probes (noise, seed 0)" in capsys.readouterr().err
+    # noise optimises nothing: its progress line states no steps (and --steps 60 is refused); the default
+    # method, pixel, states its steps and the noise its student sees
+    assert main([*argv, "--steps", "60"]) == 1
+    assert "steps=60: steps applies to the methods pixel, confidence and generator only" in capsys.readouterr().err
+    pixel = [a for a in argv if a not in ("--method", "noise", "-q")]
+    pixel[pixel.index("--out") + 1] = str(tmp_path / "pixel")
+    assert main([*pixel, "--steps", "60"]) == 0
+    assert "synthesising 48 probes (pixel, 60 steps, aug-noise 1, seed 0)" in capsys.readouterr().err
+    assert json.loads((tmp_path / "pixel" / "verdict.json").read_text())["teachers"]["teacher-a"]["queries"] == 48
     # the report directory: a self-contained page and the exact probes, with their hash
     from kdd_jax.io import read_safetensors
 
@@ -115,7 +121,7 @@ def test_calibrate_then_detect_none_of_the_candidates(zoo, tmp_path, capsys):
     """`kdd calibrate` on independent references, then `kdd detect --calibration`: the distilled
     student beats every reference on its teacher. With 3 references and 2 candidates the smallest
     reachable p is 2/4, so the test runs at alpha 0.5; the statistics are unit-tested in
-    test_calibration.py."""
+    test_calibration.py. Noise probes: they carry this toy student's signal (module docstring)."""
     from pathlib import Path
 
     from kdd_jax.cli import main
@@ -123,7 +129,7 @@ def test_calibrate_then_detect_none_of_the_candidates(zoo, tmp_path, capsys):
     paths = {n: str(Path(zoo[n].report["source"]["weights"]).parent) for n in ("teacher-a", "teacher-b", "student")}
     tfile = tmp_path / "teachers.json"
     tfile.write_text(json.dumps({"teachers": [{"name": n, "path": paths[n], "output": "probs"} for n in ("teacher-b", "teacher-a")]}))
-    common = ["--teachers", str(tfile), "--probes", "48", "--steps", "60", "--cache", str(tmp_path / "cache")]
+    common = ["--teachers", str(tfile), "--probes", "48", "--method", "noise", "--cache", str(tmp_path / "cache")]
     cal = tmp_path / "cal.json"
     broken = tmp_path / "broken" / "bad"
     broken.mkdir(parents=True)

@@ -39,8 +39,10 @@ class SynthesisConfig:
     flip: bool = False  # pixel: random left-right flips too
     pixel_scale: int = 1  # pixel: optimise a grid this many times coarser, upsampled bilinearly (smoothness prior)
     # pixel/confidence/generator: std of Gaussian noise (normalised units) added to what the student sees each
-    # step, so class evidence must survive it (expectation over noise) instead of resting on pixel-exact texture
-    aug_noise: float = 0.0
+    # step, so class evidence must survive it (expectation over noise) instead of resting on pixel-exact texture.
+    # None: the method's default (method_default), resolved on construction: 1.0 for pixel, the best data-free
+    # setting measured (benchmarks/results/detection_accuracy.md: 0.46 vs 0.30 without), 0 for every other method
+    aug_noise: float | None = None
     batch_size: int = 64  # generator training batch
     z_dim: int = 100  # generator: noise dimension
     generator_width: int = 64  # generator: channels of the last hidden conv (the first two have 2x)
@@ -52,11 +54,13 @@ class SynthesisConfig:
     def __post_init__(self):
         if self.n_probes < 1 or self.steps < 0 or self.restarts < 1 or self.batch_size < 1 or self.pixel_scale < 1:
             raise SynthesisError("n_probes, restarts, batch_size and pixel_scale must be >= 1 and steps >= 0")
+        if self.aug_noise is None:
+            object.__setattr__(self, "aug_noise", method_default(self.method, "aug_noise"))
         if isinstance(self.aug_noise, bool) or not (isinstance(self.aug_noise, (int, float)) and 0.0 <= self.aug_noise < float("inf")):
             raise SynthesisError(f"aug_noise must be a finite number >= 0, got {self.aug_noise!r}")
         # a setting only some methods read, changed from its default for a method that ignores it, would be
         # recorded (fingerprints, reports, calibrations) as if it had acted: refused, naming each
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        defaults = {f.name: method_default(self.method, f.name) for f in dataclasses.fields(self)}
         faults = []  # one error naming every setting at fault, group by group
         for methods, names in _METHOD_SETTINGS:
             if self.method in methods:
@@ -76,7 +80,7 @@ class SynthesisConfig:
         those added after probes were first cached while they hold their default (which is the
         behaviour from before they existed), so adding a setting keeps earlier caches valid."""
         d = dataclasses.asdict(self)
-        for name, neutral in _NEUTRAL_DEFAULTS.items():
+        for name, neutral in NEUTRAL_DEFAULTS.items():
             if d[name] == neutral:
                 del d[name]
         return d
@@ -103,7 +107,8 @@ _METHOD_SETTINGS = (
 
 
 def ignored_settings(method: str) -> frozenset[str]:
-    """The SynthesisConfig fields `method` never reads (held at their defaults, as __post_init__ requires)."""
+    """The SynthesisConfig fields `method` never reads (held at their defaults under `method`, as __post_init__
+    requires)."""
     return frozenset(n for methods, names in _METHOD_SETTINGS if method not in methods for n in names)
 
 
@@ -111,8 +116,25 @@ def _and(names) -> str:
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
-# Settings whose default reproduces the probes made before the setting existed (see identity()).
-_NEUTRAL_DEFAULTS = {"aug_noise": 0.0}
+# Settings whose default depends on the method (a field default of None stands for these): the method's value,
+# else the "*" value. Pixel synthesis sees its probes under noise unless told otherwise (aug_noise 0 reproduces
+# the probes of every release before it became pixel's default).
+_METHOD_DEFAULTS = {"aug_noise": {"pixel": 1.0, "*": 0.0}}
+_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SynthesisConfig)}
+
+
+def method_default(method: str, name: str):
+    """The default of SynthesisConfig field `name` under `method` (what None resolves to, for the fields
+    whose default depends on the method; the field's plain default otherwise)."""
+    if name in _METHOD_DEFAULTS:
+        by_method = _METHOD_DEFAULTS[name]
+        return by_method.get(method, by_method["*"])
+    return _FIELD_DEFAULTS[name]
+
+
+# Settings whose value here reproduces the probes made before the setting existed (see identity(); and the value
+# a calibration or audit record made before then was made with).
+NEUTRAL_DEFAULTS = {"aug_noise": 0.0}
 
 
 def require_batchnorm(model, method: str) -> None:
