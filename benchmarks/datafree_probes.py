@@ -19,6 +19,7 @@ not. Per-student logits are cached in benchmarks/_work/datafree/ (keyed by weigh
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import hashlib
 import io
@@ -186,7 +187,7 @@ def run(args, argv: list[str]) -> None:
             da.log(f"{n} seed {seed}: {float(res[(seed, n)]['secs']):.1f} s")
     n_probes = SynthesisConfig(**{"n_probes": 100, **over}).n_probes
     # every setting as resolved (defaults change: pixel's aug_noise was 0 until 2026-11-24, 1.0 since)
-    resolved = {k: v for k, v in SynthesisConfig(**{"n_probes": 100, **over}).identity().items() if k != "seed"}
+    resolved = {k: v for k, v in dataclasses.asdict(SynthesisConfig(**{"n_probes": 100, **over})).items() if k != "seed"}
     row = {"cfg": over, "synthesis": resolved, "n_students": len(students), "seeds": seeds,
            # which weights: a zoo rebuilt on another machine differs (benchmarks/zoo/README.md, Determinism)
            "zoo_weights_sha256": hashlib.sha256(json.dumps({n: wids[n] for n in tnames + students},

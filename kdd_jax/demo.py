@@ -5,7 +5,7 @@ taken from the benchmark zoo (benchmarks/zoo/, made by benchmarks/zoo/make_demo_
 students distilled from known teachers with different recipes, and one trained without any
 teacher, plus a pool of unlabelled Fashion-MNIST test images that no zoo model trained on. The
 probes are chosen from that pool by the membership-inference filter (`mia`, the best method on
-the benchmark zoo, where data-free synthesis reaches 0.46 against its 0.71); `--method pixel` runs
+the benchmark zoo, where data-free synthesis reaches 0.46 against mia's 0.71); `--method pixel` runs
 data-free synthesis instead (the student seeing its probes under noise, pixel's default). The demo serves every teacher over HTTP on loopback with `kdd serve` (one subprocess
 each, the Open Inference Protocol v2) and audits every student through the HTTP client and the
 response cache with `kdd_jax.audit.audit` (per-student reports, summary.json/csv, index.html),

@@ -1,5 +1,8 @@
 """Direct pixel optimisation of probes through the frozen student (DeepInversion-style):
-L = bn_weight * L_BNS + ce_weight * CE(mixed labels) + tv_weight * TV + l2_weight * ||x||^2.
+L = bn_weight * L_BNS + ce_weight * CE(mixed labels) + tv_weight * TV + l2_weight * ||x||^2,
+with the student's terms (BN statistics, CE) taken on what it sees: the probes plus fresh Gaussian noise of
+std `aug_noise` each step (by default 1.0 for this method: an expectation over noise, so the class evidence
+cannot rest on pixel-exact texture), after any jitter/flip.
 
 Probes live in the student's normalised input space and are clipped after every step to the
 range that `preprocessing.value_range` maps to, so they are always valid images. Independent

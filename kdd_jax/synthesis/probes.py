@@ -77,8 +77,9 @@ class SynthesisConfig:
 
     def identity(self) -> dict:
         """The settings that decide the probes, for fingerprints and cache keys: every field, except
-        those added after probes were first cached while they hold their default (which is the
-        behaviour from before they existed), so adding a setting keeps earlier caches valid."""
+        those added after probes were first cached while they hold their NEUTRAL_DEFAULTS value (the
+        behaviour from before they existed; for aug_noise 0, no longer pixel's default), so adding a
+        setting keeps earlier caches valid."""
         d = dataclasses.asdict(self)
         for name, neutral in NEUTRAL_DEFAULTS.items():
             if d[name] == neutral:
