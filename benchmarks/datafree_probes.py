@@ -3,6 +3,8 @@ of the Fashion-MNIST zoo's distilled students, scored as the detection benchmark
 
     python benchmarks/datafree_probes.py '{"method": "pixel", "steps": 60, "pixel_scale": 2}' \\
         --students s09,s10,s11,s12,s13,s14,s15,s16 --seeds 0
+    python benchmarks/datafree_probes.py '{"method": "pixel", "steps": 200}' --students all \
+        --seeds 0,1,2,3,4,5 --pool-seeds 3              # 2 runs of 300 probes each (seeds 0-2, 3-5)
     python benchmarks/datafree_probes.py --render      # rebuild the markdown table only
 
 The argument is a JSON object of SynthesisConfig overrides (n_probes defaults to 100). Students are
@@ -14,6 +16,8 @@ probes: how often the teachers agree with each other (top-1, mean over pairs), a
 student's top-1 agrees with its own teacher vs with the other teachers. Probes that carry
 provenance need own > other; on real images the soft outputs separate them even where top-1 does
 not. Per-student logits are cached in benchmarks/_work/datafree/ (keyed by weights and settings).
+With --pool-seeds K, each run scores the probes of K consecutive seeds together (N = K x n_probes): does
+spending more queries on probes of one setting help, without synthesising them in one larger batch?
 """
 
 from __future__ import annotations
@@ -106,8 +110,8 @@ def _num(v) -> str:
 
 
 def _cell(row: dict, score: str) -> str:
-    """accuracy / AUC, each with its std over seeds when the row has several seeds and records it."""
-    std = row.get("std_over_seeds", {}).get(score) if len(row["seeds"]) > 1 else None
+    """accuracy / AUC, each with its std over runs when the row has several runs and records it."""
+    std = row.get("std_over_seeds", {}).get(score) if len(row["seeds"]) > row.get("pool_seeds", 1) else None
     return " / ".join(_num(v) + ("" if std is None or std[i] is None else f" ± {std[i]:.2f}")
                       for i, v in enumerate(row[score]))
 
@@ -116,7 +120,8 @@ def render(rows: list[dict]) -> str:
     lines = ["# Data-free probe search on the Fashion-MNIST zoo", "",
              "Rows appended by `python benchmarks/datafree_probes.py CONFIG --students ... --seeds ...` (each row "
              "records its own command, date, machine and versions). Accuracy / one-vs-rest AUC over the distilled "
-             "students named (mean over seeds; ± std over seeds where the row records it), probabilities API, N = n_probes; chance accuracy 0.25. "
+             "students named (mean over runs, a run per seed; ± std over runs where the row records it), probabilities API, N = n_probes; "
+             "'pooled K: N = ...' marks rows whose runs each pool the probes of K consecutive seeds; chance accuracy 0.25. "
              "Settings are overrides of the defaults of the row's date: until 2026-11-24 pixel's default aug_noise was 0, so earlier "
              "pixel rows without aug_noise ran without noise (rows since record every resolved setting, `synthesis` in the JSONL). Agreement: top-1, on the probes. Seconds per student are wall time on a shared 2-core machine with other jobs running: not throughput figures. "
              "Own-family picks: share of the students whose top-scored teacher has the student's architecture family, "
@@ -129,7 +134,8 @@ def render(rows: list[dict]) -> str:
              "| picks of the student's own family (" + " / ".join(SCORES) + ") | zoo weights |",
              "|---|---|" + "---|" * (len(SCORES) + 6)]
     for r in rows:
-        lines.append(f"| `{json.dumps(r['cfg'])}` | {students_of(r['command'])}: {r['n_students']} x {len(r['seeds'])} | "
+        pooled = f" (pooled {r['pool_seeds']}: N = {r['n_probes_per_run']})" if r.get("pool_seeds", 1) > 1 else ""
+        lines.append(f"| `{json.dumps(r['cfg'])}` | {students_of(r['command'])}: {r['n_students']} x {len(r['seeds'])}{pooled} | "
                      + " | ".join(_cell(r, s) for s in SCORES)
                      + f" | {r['teacher_agree']:.2f} | {r['student_own_agree']:.2f} | {r['student_other_agree']:.2f}"
                      f" | {r['secs_per_student']:.1f} | "
@@ -143,6 +149,8 @@ def main(argv=None) -> int:
     ap.add_argument("config", nargs="?", help="JSON object of SynthesisConfig overrides")
     ap.add_argument("--students", default=DEFAULT_STUDENTS, help="name prefixes, or 'all'")
     ap.add_argument("--seeds", default="0")
+    ap.add_argument("--pool-seeds", type=int, default=1, metavar="K",
+                    help="score the probes of K consecutive seeds together as one run (N = K x n_probes)")
     da.add_zoo_arguments(ap)
     ap.add_argument("--work", type=Path, default=REPO / "benchmarks/_work/datafree")
     ap.add_argument("--results", type=Path, default=RESULTS, help="JSONL the row is appended to (markdown beside it)")
@@ -177,6 +185,9 @@ def run(args, argv: list[str]) -> None:
     if args.students != "all":
         students = [n for n in students if any(n.startswith(p) for p in args.students.split(","))]
     seeds = [int(s) for s in args.seeds.split(",")]
+    k = args.pool_seeds
+    if k < 1 or len(seeds) % k:
+        raise SystemExit(f"--pool-seeds {k}: must be >= 1 and divide the {len(seeds)} seeds given")
     labels = np.array([tnames.index(zoo[n][2]["teacher"]) for n in students])
     res = {}
     for seed in seeds:
@@ -185,10 +196,15 @@ def run(args, argv: list[str]) -> None:
             sc = SynthesisConfig(**{"n_probes": 100, "seed": seed, **over})
             res[(seed, n)] = probe_logits(n, wids[n], model, config, sc, teachers, work / "logits")
             da.log(f"{n} seed {seed}: {float(res[(seed, n)]['secs']):.1f} s")
-    n_probes = SynthesisConfig(**{"n_probes": 100, **over}).n_probes
+    n_probes = SynthesisConfig(**{"n_probes": 100, **over}).n_probes * k
+    runs = [tuple(seeds[i:i + k]) for i in range(0, len(seeds), k)]
+    pooled = {(r, n): {"student": np.concatenate([res[(s, n)]["student"] for s in r]),
+                       "teachers": np.concatenate([res[(s, n)]["teachers"] for s in r], axis=1)}
+              for r in runs for n in students}
     # every setting as resolved (defaults change: pixel's aug_noise was 0 until 2026-11-24, 1.0 since)
     resolved = {k: v for k, v in dataclasses.asdict(SynthesisConfig(**{"n_probes": 100, **over})).items() if k != "seed"}
     row = {"cfg": over, "synthesis": resolved, "n_students": len(students), "seeds": seeds,
+           **({"pool_seeds": k, "n_probes_per_run": n_probes} if k > 1 else {}),
            # which weights: a zoo rebuilt on another machine differs (benchmarks/zoo/README.md, Determinism)
            "zoo_weights_sha256": hashlib.sha256(json.dumps({n: wids[n] for n in tnames + students},
                                                            sort_keys=True).encode()).hexdigest()[:12]}
@@ -197,9 +213,9 @@ def run(args, argv: list[str]) -> None:
     same_family = np.array([[zoo[t][2]["family"] == zoo[n][2]["family"] for t in tnames] for n in students])
     row["own_family_pick"] = {}
     for score in SCORES:
-        s = np.array([[da.all_scores(res[(r, n)]["student"], da.teacher_logp(res[(r, n)]["teachers"], "probs", zoo[n][1].arch.num_classes),
+        s = np.array([[da.all_scores(pooled[(r, n)]["student"], da.teacher_logp(pooled[(r, n)]["teachers"], "probs", zoo[n][1].arch.num_classes),
                                       ns=(n_probes,))[score][n_probes]
-                       for n in students] for r in seeds])
+                       for n in students] for r in runs])
         m = multiple_choice_metrics(s, labels)
         row[score] = [round(m["accuracy"], 3), round(m["auc"], 3)]
         row.setdefault("std_over_seeds", {})[score] = [round(m["accuracy_std"], 3), round(m["auc_std"], 3)]

@@ -277,6 +277,17 @@ def test_datafree_probe_search_smoke(toy_zoo, tmp_path):
     assert acc_std in (0.0, 0.5) and row["std_over_seeds"]["dark_corr"][1] is None  # 1 student: no AUC
     assert f"| {row['dark_corr'][0]:.2f} ± {acc_std:.2f} / n/a |" in two.with_suffix(".md").read_text()
     assert "±" not in md.split("| all: 1 x 1 |")[1].splitlines()[0]
+    # --pool-seeds: the two seeds' probes (cached above) scored together as one run of N = 32
+    pooled = tmp_path / "results" / "pooled.jsonl"
+    assert bench.main([*argv[:-1], str(pooled), "--seeds", "0,1", "--pool-seeds", "2"]) == 0
+    prow = json.loads(pooled.read_text())
+    assert prow["seeds"] == [0, 1] and prow["pool_seeds"] == 2 and prow["n_probes_per_run"] == 32
+    assert prow["secs_per_student"] == row["secs_per_student"]  # nothing synthesised again
+    assert prow["student_own_agree"] == row["student_own_agree"]  # the same probes, averaged alike
+    line = pooled.with_suffix(".md").read_text().split("| all: 1 x 2 (pooled 2: N = 32) |")[1].splitlines()[0]
+    assert "±" not in line  # one run: no std over runs
+    with pytest.raises(SystemExit, match="--pool-seeds 3: must be >= 1 and divide the 2 seeds"):
+        bench.main([*argv[:-1], str(pooled), "--seeds", "0,1", "--pool-seeds", "3"])
 
 
 def test_score_fusion_combinations():
