@@ -164,6 +164,12 @@ def main(argv=None) -> int:
             SynthesisConfig(**{"n_probes": 100, **over})
         except (ValueError, TypeError) as e:  # bad JSON, unknown field, invalid value
             ap.error(f"CONFIG {args.config!r}: {e}")
+        try:  # and bad seeds, before the zoo is loaded and anything synthesised
+            args.seeds = [int(s) for s in args.seeds.split(",")]
+        except ValueError:
+            ap.error(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. 0,1,2")
+        if args.pool_seeds < 1 or len(args.seeds) % args.pool_seeds:
+            ap.error(f"--pool-seeds {args.pool_seeds}: must be >= 1 and divide the {len(args.seeds)} seeds given")
         run(args, sys.argv[1:] if argv is None else argv)
     if not args.results.is_file():
         ap.error(f"{args.results}: no results to render (run a CONFIG first)")
@@ -184,10 +190,7 @@ def run(args, argv: list[str]) -> None:
     students = [n for n, (_, _, m) in zoo.items() if m["role"] == "student"]
     if args.students != "all":
         students = [n for n in students if any(n.startswith(p) for p in args.students.split(","))]
-    seeds = [int(s) for s in args.seeds.split(",")]
-    k = args.pool_seeds
-    if k < 1 or len(seeds) % k:
-        raise SystemExit(f"--pool-seeds {k}: must be >= 1 and divide the {len(seeds)} seeds given")
+    seeds, pool = args.seeds, args.pool_seeds  # checked by main()
     labels = np.array([tnames.index(zoo[n][2]["teacher"]) for n in students])
     res = {}
     for seed in seeds:
@@ -196,15 +199,15 @@ def run(args, argv: list[str]) -> None:
             sc = SynthesisConfig(**{"n_probes": 100, "seed": seed, **over})
             res[(seed, n)] = probe_logits(n, wids[n], model, config, sc, teachers, work / "logits")
             da.log(f"{n} seed {seed}: {float(res[(seed, n)]['secs']):.1f} s")
-    n_probes = SynthesisConfig(**{"n_probes": 100, **over}).n_probes * k
-    runs = [tuple(seeds[i:i + k]) for i in range(0, len(seeds), k)]
+    n_probes = SynthesisConfig(**{"n_probes": 100, **over}).n_probes * pool
+    runs = [tuple(seeds[i:i + pool]) for i in range(0, len(seeds), pool)]
     pooled = {(r, n): {"student": np.concatenate([res[(s, n)]["student"] for s in r]),
                        "teachers": np.concatenate([res[(s, n)]["teachers"] for s in r], axis=1)}
               for r in runs for n in students}
     # every setting as resolved (defaults change: pixel's aug_noise was 0 until 2026-11-24, 1.0 since)
     resolved = {k: v for k, v in dataclasses.asdict(SynthesisConfig(**{"n_probes": 100, **over})).items() if k != "seed"}
     row = {"cfg": over, "synthesis": resolved, "n_students": len(students), "seeds": seeds,
-           **({"pool_seeds": k, "n_probes_per_run": n_probes} if k > 1 else {}),
+           **({"pool_seeds": pool, "n_probes_per_run": n_probes} if pool > 1 else {}),
            # which weights: a zoo rebuilt on another machine differs (benchmarks/zoo/README.md, Determinism)
            "zoo_weights_sha256": hashlib.sha256(json.dumps({n: wids[n] for n in tnames + students},
                                                            sort_keys=True).encode()).hexdigest()[:12]}

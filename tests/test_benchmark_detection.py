@@ -234,7 +234,7 @@ def test_mistake_inheritance_counts_only_the_teachers_mistakes_on_the_students_o
     assert r3["students"][0]["controls_max"] == 1.0 and not r3["above_controls"]
 
 
-def test_datafree_probe_search_smoke(toy_zoo, tmp_path):
+def test_datafree_probe_search_smoke(toy_zoo, tmp_path, capsys):
     """benchmarks/datafree_probes.py on the toy zoo: one row per run with accuracy, AUC, agreement
     diagnostics, own-family picks and the weights it ran on; a re-run reads every logit from its cache."""
     from benchmarks import datafree_probes as bench
@@ -286,8 +286,15 @@ def test_datafree_probe_search_smoke(toy_zoo, tmp_path):
     assert prow["student_own_agree"] == row["student_own_agree"]  # the same probes, averaged alike
     line = pooled.with_suffix(".md").read_text().split("| all: 1 x 2 (pooled 2: N = 32) |")[1].splitlines()[0]
     assert "±" not in line  # one run: no std over runs
-    with pytest.raises(SystemExit, match="--pool-seeds 3: must be >= 1 and divide the 2 seeds"):
-        bench.main([*argv[:-1], str(pooled), "--seeds", "0,1", "--pool-seeds", "3"])
+    # bad seeds are refused by the parser, before the zoo is loaded, and append no row
+    rows_before = pooled.read_text()
+    for bad, message in ((["--seeds", "0,1", "--pool-seeds", "3"], "--pool-seeds 3: must be >= 1 and divide the 2 seeds"),
+                         (["--seeds", "0,x"], "--seeds '0,x': give comma-separated integers")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit):
+            bench.main([*argv[:-1], str(pooled), *bad])
+        assert message in capsys.readouterr().err
+    assert pooled.read_text() == rows_before
 
 
 def test_score_fusion_combinations():

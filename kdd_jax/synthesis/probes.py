@@ -119,7 +119,7 @@ def _and(names) -> str:
 
 # Settings whose default depends on the method (a field default of None stands for these): the method's value,
 # else the "*" value. Pixel synthesis sees its probes under noise unless told otherwise (aug_noise 0 reproduces
-# the probes of every release before it became pixel's default).
+# the pixel probes made before 2026-11-24, when noise became pixel's default).
 _METHOD_DEFAULTS = {"aug_noise": {"pixel": 1.0, "*": 0.0}}
 _FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SynthesisConfig)}
 
