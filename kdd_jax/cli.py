@@ -478,7 +478,7 @@ def cmd_demo(args) -> int:
 
     try:
         summary = run_demo(args.out, zoo=args.zoo or DEMO_ZOO, probes=args.probes, steps=args.steps, seed=args.seed,
-                           method=args.method, quiet=args.quiet)
+                           method=args.method, aug_noise=args.aug_noise, quiet=args.quiet)
     except (DemoError, *_detect_errors()) as e:  # AuditError is a ValueError
         _eprint(f"kdd demo: {e}")
         return EXIT_ERROR
@@ -712,6 +712,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "and generator (default 60); the pool methods and noise optimise nothing and refuse it")
     dm.add_argument("--method", default="mia", choices=sorted(METHODS),
                     help="probe method (default mia: filter the zoo's unlabelled image pool; pixel: data-free)")
+    dm.add_argument("--aug-noise", type=float, default=None, metavar="S",
+                    help="pixel/confidence/generator: noise std on what the student sees while synthesising (as kdd "
+                    "detect; default 1.0 for pixel, 0 for the others; --aug-noise 0: pixel probes without noise)")
     dm.add_argument("--seed", type=int, default=0, help="fixes probes and verdicts (default 0)")
     dm.add_argument("--zoo", help="another demo zoo directory (default: the bundled one)")
     dm.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")

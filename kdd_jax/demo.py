@@ -86,11 +86,12 @@ DEMO_STEPS = 60  # synthesis steps of the optimised methods (pixel, confidence, 
 
 
 def run_demo(out: str | Path, *, zoo: str | Path = DEMO_ZOO, probes: int = 64, steps: int | None = None, seed: int = 0,
-             method: str = "mia", quiet: bool = False) -> dict:
+             method: str = "mia", aug_noise: float | None = None, quiet: bool = False) -> dict:
     """Serve the zoo's teachers, audit every student (kdd_jax.audit), return the summary dict
     (`students`: the audit's rows plus description / truth / correct; `failed`: name -> error).
     `steps`: synthesis steps of the optimised methods (default DEMO_STEPS); the pool methods and
-    noise optimise nothing and refuse it."""
+    noise optimise nothing and refuse it. `aug_noise`: the noise the optimised methods' student sees
+    (None: the method's default, 1.0 for pixel; 0 gives pixel probes as before that default)."""
     from kdd_jax.audit import audit
     from kdd_jax.config import load_config
     from kdd_jax.detect import DetectConfig
@@ -106,7 +107,8 @@ def run_demo(out: str | Path, *, zoo: str | Path = DEMO_ZOO, probes: int = 64, s
     # checked before any server starts: a setting the method ignores is an error, never silently recorded
     if steps is None and method in OPTIMISED_METHODS:
         steps = DEMO_STEPS
-    sc = SynthesisConfig(method=method, n_probes=probes, seed=seed, **({} if steps is None else {"steps": steps}))
+    sc = SynthesisConfig(method=method, n_probes=probes, seed=seed, aug_noise=aug_noise,
+                         **({} if steps is None else {"steps": steps}))
     zoo, out = Path(zoo), Path(out)
     manifest_path = zoo / "manifest.json"
     if not manifest_path.is_file():
@@ -180,7 +182,7 @@ def run_demo(out: str | Path, *, zoo: str | Path = DEMO_ZOO, probes: int = 64, s
     order = {s["name"]: i for i, s in enumerate(manifest["students"])}  # the table follows the manifest
     return {"command": "demo", "out": str(out), "teachers": result.teachers,
             "settings": {"method": method, "probes": probes, "seed": seed, "score": dc.score}
-            | ({"steps": sc.steps} if method in OPTIMISED_METHODS else {}),
+            | ({"steps": sc.steps, "aug_noise": sc.aug_noise} if method in OPTIMISED_METHODS else {}),
             "students": sorted(result.rows, key=lambda r: order[r["student"]]),
             "failed": {n: result.failed[n] for n in sorted(result.failed, key=order.get)},
             "skipped": result.skipped, "queries": result.queries, "seconds": result.seconds,

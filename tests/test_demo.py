@@ -75,6 +75,9 @@ def test_demo_without_a_zoo_fails_clearly(tmp_path, capsys):
     # steps with a method that optimises nothing (the default, mia): refused before any server starts
     assert main(["demo", "--zoo", str(tmp_path), "--out", str(tmp_path / "o"), "--steps", "30", "-q"]) == 1
     assert "steps=30: steps applies to the methods pixel, confidence and generator only, not to 'mia'" in capsys.readouterr().err
+    # so is a noise the method does not read (aug_noise belongs to the optimised methods)
+    assert main(["demo", "--zoo", str(tmp_path), "--out", str(tmp_path / "o"), "--aug-noise", "0.5", "-q"]) == 1
+    assert "aug_noise=0.5: aug_noise applies to the methods pixel, confidence and generator only" in capsys.readouterr().err
     for content, message in [("{", "cannot read the demo manifest"), ("{}", "non-empty 'teachers'"),
                              (json.dumps({"teachers": [{"name": "t"}], "students": [{}]}), "teachers[0] lacks ['dir']"),
                              (json.dumps({"teachers": [{"name": "t", "dir": "nope"}],
@@ -110,3 +113,28 @@ def test_bundled_demo_zoo_is_complete():
         assert len(pool.images) >= 500 and pool.labels is None
     size = sum(p.stat().st_size for p in DEMO_ZOO.rglob("*") if p.is_file())
     assert size < 8 * 2**20, size  # "a few MB at most"
+
+
+def test_demo_pixel_takes_aug_noise(toy_zoo, tmp_path, capsys):
+    """`kdd demo --method pixel --aug-noise 0` synthesises without pixel's default noise, and the summary,
+    the audit's settings and the student's verdict record the value (and the default 1.0 without it)."""
+    root = toy_zoo["root"]
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    (zoo / "manifest.json").write_text(json.dumps({
+        "teachers": [{"name": "teacher-a", "dir": str(root / "teacher-a"), "output": "probs"},
+                     {"name": "teacher-b", "dir": str(root / "teacher-b"), "output": "probs"}],
+        "students": [{"name": "student", "dir": str(root / "student"), "teacher": "teacher-a",
+                      "description": "KD from teacher-a"}]}))
+    seen = {}
+    for flag, expected in (["--aug-noise", "0"], 0.0), ([], 1.0):
+        out = tmp_path / f"demo{expected:g}"
+        assert main(["demo", "--zoo", str(zoo), "--out", str(out), "--method", "pixel", "--steps", "3",
+                     "--probes", "8", "--json", "-q", *flag]) == 0
+        printed = json.loads(capsys.readouterr().out)
+        assert printed["settings"]["aug_noise"] == expected and printed["settings"]["steps"] == 3
+        assert json.loads((out / "summary.json").read_text())["settings"]["synthesis.aug_noise"] == expected
+        verdict = json.loads((out / "students" / "student" / "verdict.json").read_text())
+        assert verdict["config"]["synthesis"]["aug_noise"] == expected
+        seen[expected] = read_safetensors(out / "students" / "student" / "probes.safetensors")[0]["raw"]
+    assert not np.array_equal(seen[0.0], seen[1.0])  # same seed, same start: only the noise differs
