@@ -471,11 +471,27 @@ class _ViTEmbeddings(nn.Module):
         self.patch_embeddings.projection = nn.Conv2d(a["num_channels"], d, p, stride=p)
         prefix = 2 if variant == "deit" else 1
         self.position_embeddings = nn.Parameter(torch.zeros(1, (a["image_size"] // p) ** 2 + prefix, d))
+        self.interpolate = variant == "dinov2"
+
+    def positions(self, h: int, w: int) -> torch.Tensor:
+        """Dinov2Embeddings.interpolate_pos_encoding: the patch grid resized by bicubic
+        interpolation to the input's (float32, target size, align_corners False) unless it is
+        already that grid and the input is square."""
+        pos = self.position_embeddings
+        g = int((pos.shape[1] - 1) ** 0.5)
+        if not self.interpolate or (h == w and h * w == g * g):
+            return pos
+        d = pos.shape[-1]
+        grid = pos[:, 1:].reshape(1, g, g, d).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid.to(torch.float32), size=(h, w), mode="bicubic", align_corners=False)
+        return torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, -1, d)], dim=1)
 
     def forward(self, x):
-        p = self.patch_embeddings.projection(x).flatten(2).transpose(1, 2)
+        p = self.patch_embeddings.projection(x)
+        grid = p.shape[2:]
+        p = p.flatten(2).transpose(1, 2)
         prefix = [self.cls_token] + ([self.distillation_token] if hasattr(self, "distillation_token") else [])
-        return torch.cat([t.expand(len(x), -1, -1) for t in prefix] + [p], dim=1) + self.position_embeddings
+        return torch.cat([t.expand(len(x), -1, -1) for t in prefix] + [p], dim=1) + self.positions(*grid)
 
 
 class TorchViTModel(nn.Module):
@@ -500,8 +516,9 @@ class TorchViTModel(nn.Module):
 
 
 class TorchViTClassifier(nn.Module):
-    """ViTForImageClassification / DeiTForImageClassification (head `cls`) and
-    DeiTForImageClassificationWithTeacher (head `cls_distill`: the mean of both heads' logits)."""
+    """ViTForImageClassification / DeiTForImageClassification (head `cls`),
+    DeiTForImageClassificationWithTeacher (head `cls_distill`: the mean of both heads' logits) and
+    Dinov2ForImageClassification (head `cls_mean`: the class token and the mean patch token, concatenated)."""
 
     def __init__(self, a: dict):
         super().__init__()
@@ -510,6 +527,8 @@ class TorchViTClassifier(nn.Module):
         d, c = a["hidden_size"], a["num_classes"]
         if self.head == "cls":
             self.classifier = nn.Linear(d, c)
+        elif self.head == "cls_mean":
+            self.classifier = nn.Linear(2 * d, c)
         else:
             self.cls_classifier, self.distillation_classifier = nn.Linear(d, c), nn.Linear(d, c)
 
@@ -517,6 +536,8 @@ class TorchViTClassifier(nn.Module):
         h = getattr(self, self.variant)(x)
         if self.head == "cls":
             return self.classifier(h[:, 0])
+        if self.head == "cls_mean":
+            return self.classifier(torch.cat([h[:, 0], h[:, 1:].mean(dim=1)], dim=1))
         return (self.cls_classifier(h[:, 0]) + self.distillation_classifier(h[:, 1])) / 2
 
 

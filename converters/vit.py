@@ -1,5 +1,5 @@
 """transformers ViT / DeiT / DINO / DINOv2 folders -> Flax, strictly: image encoders for the
-generative scores (`convert_vit`) and the student config of ViT / DeiT classifiers (`student_config`).
+generative scores (`convert_vit`) and the student config of ViT / DeiT / DINOv2 classifiers (`student_config`).
 
     from converters.vit import convert_vit
     result = convert_vit("weights/dino-vits16")   # config.json + model.safetensors
@@ -10,11 +10,14 @@ A folder is what `save_pretrained(dir)` of transformers' `ViTModel` (model_type 
 folder converts too: the `vit.` / `deit.` / `dinov2.` prefix is stripped and the head's keys are
 counted and left unused.
 
-As a student, a `ViTForImageClassification`, `DeiTForImageClassification` or
-`DeiTForImageClassificationWithTeacher` folder goes through `kdd convert` like any other checkpoint
-(`converters/convert.py` calls `student_config` when config.json is a transformers one): family `vit`,
-the head read from the weights. Its probes and image pools are at the checkpoint's `image_size`
-(a processor's resize and centre crop are the caller's business, as for every student).
+As a student, a `ViTForImageClassification`, `DeiTForImageClassification`,
+`DeiTForImageClassificationWithTeacher` or `Dinov2ForImageClassification` folder goes through
+`kdd convert` like any other checkpoint (`converters/convert.py` calls `student_config` when
+config.json is a transformers one): family `vit`, the head read from the weights. ViT / DeiT probes
+and image pools are at the checkpoint's `image_size`; DINOv2's at its processor's centre crop
+(`crop_size`, 224x224 by default and in the released classifiers, whose checkpoints hold 518x518
+position embeddings, interpolated as transformers does). A processor's resize and the crop itself
+are the caller's business, as for every student.
 
 The optional `pooler` (ViT, DeiT) and `mask_token` are converted when present and not used.
 `preprocessor_config.json`, when present, gives the preprocessing (`image_mean`, `image_std`,
@@ -32,7 +35,7 @@ from pathlib import Path
 
 from converters.keymap import ConversionError
 from converters.transformers_folder import WEIGHTS_NAME, EncoderConversion, fill, model_type, preprocessing, read_folder
-from kdd_jax.config import ConfigError, Preprocessing, StudentConfig
+from kdd_jax.config import ConfigError, Preprocessing, StudentConfig, read_json_config
 from kdd_jax.models.vit import VARIANTS, ViTClassifierArch, ViTConfig, abstract_vit
 
 FAMILY = "transformers_vit"
@@ -40,9 +43,10 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # what the model's image processor does without a preprocessor_config.json: (mean, std, PIL resample)
 _PROCESSOR_DEFAULTS = {"vit": ((0.5,) * 3, (0.5,) * 3, 2), "deit": (IMAGENET_MEAN, IMAGENET_STD, 3),
                        "dinov2": (IMAGENET_MEAN, IMAGENET_STD, 3)}
-STUDENT_TYPES = ("vit", "deit")
+STUDENT_TYPES = ("vit", "deit", "dinov2")
+_DINOV2_CROP = 224  # BitImageProcessor's default crop_size (DINOv2's processor)
 # the head's weight key -> (head, transformers class)
-_HEAD_KEYS = {"classifier.weight": ("cls", "*ForImageClassification"),
+_HEAD_KEYS = {"classifier.weight": ("cls", "*ForImageClassification"),  # cls_mean for dinov2
               "cls_classifier.weight": ("cls_distill", "DeiTForImageClassificationWithTeacher")}
 
 
@@ -71,17 +75,39 @@ def convert_vit(path: str | Path) -> EncoderConversion:
     return fill(abstract_vit(cfg), tensors, weights, folder, FAMILY, pre, [], unused_classifier_keys=len(head))
 
 
+def _processor_input_size(folder: Path) -> tuple[int, int]:
+    """The image size DINOv2's processor (BitImageProcessor) hands the model: its centre crop
+    (`crop_size`, a {height, width} object or one number; 224 by default), or with `do_center_crop`
+    false a fixed {height, width} resize. A shortest-edge resize without a crop gives each image its
+    own size, which no probe set can match: refused, naming the field."""
+    pre = folder / "preprocessor_config.json"
+    data = read_json_config(pre, "preprocessor config") if pre.is_file() else {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{pre}: expected a JSON object")
+    crop = data.get("do_center_crop", True)
+    if not isinstance(crop, bool):
+        raise ConfigError(f"{pre}.do_center_crop: expected true or false, got {crop!r}")
+    key = "crop_size" if crop else "size"
+    value = data.get(key, _DINOV2_CROP) if crop else data.get(key)
+    if type(value) is int and value > 0:
+        return value, value
+    if isinstance(value, dict) and set(value) == {"height", "width"} and all(
+            type(v) is int and v > 0 for v in value.values()):
+        return value["height"], value["width"]
+    why = ("" if crop else " (do_center_crop is false, so the resize fixes the input: a shortest/longest-edge "
+           "resize leaves each image its own size, which a probe set cannot match)")
+    raise ConfigError(f"{pre}.{key}: expected positive integer height and width, got {value!r}{why}")
+
+
 def student_config(folder: Path, data: dict, tensors: dict, source: str, weights: Path | None = None) -> StudentConfig:
-    """The student config (family `vit`) of a transformers ViT / DeiT classifier folder: the
+    """The student config (family `vit`) of a transformers ViT / DeiT / DINOv2 classifier folder: the
     encoder's fields from config.json (transformers' defaults where omitted), the head and its class
     count from the weights (checked against `id2label`), the preprocessing from
-    `preprocessor_config.json` (the image processor's defaults where absent). Raises ConversionError
-    / ConfigError naming the file and field."""
+    `preprocessor_config.json` (the image processor's defaults where absent; for DINOv2 also the
+    input size, its centre crop). Raises ConversionError / ConfigError naming the file and field."""
     kind = data.get("model_type")
     if kind not in STUDENT_TYPES:
-        hint = (" (Dinov2ForImageClassification runs at its processor's crop through interpolated position "
-                "embeddings, not ported)" if kind == "dinov2" else
-                "; image encoders (CLIP, DINO) are feature networks: pass their folder to --feature-net")
+        hint = "; image encoders (CLIP, DINO) are feature networks: pass their folder to --feature-net"
         raise ConversionError(f"{source}.model_type: {kind!r} is not a supported classifier student; supported "
                               f"transformers classifiers: {', '.join(STUDENT_TYPES)}{hint}")
     found = [k for k in _HEAD_KEYS if k in tensors]
@@ -89,6 +115,8 @@ def student_config(folder: Path, data: dict, tensors: dict, source: str, weights
         raise ConversionError(f"{source}: the weights hold no classification head ({' or '.join(_HEAD_KEYS)}): a bare "
                               f"{kind} encoder is not a classifier (use it with --feature-net)")
     head, cls_name = _HEAD_KEYS[found[0]]
+    if kind == "dinov2" and head == "cls":
+        head, cls_name = "cls_mean", "Dinov2ForImageClassification"
     weights = weights or folder / WEIGHTS_NAME
     shape = tuple(tensors[found[0]].shape)
     if len(shape) != 2 or min(shape) < 1:
@@ -108,9 +136,14 @@ def student_config(folder: Path, data: dict, tensors: dict, source: str, weights
         arch = dataclasses.replace(arch, num_classes=classes, head=head)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
-    mean, std, _ = _PROCESSOR_DEFAULTS[kind]  # a student's probes and pools are at image_size: no resize
+    mean, std, _ = _PROCESSOR_DEFAULTS[kind]  # a student's probes and pools come at its input size: no resize
     pre = preprocessing(folder, mean, std, None, channels=arch.num_channels)
-    return StudentConfig("vit", arch, Preprocessing(input_size=(arch.image_size,) * 2, channels=arch.num_channels,
+    size = _processor_input_size(folder) if kind == "dinov2" else (arch.image_size,) * 2
+    try:
+        arch.check_input_size(size)
+    except ConfigError as e:
+        raise ConfigError(f"{folder / 'preprocessor_config.json'}: {e}") from None
+    return StudentConfig("vit", arch, Preprocessing(input_size=size, channels=arch.num_channels,
                                                     mean=pre["mean"], std=pre["std"], value_range=pre["value_range"]))
 
 

@@ -84,8 +84,13 @@ def test_converted_vit_gives_transformers_embeddings(tmp_path, variant, extras):
     assert (r.mean, r.resize) == (((0.5,) * 3, "linear") if variant == "vit" else ((0.485, 0.456, 0.406), "cubic"))
     assert r.model.embeddings.position_embeddings.value.shape[1] == 9 + (2 if variant == "deit" else 1)
     assert_matches_torch(r.model, ref, np.random.default_rng(0).normal(size=(3, 3, 12, 12)).astype(np.float32))
-    with pytest.raises(ValueError, match="must be 12x12"):
-        r.model(np.zeros((1, 16, 16, 3), np.float32))
+    if variant == "dinov2":  # Dinov2Model interpolates its position embeddings to any input's patch grid
+        assert_matches_torch(r.model, ref, np.random.default_rng(1).normal(size=(2, 3, 16, 8)).astype(np.float32))
+        with pytest.raises(ValueError, match=r"at least one patch \(4x4\)"):
+            r.model(np.zeros((1, 3, 12, 3), np.float32))
+    else:
+        with pytest.raises(ValueError, match="must be 12x12"):
+            r.model(np.zeros((1, 16, 16, 3), np.float32))
 
 
 def test_vit_feature_net_uses_the_folders_preprocessing(tmp_path):

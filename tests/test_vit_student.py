@@ -1,4 +1,4 @@
-"""transformers ViT / DeiT image classifiers as students (family `vit`): a `save_pretrained` folder
+"""transformers ViT / DeiT / DINOv2 image classifiers as students (family `vit`): a `save_pretrained` folder
 (written here from the PyTorch reference, tiny and random) converts through `kdd convert` with its
 head and preprocessing read from the folder, agrees with PyTorch in logits and input gradients, and
 is audited with the BN-free synthesis; folders that are not such classifiers are named errors."""
@@ -103,14 +103,15 @@ def test_preprocessing_comes_from_the_processor_config(tmp_path):
 
 
 @pytest.mark.parametrize("case, match", [
-    ("dinov2", "'dinov2' is not a supported classifier student.*interpolated position embeddings"),
+    ("dinov2", r"head 'cls_distill' does not go with variant 'dinov2' \(its transformers classifiers have head "
+               r"'cls_mean'\)"),
     ("clip", "'clip_vision_model' is not a supported classifier student.*--feature-net"),
     ("encoder", r"no classification head \(classifier.weight or cls_classifier.weight\)"),
     ("labels", "id2label: 3 labels, but the DeiTForImageClassificationWithTeacher head has 5 outputs"),
     ("half_head", "missing keys.*distillation_classifier"),
     ("field", "hidden_act 'relu' is not supported"),
     ("labels_type", "id2label: expected an object mapping class ids to labels, got int 5"),
-    ("vit_distill", "head 'cls_distill' reads the distillation token: variant 'deit' only"),
+    ("vit_distill", "head 'cls_distill' does not go with variant 'vit'"),
     ("non_square", r"image_size: only square sizes are supported, got \[12, 16\]"),
 ])
 def test_folders_that_are_not_supported_classifiers_are_named(tmp_path, case, match):
@@ -205,3 +206,117 @@ def test_cli_converts_and_audits_a_deit_student(tmp_path, capsys):
     assert main([*base, "--method", "confidence", "--steps", "5", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["answer"] == "same"
+
+
+# ---------------------------------------------------------------------------------------------- DINOv2
+DINO = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, image_size=20, patch_size=4)
+
+
+def write_dinov2(path, *, seed=0, classes=4, preprocessor=None, extra_config=None):
+    """A `Dinov2ForImageClassification` folder: a 5x5 grid of position embeddings (image_size 20,
+    patch 4), `mlp_ratio` 1.5, the head on [class token, mean patch token]."""
+    from safetensors.torch import save_file
+
+    arch = {**DINO, "intermediate_size": 24, "num_channels": 3, "hidden_act": "gelu", "layer_norm_eps": 1e-6,
+            "qkv_bias": True, "variant": "dinov2", "pooler": False, "mask_token": True, "num_classes": classes,
+            "head": "cls_mean"}
+    model = randomize_(TorchViTClassifier(arch), seed)
+    path.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
+    config = {**DINO, "mlp_ratio": 1.5, "model_type": "dinov2", "id2label": {str(i): f"c{i}" for i in range(classes)},
+              **(extra_config or {})}
+    (path / "config.json").write_text(json.dumps(config))
+    if preprocessor is not None:
+        (path / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+    return model
+
+
+def test_bicubic_resize_is_pytorchs():
+    """The position-grid resize equals F.interpolate(bicubic, align_corners=False) down, up, to
+    non-square grids and to one cell (border clamping included)."""
+    import torch.nn.functional as F
+
+    from kdd_jax.models.vit import resize_position_grid
+
+    rng = np.random.default_rng(0)
+    for g, out in [(37, (16, 16)), (5, (3, 3)), (3, (5, 7)), (4, (2, 9)), (2, (1, 1)), (5, (5, 5))]:
+        grid = rng.normal(size=(g, g, 6)).astype(np.float32)
+        want = F.interpolate(torch.from_numpy(grid).permute(2, 0, 1)[None], size=out, mode="bicubic",
+                             align_corners=False)[0].permute(1, 2, 0).numpy()
+        np.testing.assert_allclose(np.asarray(resize_position_grid(grid, out)), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("preprocessor, size", [
+    ({"crop_size": {"height": 12, "width": 12}}, (12, 12)),  # the released classifiers' case: a crop below image_size
+    ({"crop_size": {"height": 12, "width": 8}}, (12, 8)),  # a non-square grid
+    ({"do_center_crop": False, "size": {"height": 20, "width": 20}}, (20, 20)),  # the checkpoint's own grid
+    ({"crop_size": 28}, (28, 28)),  # larger than image_size: interpolated up
+])
+def test_dinov2_classifier_runs_at_its_processors_crop_and_agrees_with_pytorch(tmp_path, preprocessor, size):
+    ref = write_dinov2(tmp_path / "s", preprocessor=preprocessor)
+    r = convert_student(tmp_path / "s")
+    a, pre = r.config.arch, r.config.preprocessing
+    assert (r.config.family, a.variant, a.head, a.num_classes, a.image_size, a.intermediate_size) == (
+        "vit", "dinov2", "cls_mean", 4, 20, 24)
+    assert pre.input_size == size and pre.mean == (0.485, 0.456, 0.406)
+    assert_matches_torch(r.model, ref, np.random.default_rng(1).normal(size=(3, 3, *size)).astype(np.float32))
+    v = verify_conversion(r)  # logits and input gradients at the config's input size, as kdd convert checks
+    assert v["ok"] and v["max_abs_logit_diff"] < 1e-5
+
+
+def test_dinov2_head_reads_the_mean_patch_token_and_interpolated_positions(tmp_path):
+    """With the class-token half of the head zeroed the logits still move with the patches; and at a
+    crop the (interpolated) position embeddings change the logits: a port that skipped or misplaced
+    either would fail here even where the reference comparison is loose."""
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "s"
+    write_dinov2(d, preprocessor={"crop_size": 12})
+    sd = load_file(str(d / "model.safetensors"))
+    sd["classifier.weight"][:, :16] = 0.0
+    save_file(sd, str(d / "model.safetensors"))
+    model = convert_student(d).model
+    x = np.random.default_rng(2).normal(size=(2, 12, 12, 3)).astype(np.float32)
+    base = np.asarray(model(x))
+    assert np.abs(base - np.asarray(sd["classifier.bias"])).max() > 1e-3  # not the bias alone
+    sd["dinov2.embeddings.position_embeddings"][:, 1:] += 1.0 * torch.randn(
+        sd["dinov2.embeddings.position_embeddings"][:, 1:].shape, generator=torch.Generator().manual_seed(0))
+    save_file(sd, str(d / "model.safetensors"))
+    assert np.abs(np.asarray(convert_student(d).model(x)) - base).max() > 1e-3
+
+
+def test_dinov2_input_size_comes_from_the_processor(tmp_path):
+    """Without a preprocessor_config.json, BitImageProcessor's 224 crop; a resize that leaves each image
+    its own size, a crop below one patch or a malformed crop are named errors."""
+    write_dinov2(tmp_path / "default")
+    assert convert_student(tmp_path / "default").config.preprocessing.input_size == (224, 224)
+    for i, (pre, match) in enumerate([
+            ({"do_center_crop": False, "size": {"shortest_edge": 256}},
+             r"preprocessor_config.json.size: expected positive integer height and width, got \{'shortest_edge': "
+             r"256\} \(do_center_crop is false"),
+            ({"crop_size": {"height": 3, "width": 12}}, r"preprocessor_config.json: preprocessing.input_size \[3, 12\] "
+                                                        r"must be at least one patch \(4\) each way"),
+            ({"crop_size": "224"}, r"preprocessor_config.json.crop_size: expected positive integer height and width"),
+            ({"do_center_crop": "yes"}, r"preprocessor_config.json.do_center_crop: expected true or false")]):
+        write_dinov2(tmp_path / f"bad{i}", preprocessor=pre)
+        with pytest.raises(ConfigError, match=match):
+            convert_student(tmp_path / f"bad{i}")
+
+
+def test_cli_converts_a_dinov2_classifier_and_verifies_it_against_pytorch(tmp_path, capsys):
+    write_dinov2(tmp_path / "src" / "dino-student", preprocessor={"crop_size": 12})
+    out = tmp_path / "conv"
+    assert main(["convert", str(tmp_path / "src"), "--out", str(out), "-q"]) == 0  # verification on (the default)
+    model, config, report = load_converted(out / "dino-student")
+    assert (config.arch.variant, config.arch.head, config.preprocessing.input_size) == ("dinov2", "cls_mean", (12, 12))
+    assert np.asarray(model(np.zeros((1, 12, 12, 3), np.float32))).shape == (1, 4)
+    # audited with the BN-free data-free method at its 12x12 input: the teacher that is the student wins
+    write_dinov2(tmp_path / "src2" / "dino-other", seed=1, preprocessor={"crop_size": 12})
+    assert main(["convert", str(tmp_path / "src2"), "--out", str(out), "--no-verify", "-q"]) == 0
+    teachers = tmp_path / "teachers.json"
+    teachers.write_text(json.dumps({"teachers": [{"name": "other", "path": "conv/dino-other", "output": "probs"},
+                                                 {"name": "same", "path": "conv/dino-student", "output": "probs"}]}))
+    capsys.readouterr()
+    assert main(["detect", "--student", str(out / "dino-student"), "--teachers", str(teachers), "--probes", "12",
+                 "--method", "confidence", "--steps", "5", "--cache", str(tmp_path / "cache"), "--json", "-q"]) == 0
+    assert json.loads(capsys.readouterr().out)["answer"] == "same"

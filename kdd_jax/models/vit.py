@@ -1,7 +1,7 @@
 """ViT image encoders in Hugging Face transformers' layout: `ViTModel` (DINO's published ViT-S/B
 checkpoints, `facebook/dino-vit*`), `DeiTModel` and `Dinov2Model` (DINOv2), as feature networks for
-diffusion students; and `ViTForImageClassification` / `DeiTForImageClassification(WithTeacher)` as
-classifier students (family `vit`).
+diffusion students; and `ViTForImageClassification` / `DeiTForImageClassification(WithTeacher)` /
+`Dinov2ForImageClassification` as classifier students (family `vit`).
 
 The paper compared a diffusion student's images with each teacher's as sets of CLIP/DINO embeddings.
 A DINO image embedding is the class token of the last hidden state (after the final `layernorm`),
@@ -16,21 +16,28 @@ final `layernorm`. They differ in the layer:
   dinov2  norm1 -> attention -> layer_scale1 -> + ; norm2 -> mlp.fc1 -> act -> mlp.fc2 ->
           layer_scale2 -> +                   (an unused `mask_token`)
 
-Module names mirror transformers' so state-dict keys map 1:1 (`converters/vit.py`). Images must be
-the config's `image_size`, as for transformers' ViTModel by default. For other sizes transformers'
-Dinov2Model (and ViTModel with `interpolate_pos_encoding=True`) interpolates the position embeddings
-(bicubic, with details that changed between releases); this port does not, and
-`kdd_jax.scores.images.vit_feature_net` resizes images to `image_size` instead, where transformers'
-forward is exactly this one. DINOv2's SwiGLU MLP (ViT-g, `use_swiglu_ffn`) is refused; DINOv2 with
-registers is another model type (`dinov2_with_registers`), not supported.
+Module names mirror transformers' so state-dict keys map 1:1 (`converters/vit.py`). ViT and DeiT
+images must be the config's `image_size`, as for transformers' ViTModel by default. DINOv2 takes
+any size of at least one patch: as transformers' Dinov2Model does, the patch position embeddings
+(a square grid at `image_size`) are resized to the input's patch grid by PyTorch's bicubic
+interpolation (`F.interpolate(size=..., mode="bicubic", align_corners=False)` in float32, which is
+what current transformers releases call; earlier ones passed a scale factor offset by 0.1, which
+samples slightly different positions). That is how DINOv2's released classifiers run: their
+checkpoints hold a 518x518 grid, their processors crop 224x224. `kdd_jax.scores.images.vit_feature_net`
+still resizes images to `image_size`, where no interpolation happens. DINOv2's SwiGLU MLP (ViT-g,
+`use_swiglu_ffn`) is refused; DINOv2 with registers is another model type
+(`dinov2_with_registers`), not supported.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from kdd_jax.config import ConfigError
@@ -117,6 +124,35 @@ class ViTConfig(TowerConfig):
             raise ConfigError(f"{source}: {e}") from None
 
 
+_CUBIC_A = -0.75  # PyTorch's bicubic kernel (Keys' cubic convolution with a = -0.75)
+
+
+@functools.lru_cache(maxsize=64)
+def bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """[n_out, n_in] float32 weights of PyTorch's 1-D bicubic resize (`F.interpolate(mode="bicubic",
+    align_corners=False)` with a target size and no antialiasing): output i samples the input at
+    (i + 0.5) * n_in / n_out - 0.5 with four taps, indices clamped to the border. Applied along each
+    axis it is that 2-D resize."""
+    m = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        src = (i + 0.5) * n_in / n_out - 0.5
+        f = math.floor(src)
+        t = src - f
+        near = lambda x: ((_CUBIC_A + 2) * x - (_CUBIC_A + 3)) * x * x + 1  # noqa: E731  |x| <= 1
+        far = lambda x: ((_CUBIC_A * x - 5 * _CUBIC_A) * x + 8 * _CUBIC_A) * x - 4 * _CUBIC_A  # noqa: E731  1 < |x| < 2
+        for k, w in enumerate((far(t + 1), near(t), near(1 - t), far(2 - t))):
+            m[i, min(max(f - 1 + k, 0), n_in - 1)] += w
+    return m.astype(np.float32)
+
+
+def resize_position_grid(grid: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
+    """[g, g, D] position embeddings -> [h, w, D] by PyTorch's bicubic resize (float32, full-precision
+    matmuls so a TPU's default bfloat16 passes do not round the embeddings)."""
+    g = grid.shape[0]
+    mh, mw = bicubic_matrix(g, out_hw[0]), bicubic_matrix(g, out_hw[1])
+    return jnp.einsum("hi,ijd,wj->hwd", mh, grid, mw, precision=jax.lax.Precision.HIGHEST)
+
+
 class PatchEmbeddings(nnx.Module):
     def __init__(self, cfg: ViTConfig, rngs: nnx.Rngs):
         self.projection = conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size, rngs=rngs)
@@ -132,14 +168,20 @@ class Embeddings(nnx.Module):
             self.mask_token = Parameter((1, d) if cfg.variant == "dinov2" else (1, 1, d), rngs)
         self.patch_embeddings = PatchEmbeddings(cfg, rngs)
         self.position_embeddings = Parameter((1, cfg.num_patches + cfg.prefix_tokens, d), rngs)
+        self.grid = cfg.image_size // cfg.patch_size  # the checkpoint's square patch grid
 
     def __call__(self, x):  # x [N, H, W, C] -> [N, prefix tokens + patches, D]
         p = self.patch_embeddings.projection(x)
-        n = p.shape[0]
-        tokens = p.reshape(n, -1, p.shape[-1])  # row-major over (h, w): torch's flatten(2).transpose(1, 2)
+        n, gh, gw, d = p.shape
+        tokens = p.reshape(n, -1, d)  # row-major over (h, w): torch's flatten(2).transpose(1, 2)
         prefix = [self.cls_token] + ([self.distillation_token] if hasattr(self, "distillation_token") else [])
-        prefix = [jnp.broadcast_to(t.value[...], (n, 1, tokens.shape[-1])) for t in prefix]
-        return jnp.concatenate([*prefix, tokens], axis=1) + self.position_embeddings.value[...]
+        pos = self.position_embeddings.value[...]
+        if (gh, gw) != (self.grid, self.grid):  # DINOv2 only (ViTModel.last_hidden_state checks the size)
+            k = len(prefix)
+            patches = resize_position_grid(pos[0, k:].reshape(self.grid, self.grid, d), (gh, gw))
+            pos = jnp.concatenate([pos[:, :k], patches.reshape(1, gh * gw, d)], axis=1)
+        prefix = [jnp.broadcast_to(t.value[...], (n, 1, d)) for t in prefix]
+        return jnp.concatenate([*prefix, tokens], axis=1) + pos
 
 
 class SelfAttention(nnx.Module):
@@ -238,8 +280,13 @@ class ViTModel(nnx.Module):
     def last_hidden_state(self, x, tokens: int | None = None):
         """transformers' `last_hidden_state` [N, T, D] (after the final layernorm), or only its first
         `tokens` rows: LayerNorm is per token, so those rows are exact and the rest is not computed."""
-        if x.shape[1:3] != (self.config.image_size,) * 2:
-            raise ValueError(f"images must be {self.config.image_size}x{self.config.image_size} (the checkpoint's "
+        cfg = self.config
+        if cfg.variant == "dinov2":
+            if min(x.shape[1:3]) < cfg.patch_size:
+                raise ValueError(f"images must be at least one patch ({cfg.patch_size}x{cfg.patch_size}), got "
+                                 f"{x.shape[1:3]}")
+        elif x.shape[1:3] != (cfg.image_size,) * 2:
+            raise ValueError(f"images must be {cfg.image_size}x{cfg.image_size} (the checkpoint's "
                              f"image_size; position embeddings are not interpolated), got {x.shape[1:3]}")
         h = self.embeddings(x)
         for layer in self.encoder.layer:
@@ -256,46 +303,55 @@ HEADS = {
     "cls": "classifier on the class token (ViTForImageClassification, DeiTForImageClassification)",
     "cls_distill": "mean of cls_classifier on the class token and distillation_classifier on the distillation "
                    "token (DeiTForImageClassificationWithTeacher)",
+    "cls_mean": "classifier on the class token concatenated with the mean patch token "
+                "(Dinov2ForImageClassification)",
 }
+# the head each variant's transformers classes carry
+_VARIANT_HEADS = {"vit": ("cls",), "deit": ("cls", "cls_distill"), "dinov2": ("cls_mean",)}
 
 
 @dataclasses.dataclass(frozen=True)
 class ViTClassifierArch(ViTConfig):
     """A classifier student's `arch` (family `vit`): the encoder's fields plus its head. Variants
-    `vit` and `deit`; DINOv2's classifier is refused (its checkpoints run at the processor's crop
-    through interpolated position embeddings, which this port does not do)."""
+    `vit` and `deit` run at `image_size`; `dinov2` at any input size (its position embeddings are
+    interpolated, as its released classifiers run at their processors' 224 crop)."""
 
     num_classes: int = 1000
-    head: str = "cls"
+    head: str | None = None  # None: the variant's usual head (cls; cls_mean for dinov2)
 
     def __post_init__(self):
         super().__post_init__()
-        if self.variant == "dinov2":
-            raise ConfigError("variant 'dinov2' is not supported as a classifier student (Dinov2ForImageClassification "
-                              "runs at its processor's 224 crop through interpolated position embeddings, not ported)")
+        if self.head is None and self.variant in _VARIANT_HEADS:
+            object.__setattr__(self, "head", _VARIANT_HEADS[self.variant][0])
         n = self.num_classes
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ConfigError(f"num_classes must be a positive integer, got {n!r}")
         if self.head not in HEADS:
             raise ConfigError(f"head {self.head!r} is not supported; supported: {sorted(HEADS)}")
-        if self.head == "cls_distill" and self.variant != "deit":
-            raise ConfigError("head 'cls_distill' reads the distillation token: variant 'deit' only")
+        if self.head not in _VARIANT_HEADS[self.variant]:
+            raise ConfigError(f"head {self.head!r} does not go with variant {self.variant!r} (its transformers "
+                              f"classifiers have head {' or '.join(map(repr, _VARIANT_HEADS[self.variant]))})")
 
     @property
     def in_channels(self) -> int:
         return self.num_channels
 
     def check_input_size(self, input_size) -> None:
-        """ConfigError unless the input is image_size square (called by `parse_config`, so the error
-        names the config file, and by the model)."""
+        """ConfigError unless the input is image_size square (DINOv2: at least one patch each way), called
+        by `parse_config`, so the error names the config file, and by the model."""
+        if self.variant == "dinov2":
+            if min(input_size) < self.patch_size:
+                raise ConfigError(f"preprocessing.input_size {list(input_size)} must be at least one patch "
+                                  f"({self.patch_size}) each way")
+            return
         if tuple(input_size) != (self.image_size,) * 2:
             raise ConfigError(f"preprocessing.input_size {list(input_size)} must be the arch's image_size "
                               f"{[self.image_size] * 2} (position embeddings are not interpolated)")
 
 
 class ViTForImageClassification(nnx.Module):
-    """A transformers ViT / DeiT image classifier: normalised [N, image_size, image_size, C] -> logits.
-    The encoder sits under the checkpoint's own prefix (`vit` or `deit`), so state-dict keys map 1:1."""
+    """A transformers ViT / DeiT / DINOv2 image classifier: normalised [N, H, W, C] -> logits. The
+    encoder sits under the checkpoint's own prefix (`vit`, `deit` or `dinov2`), so state-dict keys map 1:1."""
 
     def __init__(self, arch: ViTClassifierArch, *, input_size: tuple[int, int], rngs: nnx.Rngs):
         arch.check_input_size(input_size)
@@ -304,6 +360,8 @@ class ViTForImageClassification(nnx.Module):
         d, c = arch.hidden_size, arch.num_classes
         if arch.head == "cls":
             self.classifier = nnx.Linear(d, c, rngs=rngs)
+        elif arch.head == "cls_mean":
+            self.classifier = nnx.Linear(2 * d, c, rngs=rngs)
         else:
             self.cls_classifier = nnx.Linear(d, c, rngs=rngs)
             self.distillation_classifier = nnx.Linear(d, c, rngs=rngs)
@@ -312,9 +370,12 @@ class ViTForImageClassification(nnx.Module):
         encoder = getattr(self, self.arch.variant)
         if self.arch.head == "cls":
             return self.classifier(encoder.last_hidden_state(x, tokens=1)[:, 0])
+        if self.arch.head == "cls_mean":
+            h = encoder.last_hidden_state(x)
+            return self.classifier(jnp.concatenate([h[:, 0], h[:, 1:].mean(axis=1)], axis=-1))
         h = encoder.last_hidden_state(x, tokens=2)
         return (self.cls_classifier(h[:, 0]) + self.distillation_classifier(h[:, 1])) / 2
 
 
 __all__ = ["HEADS", "VARIANTS", "ViTClassifierArch", "ViTConfig", "ViTForImageClassification", "ViTModel",
-           "abstract_vit"]
+           "abstract_vit", "bicubic_matrix", "resize_position_grid"]

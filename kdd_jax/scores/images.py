@@ -343,7 +343,9 @@ def vit_feature_net(model: nnx.Module, mean: Sequence[float], std: Sequence[floa
     "cls_token" [N, 1, 1, hidden_size], the class token of the last hidden state (DINO's image
     embedding). Images of any size are resized to the checkpoint's own image_size (224 for DINO,
     518 for the released DINOv2 checkpoints), where transformers' forward needs no position-embedding
-    interpolation; transformers' DINOv2 processor would instead crop to 224 and interpolate.
+    interpolation; transformers' DINOv2 processor would instead crop to 224 and interpolate (the
+    encoder can: `ViTModel` interpolates DINOv2's position embeddings for other sizes, as DINOv2
+    classifier students use; this feature net keeps the native size its embeddings were measured at).
     `resize` None = the image processor's default filter: bilinear for ViT (DINO), bicubic for DINOv2
     (`convert_vit` reads the folder's own)."""
     cfg = model.config
