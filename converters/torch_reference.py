@@ -483,7 +483,7 @@ class _ViTEmbeddings(nn.Module):
             return pos
         d = pos.shape[-1]
         grid = pos[:, 1:].reshape(1, g, g, d).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid.to(torch.float32), size=(h, w), mode="bicubic", align_corners=False)
+        grid = F.interpolate(grid.to(torch.float32), size=(h, w), mode="bicubic", align_corners=False).to(pos.dtype)
         return torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, -1, d)], dim=1)
 
     def forward(self, x):

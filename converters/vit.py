@@ -75,28 +75,52 @@ def convert_vit(path: str | Path) -> EncoderConversion:
     return fill(abstract_vit(cfg), tensors, weights, folder, FAMILY, pre, [], unused_classifier_keys=len(head))
 
 
+def _size_pair(value) -> tuple[int, int] | None:
+    """(height, width) of a processor size given as {height, width} or [h, w]; None otherwise."""
+    if isinstance(value, dict) and set(value) == {"height", "width"}:
+        value = (value["height"], value["width"])
+    if isinstance(value, list | tuple) and len(value) == 2 and all(type(v) is int and v > 0 for v in value):
+        return value[0], value[1]
+    return None
+
+
 def _processor_input_size(folder: Path) -> tuple[int, int]:
     """The image size DINOv2's processor (BitImageProcessor) hands the model: its centre crop
-    (`crop_size`, a {height, width} object or one number; 224 by default), or with `do_center_crop`
-    false a fixed {height, width} resize. A shortest-edge resize without a crop gives each image its
-    own size, which no probe set can match: refused, naming the field."""
+    (`crop_size`: {height, width}, [h, w] or one number; 224x224 when absent or null), or with
+    `do_center_crop` false a fixed {height, width} resize. A resize by one edge (`size` as
+    {shortest_edge} or one number, BitImageProcessor's default being shortest_edge 224) or no resize at
+    all leaves each image its own size, which no probe set can match: refused, naming the field."""
     pre = folder / "preprocessor_config.json"
     data = read_json_config(pre, "preprocessor config") if pre.is_file() else {}
     if not isinstance(data, dict):
         raise ConfigError(f"{pre}: expected a JSON object")
-    crop = data.get("do_center_crop", True)
-    if not isinstance(crop, bool):
-        raise ConfigError(f"{pre}.do_center_crop: expected true or false, got {crop!r}")
-    key = "crop_size" if crop else "size"
-    value = data.get(key, _DINOV2_CROP) if crop else data.get(key)
-    if type(value) is int and value > 0:
-        return value, value
-    if isinstance(value, dict) and set(value) == {"height", "width"} and all(
-            type(v) is int and v > 0 for v in value.values()):
-        return value["height"], value["width"]
-    why = ("" if crop else " (do_center_crop is false, so the resize fixes the input: a shortest/longest-edge "
-           "resize leaves each image its own size, which a probe set cannot match)")
-    raise ConfigError(f"{pre}.{key}: expected positive integer height and width, got {value!r}{why}")
+    flags = {}
+    for key in ("do_center_crop", "do_resize"):
+        flags[key] = data.get(key, True)
+        if not isinstance(flags[key], bool):
+            raise ConfigError(f"{pre}.{key}: expected true or false, got {flags[key]!r}")
+    if flags["do_center_crop"]:
+        value = data.get("crop_size")
+        if value is None:
+            return _DINOV2_CROP, _DINOV2_CROP
+        if type(value) is int and value > 0:
+            return value, value
+        pair = _size_pair(value)
+        if pair is None:
+            raise ConfigError(f"{pre}.crop_size: expected a positive integer, [height, width] or {{height, width}}, "
+                              f"got {value!r}")
+        return pair
+    if not flags["do_resize"]:
+        raise ConfigError(f"{pre}: do_center_crop and do_resize are both false, so each image reaches the model at "
+                          "its own size, which a probe set cannot match")
+    value = data.get("size")
+    pair = _size_pair(value)
+    if pair is None:
+        shown = f"{value!r}" if "size" in data else "absent (BitImageProcessor's default {'shortest_edge': 224})"
+        raise ConfigError(f"{pre}.size: {shown}: without a centre crop (do_center_crop false) only a fixed "
+                          "{height, width} resize gives every image one size; a resize by one edge keeps each "
+                          "image's aspect ratio, which a probe set cannot match")
+    return pair
 
 
 def student_config(folder: Path, data: dict, tensors: dict, source: str, weights: Path | None = None) -> StudentConfig:
@@ -120,7 +144,7 @@ def student_config(folder: Path, data: dict, tensors: dict, source: str, weights
     weights = weights or folder / WEIGHTS_NAME
     shape = tuple(tensors[found[0]].shape)
     if len(shape) != 2 or min(shape) < 1:
-        raise ConversionError(f"{weights}: {kind}'s head weight {found[0]} must be [classes, hidden], got shape "
+        raise ConversionError(f"{weights}: {kind}'s head weight {found[0]} must be [classes, features], got shape "
                               f"{list(shape)}")
     classes = shape[0]
     labels = data.get("id2label")

@@ -143,7 +143,7 @@ def test_a_head_weight_that_is_not_a_matrix_is_named(tmp_path):
     sd["classifier.weight"] = torch.tensor(1.0)
     save_file(sd, str(d / "model.safetensors"))
     with pytest.raises(ConversionError, match=r"model.safetensors: vit's head weight classifier.weight must be "
-                                              r"\[classes, hidden\], got shape \[\]"):
+                                              r"\[classes, features\], got shape \[\]"):
         convert_student(d)
 
 
@@ -239,7 +239,8 @@ def test_bicubic_resize_is_pytorchs():
     from kdd_jax.models.vit import resize_position_grid
 
     rng = np.random.default_rng(0)
-    for g, out in [(37, (16, 16)), (5, (3, 3)), (3, (5, 7)), (4, (2, 9)), (2, (1, 1)), (5, (5, 5))]:
+    for g, out in [(37, (16, 16)), (5, (3, 3)), (3, (5, 7)), (4, (2, 9)), (2, (1, 1)), (5, (5, 5)), (37, (40, 13)),
+                   (1, (5, 1)), (16, (37, 37))]:
         grid = rng.normal(size=(g, g, 6)).astype(np.float32)
         want = F.interpolate(torch.from_numpy(grid).permute(2, 0, 1)[None], size=out, mode="bicubic",
                              align_corners=False)[0].permute(1, 2, 0).numpy()
@@ -251,6 +252,8 @@ def test_bicubic_resize_is_pytorchs():
     ({"crop_size": {"height": 12, "width": 8}}, (12, 8)),  # a non-square grid
     ({"do_center_crop": False, "size": {"height": 20, "width": 20}}, (20, 20)),  # the checkpoint's own grid
     ({"crop_size": 28}, (28, 28)),  # larger than image_size: interpolated up
+    ({"crop_size": [14, 10]}, (14, 10)),  # not a multiple of the patch: the conv drops the remainder, as torch's
+    ({"crop_size": None, "do_resize": False}, (224, 224)),  # null crop_size: the processor's default
 ])
 def test_dinov2_classifier_runs_at_its_processors_crop_and_agrees_with_pytorch(tmp_path, preprocessor, size):
     ref = write_dinov2(tmp_path / "s", preprocessor=preprocessor)
@@ -292,11 +295,15 @@ def test_dinov2_input_size_comes_from_the_processor(tmp_path):
     assert convert_student(tmp_path / "default").config.preprocessing.input_size == (224, 224)
     for i, (pre, match) in enumerate([
             ({"do_center_crop": False, "size": {"shortest_edge": 256}},
-             r"preprocessor_config.json.size: expected positive integer height and width, got \{'shortest_edge': "
-             r"256\} \(do_center_crop is false"),
+             r"preprocessor_config.json.size: \{'shortest_edge': 256\}: without a centre crop"),
+            ({"do_center_crop": False, "size": 256},  # one number is a shortest edge to BitImageProcessor
+             r"preprocessor_config.json.size: 256: without a centre crop"),
+            ({"do_center_crop": False}, r"size: absent \(BitImageProcessor's default \{'shortest_edge': 224\}\)"),
+            ({"do_center_crop": False, "do_resize": False, "size": {"height": 20, "width": 20}},
+             r"preprocessor_config.json: do_center_crop and do_resize are both false"),
             ({"crop_size": {"height": 3, "width": 12}}, r"preprocessor_config.json: preprocessing.input_size \[3, 12\] "
                                                         r"must be at least one patch \(4\) each way"),
-            ({"crop_size": "224"}, r"preprocessor_config.json.crop_size: expected positive integer height and width"),
+            ({"crop_size": "224"}, r"preprocessor_config.json.crop_size: expected a positive integer, \[height, width\]"),
             ({"do_center_crop": "yes"}, r"preprocessor_config.json.do_center_crop: expected true or false")]):
         write_dinov2(tmp_path / f"bad{i}", preprocessor=pre)
         with pytest.raises(ConfigError, match=match):

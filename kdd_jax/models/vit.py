@@ -132,25 +132,33 @@ def bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
     """[n_out, n_in] float32 weights of PyTorch's 1-D bicubic resize (`F.interpolate(mode="bicubic",
     align_corners=False)` with a target size and no antialiasing): output i samples the input at
     (i + 0.5) * n_in / n_out - 0.5 with four taps, indices clamped to the border. Applied along each
-    axis it is that 2-D resize."""
-    m = np.zeros((n_out, n_in))
+    axis it is that 2-D resize. Positions and weights are computed in float32, as PyTorch's kernel
+    does for float32 tensors (float64 would sample up to ~1e-5 away from it). Read-only (cached)."""
+    f32 = np.float32
+    a = f32(_CUBIC_A)
+    near = lambda x: ((a + f32(2)) * x - (a + f32(3))) * x * x + f32(1)  # noqa: E731  |x| <= 1
+    far = lambda x: ((a * x - f32(5) * a) * x + f32(8) * a) * x - f32(4) * a  # noqa: E731  1 < |x| < 2
+    scale = f32(n_in) / f32(n_out)
+    m = np.zeros((n_out, n_in), np.float32)
     for i in range(n_out):
-        src = (i + 0.5) * n_in / n_out - 0.5
-        f = math.floor(src)
-        t = src - f
-        near = lambda x: ((_CUBIC_A + 2) * x - (_CUBIC_A + 3)) * x * x + 1  # noqa: E731  |x| <= 1
-        far = lambda x: ((_CUBIC_A * x - 5 * _CUBIC_A) * x + 8 * _CUBIC_A) * x - 4 * _CUBIC_A  # noqa: E731  1 < |x| < 2
-        for k, w in enumerate((far(t + 1), near(t), near(1 - t), far(2 - t))):
+        src = scale * (f32(i) + f32(0.5)) - f32(0.5)
+        f = int(np.floor(src))
+        t = src - f32(f)
+        u = f32(1) - t
+        for k, w in enumerate((far(t + f32(1)), near(t), near(u), far(u + f32(1)))):
             m[i, min(max(f - 1 + k, 0), n_in - 1)] += w
-    return m.astype(np.float32)
+    m.setflags(write=False)
+    return m
 
 
 def resize_position_grid(grid: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
-    """[g, g, D] position embeddings -> [h, w, D] by PyTorch's bicubic resize (float32, full-precision
-    matmuls so a TPU's default bfloat16 passes do not round the embeddings)."""
+    """[g, g, D] position embeddings -> [h, w, D] by PyTorch's bicubic resize, computed in float32 with
+    full-precision matmuls (a TPU's default bfloat16 passes, or a GPU's TF32, would round the embeddings)
+    and returned in the grid's dtype, as transformers casts back to the parameter's."""
     g = grid.shape[0]
     mh, mw = bicubic_matrix(g, out_hw[0]), bicubic_matrix(g, out_hw[1])
-    return jnp.einsum("hi,ijd,wj->hwd", mh, grid, mw, precision=jax.lax.Precision.HIGHEST)
+    out = jnp.einsum("hi,ijd,wj->hwd", mh, grid.astype(jnp.float32), mw, precision=jax.lax.Precision.HIGHEST)
+    return out.astype(grid.dtype)
 
 
 class PatchEmbeddings(nnx.Module):
@@ -262,8 +270,8 @@ class Encoder(nnx.Module):
 
 
 class ViTModel(nnx.Module):
-    """images [N, image_size, image_size, C], already normalised -> the class token of the last
-    hidden state [N, hidden_size] (DINO's image embedding; transformers' `last_hidden_state[:, 0]`,
+    """images [N, image_size, image_size, C] (DINOv2: [N, H, W, C], any size of at least one patch),
+    already normalised -> the class token of the last hidden state [N, hidden_size] (DINO's image embedding; transformers' `last_hidden_state[:, 0]`,
     which for a Dinov2Model is also its `pooler_output`)."""
 
     def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
