@@ -253,7 +253,6 @@ def test_bicubic_resize_is_pytorchs():
     ({"do_center_crop": False, "size": {"height": 20, "width": 20}}, (20, 20)),  # the checkpoint's own grid
     ({"crop_size": 28}, (28, 28)),  # larger than image_size: interpolated up
     ({"crop_size": [14, 10]}, (14, 10)),  # not a multiple of the patch: the conv drops the remainder, as torch's
-    ({"crop_size": None, "do_resize": False}, (224, 224)),  # null crop_size: the processor's default
 ])
 def test_dinov2_classifier_runs_at_its_processors_crop_and_agrees_with_pytorch(tmp_path, preprocessor, size):
     ref = write_dinov2(tmp_path / "s", preprocessor=preprocessor)
@@ -293,6 +292,8 @@ def test_dinov2_input_size_comes_from_the_processor(tmp_path):
     its own size, a crop below one patch or a malformed crop are named errors."""
     write_dinov2(tmp_path / "default")
     assert convert_student(tmp_path / "default").config.preprocessing.input_size == (224, 224)
+    write_dinov2(tmp_path / "null", preprocessor={"crop_size": None, "do_resize": False})  # null: the default crop
+    assert convert_student(tmp_path / "null").config.preprocessing.input_size == (224, 224)
     for i, (pre, match) in enumerate([
             ({"do_center_crop": False, "size": {"shortest_edge": 256}},
              r"preprocessor_config.json.size: \{'shortest_edge': 256\}: without a centre crop"),
