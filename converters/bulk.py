@@ -13,7 +13,8 @@ from converters.student import StudentSource, discover
 from kdd_jax.io import atomic_write_json, save_converted
 
 # Input problems we report per student and move past. Anything else is a bug and propagates.
-EXPECTED_ERRORS = (ValueError, OSError)  # ConversionError, CheckpointError, ConfigError are ValueErrors
+EXPECTED_ERRORS = (ValueError, OSError, MemoryError)  # ConversionError, CheckpointError, ConfigError are ValueErrors;
+# MemoryError: one student too large for this machine must not take the rest of the batch down
 
 
 @dataclasses.dataclass

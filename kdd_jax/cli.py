@@ -118,7 +118,8 @@ def _detect_config(args):
 
     if args.score is not None and args.score not in SCORES:
         raise ValueError(f"--score {args.score}: not a classifier score; choose from {sorted(SCORES)}")
-    sc = SynthesisConfig(method=args.method, n_probes=args.probes or 100, steps=args.steps, seed=args.seed,
+    sc = SynthesisConfig(method=args.method, n_probes=100 if args.probes is None else args.probes, steps=args.steps,
+                         seed=args.seed,
                          restarts=args.restarts, aug_noise=args.aug_noise)
     return DetectConfig(synthesis=sc, score=args.score or "dark_corr")
 
@@ -248,7 +249,8 @@ def _generative_setup(args):
     if (score in SET_SCORES or score == "neg_lpips" or args.prompts == "caption") and net is None:
         raise ValueError(f"--score {score} / --prompts {args.prompts} need --feature-net (a classifier directory, "
                          "e.g. from the classifier zoo)")
-    gc = GenerativeDetectConfig(probes=args.prompts, n=args.probes or 10, seed=args.seed, score=score)
+    gc = GenerativeDetectConfig(probes=args.prompts, n=10 if args.probes is None else args.probes, seed=args.seed,
+                                score=score)
     extra = {"feature_net": None if net is None else net[0],
              "captioner": None if net is None or net[1] is None else classifier_captioner(*net[1])}
     return gc, extra
@@ -336,6 +338,11 @@ def cmd_calibrate(args) -> int:
 
     out = Path(args.out)
     partial = out.with_name(out.name + ".partial")
+    # where the calibration goes is checked before any reference is scored: a bad --out must not cost the work
+    if out.is_dir() or not out.parent.is_dir():
+        _eprint(f"kdd calibrate: --out {out}: {'is a directory' if out.is_dir() else 'its folder does not exist'}; "
+                "give a file path (e.g. calibration.json) in an existing folder")
+        return EXIT_ERROR
     try:
         refs = find_students(args.references)
         generative = _all_diffusion(refs)
@@ -510,6 +517,9 @@ def cmd_serve(args) -> int:
     if args.k < 1 or args.max_request_mb <= 0 or not 0 < args.read_timeout <= MAX_READ_TIMEOUT_S:
         _eprint(f"kdd serve: --k must be >= 1, --max-request-mb > 0 and --read-timeout in (0, {MAX_READ_TIMEOUT_S:g}] seconds")
         return EXIT_USAGE
+    if not 0 <= args.port <= 65535:
+        _eprint(f"kdd serve: --port {args.port}: a TCP port is 0-65535 (0: any free port)")
+        return EXIT_USAGE
     name = args.name or Path(args.model_dir).resolve().name
     try:
         from kdd_jax.generative.pipeline import is_diffusion_folder
@@ -524,10 +534,17 @@ def cmd_serve(args) -> int:
             model, config = load_any_student(args.model_dir, what="model")
             teacher = flax_teacher(name, model, config, output=args.output, k=args.k)
             what = f"{config.family}, {args.output}"
+    except (ConfigError, ValueError, OSError) as e:
+        _eprint(f"kdd serve: {e}")
+        return EXIT_ERROR
+    try:
         server = make_server(teacher, name=name, host=args.host, port=args.port, token=token,
                              max_request_bytes=int(args.max_request_mb * 2**20), read_timeout_s=args.read_timeout,
                              verbose=not args.quiet)
-    except (ConfigError, ValueError, OSError) as e:
+    except OSError as e:  # the bind: a port in use or an unknown host, which the error alone does not name
+        _eprint(f"kdd serve: cannot listen on {args.host}:{args.port}: {e}")
+        return EXIT_ERROR
+    except (ConfigError, ValueError) as e:
         _eprint(f"kdd serve: {e}")
         return EXIT_ERROR
     if args.host not in ("127.0.0.1", "localhost", "::1") and token is None:
@@ -593,7 +610,7 @@ def _add_detection_options(p) -> None:
                    help="agreement score (classifiers: default dark_corr; neg_kl is the paper's KL; label-only teachers "
                         "need top1. Diffusion students: default ssim; also neg_pixel_mse, resid_corr, neg_lpips and the "
                         "set scores linear_cka, rbf_cka, acs, neg_mmd2 on --feature-net features)")
-    p.add_argument("--seed", type=int, default=0, help="fixes the probes and the verdict (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="fixes the probes and the verdict (default 0; 0 to 2**32 - 1)")
     p.add_argument("--cache", default="~/.cache/kdd-jax", help="response cache directory (default ~/.cache/kdd-jax)")
     p.add_argument("--budget", type=int, default=None, help="most new teacher queries this run may send, per teacher")
     p.add_argument("--pool", metavar="FILE", help="real images for the methods real/ood/mia (.safetensors/.npz with "

@@ -131,6 +131,21 @@ def to_json_dict(obj) -> dict:
     return plain(obj)
 
 
+# Input shapes past these are mistakes (a 8192x8192 RGB probe is already 0.8 GB as float32): refused when a config
+# is read rather than when an allocation fails mid-run, which would take a bulk conversion or an audit down with it.
+MAX_INPUT_SIDE = 8192
+MAX_CHANNELS = 1024
+
+
+def check_input_shape(input_size, channels, what: str = "input_size") -> None:
+    """ConfigError unless 1 <= each side <= MAX_INPUT_SIDE and 1 <= channels <= MAX_CHANNELS."""
+    if min(input_size) < 1 or channels < 1:
+        raise ConfigError(f"{what} and channels must be positive")
+    if max(input_size) > MAX_INPUT_SIDE or channels > MAX_CHANNELS:
+        raise ConfigError(f"{what} {list(input_size)} with {channels} channel(s) is larger than supported (sides up "
+                          f"to {MAX_INPUT_SIDE} pixels, up to {MAX_CHANNELS} channels)")
+
+
 @dataclasses.dataclass(frozen=True)
 class Preprocessing:
     """How raw images become the model's input: x_model = (x_raw - mean) / std.
@@ -147,8 +162,7 @@ class Preprocessing:
     layout: Literal["NCHW"] = "NCHW"
 
     def __post_init__(self):
-        if min(self.input_size) < 1 or self.channels < 1:
-            raise ConfigError("input_size and channels must be positive")
+        check_input_shape(self.input_size, self.channels)
         for name in ("mean", "std"):
             if len(getattr(self, name)) != self.channels:
                 raise ConfigError(f"{name} has {len(getattr(self, name))} values for {self.channels} channels")

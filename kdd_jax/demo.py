@@ -76,6 +76,13 @@ def _read_manifest(path: Path) -> dict:
                 raise DemoError(f"{path}: {role}[{i}] lacks {missing}")
             if not (path.parent / entry["dir"]).is_dir():
                 raise DemoError(f"{path}: {role}[{i}] ({entry['name']}): directory {entry['dir']!r} not found")
+            if role == "teachers" and (not entry["name"] or any(c in entry["name"] for c in "\0/\\")):
+                raise DemoError(f"{path}: teachers[{i}].name {entry['name']!r} must be non-empty without slashes "
+                                "(it names the teacher's server and its answers in the response cache)")
+        names = [e["name"] for e in manifest[role]]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise DemoError(f"{path}: duplicate {role[:-1]} names {dupes}")
     pool = manifest.get("pool")
     if pool is not None and not (isinstance(pool, dict) and isinstance(pool.get("file"), str)):
         raise DemoError(f"{path}: 'pool' must be an object with a 'file' name")

@@ -76,6 +76,38 @@ def teacher_log_probs(out: TeacherOutput, num_classes: int, temperature: float) 
     return log_probs_from(out.kind, values, num_classes, temperature=temperature)
 
 
+# Scores that read nothing but each answer's top class: comparable across teachers whatever API each answers through.
+LABEL_SCORES = ("top1",)
+
+
+def answer_detail(teacher) -> str:
+    """How much of its distribution a teacher's API gives: "distribution" (logits and probabilities
+    carry the same), "top-k (k=K)" or "labels"."""
+    kind = teacher.output
+    if kind in ("logits", "probs"):
+        return "distribution"
+    if kind == "topk":
+        k = getattr(teacher, "k", None)
+        k = getattr(getattr(teacher, "teacher", None), "k", None) if k is None else k  # a CachedTeacher's teacher
+        return f"top-k (k={k})" if k is not None else "top-k"
+    return kind
+
+
+def check_comparable_answers(teachers: list, score: str) -> None:
+    """TeacherError when `score` reads more of an answer than some teachers give: a label or top-k
+    answer is completed by smoothing, so against full distributions it scores lower whatever the
+    truth, and the verdict would follow the APIs, not the student. Checked before any work."""
+    if score in LABEL_SCORES:
+        return
+    detail = {t.name: answer_detail(t) for t in teachers}
+    if len(set(detail.values())) > 1:
+        listed = ", ".join(f"{name}: {d}" for name, d in detail.items())
+        raise TeacherError(f"the teachers answer with different detail ({listed}); score {score!r} compares whole "
+                           "distributions, so a teacher whose API gives less would lose whatever the truth. Use a "
+                           f"label-level score ({', '.join(LABEL_SCORES)}: --score top1) or query every teacher "
+                           "through the same kind of answer")
+
+
 def detect(model: nnx.Module, config, teachers: list, dc: DetectConfig, progress=None, *,
            calibration: Calibration | None = None, alpha: float = 0.05, pool=None,
            checkpoint_dir: str | Path | None = None) -> DetectionResult:
@@ -93,6 +125,7 @@ def detect(model: nnx.Module, config, teachers: list, dc: DetectConfig, progress
     names = [t.name for t in teachers]
     if len(set(names)) != len(names):
         raise TeacherError(f"teacher names must be unique, got {names}")
+    check_comparable_answers(teachers, dc.score)
     if calibration is not None:  # before any work: a mismatch must not cost a synthesis or a query
         calibration.check_compatible(names, settings_of(dc))
     num_classes = config.arch.num_classes

@@ -18,6 +18,8 @@ import os
 import shutil
 import struct
 import tempfile
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -150,17 +152,19 @@ def read_arrays(path: str | Path, what: str = "arrays") -> dict[str, np.ndarray]
         return {k: np.asarray(v) for k, v in read_safetensors(path)[0].items()}
     if path.suffix not in (".npy", ".npz"):
         raise CheckpointError(f"{what} {path}: unsupported file type (use .safetensors, .npz or .npy)")
+    # a damaged .npz is a damaged zip: its errors (bad archive, CRC, truncated deflate stream) are not ValueErrors
+    damaged = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error)
     try:
         loaded = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise CheckpointError(f"{what} {path}: cannot read ({e})") from None
+    except damaged as e:
+        raise CheckpointError(f"{what} {path}: cannot read ({type(e).__name__}: {e})") from None
     if isinstance(loaded, np.ndarray):
         return {"images": loaded}
     with loaded:
         try:
             return {k: loaded[k] for k in loaded.files}
-        except ValueError as e:  # object arrays need pickle: refused
-            raise CheckpointError(f"{what} {path}: cannot read ({e})") from None
+        except damaged as e:  # also object arrays, which need pickle: refused
+            raise CheckpointError(f"{what} {path}: cannot read ({type(e).__name__}: {e})") from None
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -370,9 +374,25 @@ def load_converted(directory: str | Path):
         if not (directory / part).exists():
             raise CheckpointError(f"{directory}: not a converted student (missing {part}); run `kdd convert` first")
     config = load_config(directory / CONVERTED_LAYOUT["config"])
+    report_path = directory / CONVERTED_LAYOUT["report"]
+    try:
+        report = json.loads(report_path.read_text())
+    except (ValueError, OSError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise CheckpointError(f"{report_path}: cannot read the conversion report ({e}); re-run `kdd convert` for "
+                              "this student") from None
     graphdef, abstract = nnx.split(abstract_model(config))
     target = nnx.to_pure_dict(abstract)
-    restored = restore_state(directory / CONVERTED_LAYOUT["state"], target)
+    state = directory / CONVERTED_LAYOUT["state"]
+    try:
+        restored = restore_state(state, target)
+    except Exception as e:  # orbax / tensorstore raise many kinds for damaged data: name the folder and the fix
+        raise CheckpointError(f"{state}: cannot restore the converted weights ({error_summary(e)}); re-run "
+                              "`kdd convert` for this student") from None
     nnx.replace_by_pure_dict(abstract, restored)
-    report = json.loads((directory / CONVERTED_LAYOUT["report"]).read_text())
     return nnx.merge(graphdef, abstract), config, report
+
+
+def error_summary(e: BaseException, limit: int = 300) -> str:
+    """`Type: first line of the message`, cut to `limit` characters (storage errors carry pages of detail)."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"

@@ -283,6 +283,9 @@ BAD_CONFIGS = {
     "mean_wrong_length": (BASE, _set(["preprocessing", "mean"], [0.5]), ["mean"]),
     "std_zero": (BASE, _set(["preprocessing", "std"], [0.2, 0.0, 0.2]), ["std"]),
     "value_range_empty": (BASE, _set(["preprocessing", "value_range"], [1.0, 0.0]), ["value_range"]),
+    # shapes no machine can hold are refused when read, not when an allocation fails mid-batch
+    "input_size_huge": (BASE, _set(["preprocessing", "input_size"], [100000, 100000]),
+                        ["input_size [100000, 100000]", "larger than supported"]),
     # JSON as Python parses it allows NaN / Infinity: they must not slip through
     "std_nan": (BASE, _set(["preprocessing", "std"], [float("nan")] * 3), ["std"]),
     "mean_inf": (BASE, _set(["preprocessing", "mean"], [float("inf")] * 3), ["mean"]),

@@ -16,6 +16,7 @@ CKA did not separate the teachers (top-1 from a label-only API is too coarse at 
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -59,6 +60,34 @@ def test_label_only_teachers_run_end_to_end(zoo, tmp_path):
     assert sorted(v.teachers) == ["teacher-a", "teacher-b"] and all(0.0 <= s <= 1.0 for s in v.scores)
     assert all(t.stats.queries == 48 for t in teachers)
     assert all(s * 48 == pytest.approx(round(s * 48)) for s in v.scores)  # a fraction of probes agreeing
+
+
+def test_teachers_answering_with_different_detail_need_a_label_level_score(zoo, tmp_path):
+    """A label-only teacher's answers, smoothed to a distribution, score lower against a student's
+    probabilities than a full-distribution teacher's whatever the truth: refused before any work for
+    scores that read whole distributions, naming each teacher's API; top1 compares them; logits and
+    probabilities carry the same and mix freely."""
+    from kdd_jax.teachers.base import TeacherError
+
+    cache = ResponseCache(tmp_path / "cache.sqlite")
+    s = zoo["student"]
+
+    def teachers(outputs):
+        return [CachedTeacher(flax_teacher(n, zoo[n].model, zoo[n].config, output=o, k=3), cache)
+                for n, o in zip(("teacher-a", "teacher-b"), outputs)]
+
+    def config(score):
+        return DetectConfig(synthesis=SynthesisConfig(method="noise", n_probes=16), score=score, n_bootstrap=50)
+
+    for outputs, score, detail in [(("labels", "probs"), "dark_corr", "teacher-a: labels, teacher-b: distribution"),
+                                   (("topk", "logits"), "neg_kl", "teacher-a: top-k (k=3), teacher-b: distribution")]:
+        ts = teachers(outputs)
+        with pytest.raises(TeacherError, match=rf"different detail \({re.escape(detail)}\); score '{score}'.*--score top1"):
+            detect(s.model, s.config, ts, config(score))
+        assert all(t.stats.queries == 0 for t in ts)  # refused before any query
+    assert detect(s.model, s.config, teachers(("labels", "probs")), config("top1")).verdict.teachers == [
+        "teacher-a", "teacher-b"]
+    assert len(detect(s.model, s.config, teachers(("logits", "probs")), config("dark_corr")).verdict.scores) == 2
 
 
 def test_rerun_is_free_and_identical(zoo, tmp_path):

@@ -6,6 +6,8 @@ import dataclasses
 import functools
 import hashlib
 import json
+import operator
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -54,6 +56,12 @@ class SynthesisConfig:
     def __post_init__(self):
         if self.n_probes < 1 or self.steps < 0 or self.restarts < 1 or self.batch_size < 1 or self.pixel_scale < 1:
             raise SynthesisError("n_probes, restarts, batch_size and pixel_scale must be >= 1 and steps >= 0")
+        try:
+            seed_ok = not isinstance(self.seed, bool) and 0 <= operator.index(self.seed) < 2**32
+        except TypeError:
+            seed_ok = False
+        if not seed_ok:  # JAX's PRNG keys take 32 bits of a seed: 2**32 would repeat seed 0's probes
+            raise SynthesisError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
         if self.aug_noise is None:
             object.__setattr__(self, "aug_noise", method_default(self.method, "aug_noise"))
         if isinstance(self.aug_noise, bool) or not (isinstance(self.aug_noise, (int, float)) and 0.0 <= self.aug_noise < float("inf")):
@@ -200,7 +208,14 @@ class Checkpointer:
         step = int(meta["step"])
         target = {f"{i:05d}": np.asarray(jax.random.key_data(x) if _is_key(x) else x) for i, x in enumerate(leaves)}
         target["history"] = np.zeros((step,), np.float32)
-        restored = restore_state(self._latest / "carry", target)
+        try:
+            restored = restore_state(self._latest / "carry", target)
+        except Exception as e:  # a damaged snapshot is only lost time: start over (same probes), and say so
+            from kdd_jax.io import error_summary
+
+            warnings.warn(f"synthesis checkpoint {self._latest} cannot be restored ({error_summary(e)}); starting the "
+                          "synthesis over (it ends with the same probes) and overwriting the snapshot", stacklevel=2)
+            return None
         new = [jax.random.wrap_key_data(jnp.asarray(restored[f"{i:05d}"]), impl=jax.random.key_impl(x)) if _is_key(x)
                else jnp.asarray(restored[f"{i:05d}"], dtype=x.dtype) for i, x in enumerate(leaves)]
         self.resumed_from = step

@@ -106,8 +106,14 @@ class ResponseCache:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        conn = self._conn()
-        _retry_locked(lambda: conn.executescript(SCHEMA))
+        try:
+            conn = self._conn()
+            _retry_locked(lambda: conn.executescript(SCHEMA))
+        except sqlite3.DatabaseError as e:  # not a database, a directory, unreadable: nothing is overwritten
+            self._local.conn = None
+            what = "is a directory" if self.path.is_dir() else f"cannot be opened as the response cache ({e})"
+            raise ValueError(f"response cache {self.path} {what}; point --cache at another directory, or move "
+                             "this file away if it is not a kdd-jax cache") from None
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -219,6 +225,12 @@ def _from_rows(kind: str, rows: list[tuple[bytes | None, bytes | None]]) -> Teac
     return TeacherOutput(kind, vals, idx)
 
 
+def check_budget(budget, teacher: str) -> None:
+    """ValueError unless `budget` is None (no limit) or a whole number of queries >= 0."""
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
+        raise ValueError(f"teacher {teacher!r}: the query budget must be a whole number >= 0 (--budget), got {budget!r}")
+
+
 class QueryBudgetExceeded(RuntimeError):
     """The run would send more probes to teachers than its budget allows; nothing was sent."""
 
@@ -326,6 +338,7 @@ class CachedTeacher:
     Answers are validated by the teacher before they are stored: nothing wrong is cached."""
 
     def __init__(self, teacher, cache: ResponseCache, *, batch_size: int = 256, budget: int | None = None):
+        check_budget(budget, teacher.name)
         self.teacher, self.cache, self.batch_size, self.budget = teacher, cache, batch_size, budget
         self.stats = CacheStats()
         self.name, self.output, self.num_classes = teacher.name, teacher.output, teacher.num_classes

@@ -32,10 +32,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import urllib.parse
 from pathlib import Path
 from typing import Literal
 
-from kdd_jax.config import ConfigError, parse_dataclass
+from kdd_jax.config import ConfigError, check_input_shape, parse_dataclass
+
+MAX_TIMEOUT_S = 86400.0  # one day per request: past that, socket deadlines overflow the platform's time_t
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,11 +90,20 @@ class TeacherEntry:
                 raise ConfigError(f"kind 'http' needs {missing}")
             if min(*self.input_size, self.channels, self.num_classes, self.batch_size, self.concurrency) < 1:
                 raise ConfigError("input_size, channels, num_classes, batch_size and concurrency must be >= 1")
+            check_input_shape(self.input_size, self.channels)
         if self.kind == "http":
             if not self.url.startswith(("http://", "https://")):
                 raise ConfigError(f"url {self.url!r} must start with http:// or https://")
-            if self.max_retries < 0 or self.timeout_s <= 0 or not self.value_range[0] < self.value_range[1]:
-                raise ConfigError("need max_retries >= 0, timeout_s > 0 and value_range [lo, hi] with lo < hi")
+            try:  # a malformed host or port would otherwise surface only after synthesis, as retried connection errors
+                parts = urllib.parse.urlsplit(self.url)
+                parts.port  # noqa: B018  (raises ValueError for a port outside 0-65535 or not a number)
+            except ValueError as e:
+                raise ConfigError(f"url {self.url!r} is malformed ({e})") from None
+            if not parts.hostname:
+                raise ConfigError(f"url {self.url!r} names no host")
+            if self.max_retries < 0 or not 0 < self.timeout_s <= MAX_TIMEOUT_S or not self.value_range[0] < self.value_range[1]:
+                raise ConfigError(f"need max_retries >= 0, timeout_s in (0, {MAX_TIMEOUT_S}] and value_range [lo, hi] "
+                                  "with lo < hi")
 
 
 def load_teachers_file(path: str | Path) -> list[TeacherEntry]:

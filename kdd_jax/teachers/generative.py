@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from kdd_jax.teachers.base import TeacherError, TeacherOutput
-from kdd_jax.teachers.cache import CacheStats, ResponseCache, cached_query
+from kdd_jax.teachers.cache import CacheStats, ResponseCache, cached_query, check_budget
 
 IMAGES = "images"
 RANGE_TOLERANCE = 1e-3  # answers within this of [0, 1] are clipped; further out is an error
@@ -165,6 +165,7 @@ class CachedGenerativeTeacher:
     output = IMAGES
 
     def __init__(self, teacher, cache: ResponseCache, *, batch_size: int = 64, budget: int | None = None):
+        check_budget(budget, teacher.name)
         self.teacher, self.cache, self.batch_size, self.budget = teacher, cache, batch_size, budget
         self.name, self.spec = teacher.name, teacher.spec
         self.stats = CacheStats()
