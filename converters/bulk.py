@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from converters.convert import convert_student
+from converters.convert import convert_student, stale_reason
 from converters.student import StudentSource, discover
 from kdd_jax.io import atomic_write_json, save_converted
 
@@ -21,7 +21,7 @@ EXPECTED_ERRORS = (ValueError, OSError, MemoryError)  # ConversionError, Checkpo
 class Outcome:
     name: str
     source: str
-    status: str  # "ok" | "failed"
+    status: str  # "ok" | "failed" | "skipped" (already converted, up to date: `output` holds it)
     output: str | None = None
     error: str | None = None
     family: str | None = None
@@ -66,7 +66,12 @@ def _convert_one(src, target, config, verify, allow_pickle, overwrite) -> Outcom
     outcome = Outcome(name=src.name, source=str(src.weights), status="failed")
     try:
         if target.exists() and not overwrite:
-            raise FileExistsError(f"{target} already exists (use --overwrite to replace it)")
+            why = stale_reason(src, target, config=config, allow_pickle=allow_pickle, verify=verify)
+            if why is None:  # a rerun of an interrupted or finished batch: nothing to redo
+                outcome.status, outcome.output = "skipped", str(target)
+                outcome.seconds = time.perf_counter() - t0
+                return outcome
+            raise FileExistsError(f"{target} already exists and {why} (use --overwrite to replace it)")
         result = convert_student(src, config=config, allow_pickle=allow_pickle)
         outcome.family = result.config.family
         outcome.parameters = result.report["parameters"]

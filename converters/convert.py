@@ -6,6 +6,7 @@ import concurrent.futures
 import dataclasses
 import datetime
 import functools
+import json
 import math
 from pathlib import Path
 
@@ -82,6 +83,34 @@ def convert_student(
         "versions": versions(),
     }
     return ConversionResult(model, cfg, report, tensors)
+
+
+def stale_reason(src: StudentSource, target: Path, *, config=None, allow_pickle: bool = False,
+                 verify: bool = False) -> str | None:
+    """None when `target` is what converting `src` now would publish: a `kdd convert` output of the same
+    weights (sha256), by the same key map, with the same config (resolved as conversion resolves it:
+    `config` override, the source's config.json, or inference) and, with `verify`, verified then too.
+    Otherwise why not, for the message that refuses to overwrite it. A source that cannot be read or
+    configured raises as its conversion would."""
+    report_path = target / "conversion_report.json"
+    try:
+        report = json.loads(report_path.read_text())
+        converted = json.loads((target / "config.json").read_text())
+    except (OSError, ValueError):
+        return "is not a kdd convert output (no readable conversion_report.json and config.json)"
+    if not isinstance(report, dict) or report.get("kind") != "kdd_jax.conversion_report":
+        return f"is not a kdd convert output ({report_path} is not a conversion report)"
+    if (report.get("source") or {}).get("sha256") != sha256_file(src.weights):
+        return f"was converted from other weights than {src.weights}"
+    if report.get("keymap_version") != KEYMAP_VERSION:
+        return f"was converted by another key map (version {report.get('keymap_version')!r}, now {KEYMAP_VERSION})"
+    if verify and (report.get("verification") or {}).get("ok") is not True:
+        return "was not verified against PyTorch"
+    tensors, _ = read_tensors(src, allow_pickle=allow_pickle)
+    cfg, _, _ = _resolve_config(src, tensors, config)
+    if json.loads(json.dumps(cfg.to_dict())) != converted:  # as written: tuples become lists
+        return "was converted with another config"
+    return None
 
 
 _HASHER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdd-sha256")

@@ -67,17 +67,20 @@ def cmd_convert(args) -> int:
     Path(args.out).mkdir(parents=True, exist_ok=True)  # every student may have failed before creating it
     write_summary(f"{args.out}/conversion_summary.json", outcomes)
     n_ok = sum(o.status == "ok" for o in outcomes)
+    n_skipped = sum(o.status == "skipped" for o in outcomes)
+    n_failed = len(outcomes) - n_ok - n_skipped
     if not args.quiet:
         _eprint(_table(outcomes))
-        _eprint(f"{n_ok} converted, {len(outcomes) - n_ok} failed -> {args.out}")
+        _eprint(f"{n_ok} converted, {n_skipped} already up to date, {n_failed} failed -> {args.out}")
     if args.json:
-        print(json.dumps({"command": "convert", "out": str(args.out), "converted": n_ok,
-                          "failed": len(outcomes) - n_ok,
-                          "students": [dataclasses.asdict(o) for o in outcomes]}, indent=2))
-    return EXIT_OK if n_ok == len(outcomes) else EXIT_ERROR
+        print(json.dumps({"command": "convert", "out": str(args.out), "converted": n_ok, "skipped": n_skipped,
+                          "failed": n_failed, "students": [dataclasses.asdict(o) for o in outcomes]}, indent=2))
+    return EXIT_OK if n_failed == 0 else EXIT_ERROR
 
 
 def _describe(o) -> str:
+    if o.status == "skipped":
+        return f"up to date: {o.output} holds these weights converted with this config (--overwrite redoes it)"
     if o.status != "ok":
         return f"FAILED: {o.error}"
     v = o.verification
@@ -94,7 +97,7 @@ def _describe(o) -> str:
 def _table(outcomes) -> str:
     rows = [("student", "status", "family", "detail")]
     for o in outcomes:
-        detail = o.output if o.status == "ok" else (o.error or "").splitlines()[0]
+        detail = o.output if o.status in ("ok", "skipped") else (o.error or "").splitlines()[0]
         rows.append((o.name, o.status, o.family or "-", detail[:100]))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     return "\n".join(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}" for r in rows)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +29,7 @@ def test_bulk_convert_json_and_reports(make_student, tmp_path, capsys):
     by_name = {s["name"]: s for s in result["students"]}
     assert by_name["a"]["verification"]["ok"] and by_name["b"]["verification"]["ok"]
     assert by_name["b"]["inferred"], "an inferred config must be reported as such"
-    assert "[1/2]" in captured.err and "2 converted, 0 failed" in captured.err
+    assert "[1/2]" in captured.err and "2 converted, 0 already up to date, 0 failed" in captured.err
     model, config, report = load_converted(out / "b")
     assert config.family == "densenet" and report["source"]["config"] == "inferred"
     assert len(report["source"]["sha256"]) == 64 and report["keymap_version"] == 1
@@ -36,6 +37,44 @@ def test_bulk_convert_json_and_reports(make_student, tmp_path, capsys):
     assert np.isfinite(np.asarray(model(np.zeros((1, 32, 32, 3), np.float32)))).all()
     summary = json.loads((out / "conversion_summary.json").read_text())
     assert [s["status"] for s in summary["students"]] == ["ok", "ok"]
+
+
+def test_bulk_convert_rerun_skips_what_is_up_to_date(make_student, tmp_path, capsys):
+    """A rerun of a finished or interrupted batch redoes nothing already converted from the same weights
+    with the same config (exit 0, `skipped`), converts what is missing, and still refuses to overwrite
+    an output of other weights or another config, or one not verified when verification is asked."""
+    from tests.conftest import full_config
+
+    a = make_student("vgg_odd_avgpool", seed=1, dirname="zoo/a")
+    b = make_student("vgg_odd_avgpool", seed=2, dirname="zoo/b")
+    out = tmp_path / "out"
+    assert main(["convert", str(a), "--out", str(out), "--no-verify", "-q"]) == 0
+    before = (out / "a" / "conversion_report.json").read_text()
+
+    def rerun(*extra):
+        code = main(["convert", str(tmp_path / "zoo"), "--out", str(out), "--json", "-q", *extra])
+        return code, {s["name"]: s for s in json.loads(capsys.readouterr().out)["students"]}
+
+    code, res = rerun("--no-verify")
+    assert code == 0 and res["a"]["status"] == "skipped" and res["a"]["output"] == str(out / "a")
+    assert res["b"]["status"] == "ok"
+    assert (out / "a" / "conversion_report.json").read_text() == before  # untouched
+    summary = json.loads((out / "conversion_summary.json").read_text())
+    assert [s["status"] for s in summary["students"]] == ["skipped", "ok"]
+    # asking for verification now: the unverified outputs are not what this run would publish
+    code, res = rerun("--verify")
+    assert code == 1 and "was not verified against PyTorch" in res["a"]["error"]
+    # another config for the same weights
+    cfg = full_config("vgg_odd_avgpool")
+    cfg["preprocessing"]["mean"] = [0.1, 0.2, 0.3]
+    (a / "config.json").write_text(json.dumps(cfg))
+    code, res = rerun("--no-verify")
+    assert code == 1 and "was converted with another config" in res["a"]["error"] and res["b"]["status"] == "skipped"
+    # other weights under the same name
+    shutil.copy(b / "model.safetensors", a / "model.safetensors")
+    code, res = rerun("--no-verify")
+    assert code == 1 and f"was converted from other weights than {a / 'model.safetensors'}" in res["a"]["error"]
+    assert main(["convert", str(a), "--out", str(out), "--no-verify", "--overwrite", "-q"]) == 0
 
 
 def test_config_override_applies_to_every_source(make_student, tmp_path, capsys):
