@@ -47,7 +47,8 @@ def _launch_server(teacher_dir: Path, name: str, output: str) -> tuple[subproces
             if m and "url" not in found:
                 found["url"] = m.group(1)
 
-    threading.Thread(target=read, daemon=True).start()
+    found["reader"] = threading.Thread(target=read, daemon=True)
+    found["reader"].start()
     return proc, found
 
 
@@ -56,7 +57,9 @@ def _server_url(proc: subprocess.Popen, found: dict, name: str, deadline: float)
     while "url" not in found:
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise DemoError(f"kdd serve for teacher {name!r} did not start:\n" + "".join(found["lines"][-20:]))
+            found["reader"].join(timeout=5)  # the server may have exited before its last lines (its error) were read
+            errors = [line for line in found["lines"] if line.startswith("kdd serve:")]
+            raise DemoError(f"kdd serve for teacher {name!r} did not start:\n" + "".join(errors or found["lines"][-20:]))
         time.sleep(0.05)
     return found["url"]
 

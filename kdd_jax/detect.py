@@ -182,14 +182,19 @@ def load_any_student(path: str | Path, what: str = "student"):
     from kdd_jax.io import CONVERTED_LAYOUT, load_converted
 
     path = Path(path)
-    if (path / CONVERTED_LAYOUT["state"]).exists():
-        model, config, _ = load_converted(path)
-        return model, config
     if not path.exists():
         raise ConfigError(f"{what}: {path} does not exist")
-    from converters import convert_student  # same distribution; converts on the fly, no torch
+    try:
+        if (path / CONVERTED_LAYOUT["state"]).exists():
+            model, config, _ = load_converted(path)
+            return model, config
+        from converters import convert_student  # same distribution; converts on the fly, no torch
 
-    result = convert_student(path)
+        result = convert_student(path)
+    except ValueError as e:  # ConfigError / CheckpointError / ConversionError name the file; say whose it is
+        if what == "student" or str(e).startswith(what):
+            raise
+        raise type(e)(f"{what}: {e}") from None
     return result.model, result.config
 
 

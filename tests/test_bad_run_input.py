@@ -165,3 +165,25 @@ def test_demo_manifest_teacher_names_are_checked_before_servers_start(tmp_path, 
             {"name": "s", "dir": "m", "description": "d"}]}))
         assert main(["demo", "--zoo", str(tmp_path), "--out", str(tmp_path / "o"), "-q"]) == 1
         assert message in capsys.readouterr().err
+
+
+def test_a_broken_teacher_is_named_with_its_file(toy_zoo, tmp_path, capsys):
+    """kdd detect names the teacher whose directory is empty or whose weights are truncated; kdd demo shows
+    the served teacher's own error line (it was cut off when the server exited before its stderr was read)."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    shutil.copy(toy_zoo["root"] / "teacher-a" / "config.json", broken / "config.json")
+    (broken / "model.safetensors").write_bytes((toy_zoo["root"] / "teacher-a" / "model.safetensors").read_bytes()[:100])
+    (tmp_path / "empty").mkdir()
+    for path in ("empty", "broken"):
+        f = tmp_path / f"{path}.json"
+        f.write_text(json.dumps({"teachers": [{"name": f"t-{path}", "path": str(tmp_path / path)}]}))
+        assert main(["detect", "--student", str(toy_zoo["root"] / "student"), "--teachers", str(f), "--method",
+                     "noise", "--cache", str(tmp_path / "cache"), "-q"]) == 1
+        assert f"teacher 't-{path}': {tmp_path / path}" in capsys.readouterr().err
+    (tmp_path / "manifest.json").write_text(json.dumps({
+        "teachers": [{"name": "t-broken", "dir": str(broken)}],
+        "students": [{"name": "s", "dir": str(toy_zoo["root"] / "student"), "description": "d"}]}))
+    assert main(["demo", "--zoo", str(tmp_path), "--out", str(tmp_path / "o"), "--method", "noise", "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "kdd serve for teacher 't-broken' did not start" in err and str(broken / "model.safetensors") in err

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 
 import numpy as np
@@ -60,6 +61,17 @@ def test_diffusers_folders_are_recognised(zoo, tmp_path):
     assert not is_diffusion_folder(tmp_path)
     m = load_diffusion(zoo / "a")
     assert m.sampling.num_inference_steps == 3 and m.class_names == ("x", "y", "z") and m.num_classes == 3
+    # a diffusers folder whose unet/config.json is broken is still one: loading it names the file (it was
+    # taken for a classifier folder and reported as holding no student checkpoints)
+    broken = tmp_path / "broken"
+    shutil.copytree(zoo / "a", broken)
+    (broken / "unet" / "config.json").write_text("{")
+    assert is_diffusion_folder(broken)
+    with pytest.raises(ValueError, match=rf"{broken / 'unet' / 'config.json'}"):
+        load_diffusion(broken)
+    (tmp_path / "classifier").mkdir()
+    (tmp_path / "classifier" / "config.json").write_text("{")  # a broken top-level config: not claimed
+    assert not is_diffusion_folder(tmp_path / "classifier")
 
 
 def test_kdd_detect_names_the_teacher_of_a_diffusion_student_local_and_over_http(zoo, tmp_path, capsys):

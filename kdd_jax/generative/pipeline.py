@@ -172,7 +172,9 @@ def read_sampling_file(folder: Path) -> tuple[dict, tuple[str, ...] | None]:
 
 
 def is_diffusion_folder(path: str | Path) -> bool:
-    """A diffusers UNet2DModel folder, or a folder holding one as `unet/`."""
+    """A diffusers UNet2DModel folder, or a folder holding one as `unet/`. A `unet/config.json` that
+    cannot be read still marks a diffusers folder (the loader then names the file), where an unreadable
+    top-level config.json could be a classifier's."""
     path = Path(path)
     for folder in (path / "unet", path):
         cfg = folder / "config.json"
@@ -180,7 +182,7 @@ def is_diffusion_folder(path: str | Path) -> bool:
             try:
                 doc = read_json_config(cfg)
             except (ConfigError, OSError):
-                return False
+                return folder != path
             return isinstance(doc, dict) and doc.get("_class_name") == "UNet2DModel"
     return False
 
