@@ -465,13 +465,17 @@ class _ViTEmbeddings(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         if variant == "deit":
             self.distillation_token = nn.Parameter(torch.zeros(1, 1, d))
+        dinov2 = variant in ("dinov2", "dinov2_with_registers")
         if a["mask_token"]:
-            self.mask_token = nn.Parameter(torch.zeros(1, d) if variant == "dinov2" else torch.zeros(1, 1, d))
+            self.mask_token = nn.Parameter(torch.zeros(1, d) if dinov2 else torch.zeros(1, 1, d))
+        if a.get("num_register_tokens", 0):
+            self.register_tokens = nn.Parameter(torch.zeros(1, a["num_register_tokens"], d))
         self.patch_embeddings = nn.Module()
         self.patch_embeddings.projection = nn.Conv2d(a["num_channels"], d, p, stride=p)
         prefix = 2 if variant == "deit" else 1
         self.position_embeddings = nn.Parameter(torch.zeros(1, (a["image_size"] // p) ** 2 + prefix, d))
-        self.interpolate = variant == "dinov2"
+        self.interpolate = dinov2
+        self.antialias = variant == "dinov2_with_registers"  # Dinov2WithRegistersEmbeddings' resize antialiases
 
     def positions(self, h: int, w: int) -> torch.Tensor:
         """Dinov2Embeddings.interpolate_pos_encoding: the patch grid resized by bicubic
@@ -483,7 +487,8 @@ class _ViTEmbeddings(nn.Module):
             return pos
         d = pos.shape[-1]
         grid = pos[:, 1:].reshape(1, g, g, d).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid.to(torch.float32), size=(h, w), mode="bicubic", align_corners=False).to(pos.dtype)
+        grid = F.interpolate(grid.to(torch.float32), size=(h, w), mode="bicubic", align_corners=False,
+                             antialias=self.antialias).to(pos.dtype)
         return torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, -1, d)], dim=1)
 
     def forward(self, x):
@@ -491,7 +496,10 @@ class _ViTEmbeddings(nn.Module):
         grid = p.shape[2:]
         p = p.flatten(2).transpose(1, 2)
         prefix = [self.cls_token] + ([self.distillation_token] if hasattr(self, "distillation_token") else [])
-        return torch.cat([t.expand(len(x), -1, -1) for t in prefix] + [p], dim=1) + self.positions(*grid)
+        h = torch.cat([t.expand(len(x), -1, -1) for t in prefix] + [p], dim=1) + self.positions(*grid)
+        if hasattr(self, "register_tokens"):
+            h = torch.cat([h[:, :1], self.register_tokens.expand(len(x), -1, -1), h[:, 1:]], dim=1)
+        return h
 
 
 class TorchViTModel(nn.Module):
@@ -501,7 +509,7 @@ class TorchViTModel(nn.Module):
     def __init__(self, a: dict):
         super().__init__()
         self.embeddings = _ViTEmbeddings(a)
-        layer = _Dinov2Layer if a["variant"] == "dinov2" else _ViTLayer
+        layer = _Dinov2Layer if a["variant"] in ("dinov2", "dinov2_with_registers") else _ViTLayer
         self.encoder = nn.Module()
         self.encoder.layer = nn.ModuleList(layer(a) for _ in range(a["num_hidden_layers"]))
         self.layernorm = nn.LayerNorm(a["hidden_size"], eps=a["layer_norm_eps"])
@@ -522,7 +530,7 @@ class TorchViTClassifier(nn.Module):
 
     def __init__(self, a: dict):
         super().__init__()
-        self.variant, self.head = a["variant"], a["head"]
+        self.variant, self.head, self.registers = a["variant"], a["head"], a.get("num_register_tokens", 0)
         setattr(self, self.variant, TorchViTModel(a))
         d, c = a["hidden_size"], a["num_classes"]
         if self.head == "cls":
@@ -536,8 +544,8 @@ class TorchViTClassifier(nn.Module):
         h = getattr(self, self.variant)(x)
         if self.head == "cls":
             return self.classifier(h[:, 0])
-        if self.head == "cls_mean":
-            return self.classifier(torch.cat([h[:, 0], h[:, 1:].mean(dim=1)], dim=1))
+        if self.head == "cls_mean":  # Dinov2(WithRegisters)ForImageClassification: patches after any registers
+            return self.classifier(torch.cat([h[:, 0], h[:, 1 + self.registers:].mean(dim=1)], dim=1))
         return (self.cls_classifier(h[:, 0]) + self.distillation_classifier(h[:, 1])) / 2
 
 

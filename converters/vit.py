@@ -36,14 +36,15 @@ from pathlib import Path
 from converters.keymap import ConversionError
 from converters.transformers_folder import WEIGHTS_NAME, EncoderConversion, fill, model_type, preprocessing, read_folder
 from kdd_jax.config import ConfigError, Preprocessing, StudentConfig, read_json_config
-from kdd_jax.models.vit import VARIANTS, ViTClassifierArch, ViTConfig, abstract_vit
+from kdd_jax.models.vit import DINOV2_VARIANTS, VARIANTS, ViTClassifierArch, ViTConfig, abstract_vit
 
 FAMILY = "transformers_vit"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # what the model's image processor does without a preprocessor_config.json: (mean, std, PIL resample)
 _PROCESSOR_DEFAULTS = {"vit": ((0.5,) * 3, (0.5,) * 3, 2), "deit": (IMAGENET_MEAN, IMAGENET_STD, 3),
-                       "dinov2": (IMAGENET_MEAN, IMAGENET_STD, 3)}
-STUDENT_TYPES = ("vit", "deit", "dinov2")
+                       "dinov2": (IMAGENET_MEAN, IMAGENET_STD, 3),
+                       "dinov2_with_registers": (IMAGENET_MEAN, IMAGENET_STD, 3)}
+STUDENT_TYPES = ("vit", "deit", "dinov2", "dinov2_with_registers")
 _DINOV2_CROP = 224  # BitImageProcessor's default crop_size (DINOv2's processor)
 # the head's weight key -> (head, transformers class)
 _HEAD_KEYS = {"classifier.weight": ("cls", "*ForImageClassification"),  # cls_mean for dinov2
@@ -139,8 +140,8 @@ def student_config(folder: Path, data: dict, tensors: dict, source: str, weights
         raise ConversionError(f"{source}: the weights hold no classification head ({' or '.join(_HEAD_KEYS)}): a bare "
                               f"{kind} encoder is not a classifier (use it with --feature-net)")
     head, cls_name = _HEAD_KEYS[found[0]]
-    if kind == "dinov2" and head == "cls":
-        head, cls_name = "cls_mean", "Dinov2ForImageClassification"
+    if kind in DINOV2_VARIANTS and head == "cls":
+        head, cls_name = "cls_mean", f"{'Dinov2WithRegisters' if kind != 'dinov2' else 'Dinov2'}ForImageClassification"
     weights = weights or folder / WEIGHTS_NAME
     shape = tuple(tensors[found[0]].shape)
     if len(shape) != 2 or min(shape) < 1:
@@ -162,7 +163,7 @@ def student_config(folder: Path, data: dict, tensors: dict, source: str, weights
         raise ConfigError(f"{source}: {e}") from None
     mean, std, _ = _PROCESSOR_DEFAULTS[kind]  # a student's probes and pools come at its input size: no resize
     pre = preprocessing(folder, mean, std, None, channels=arch.num_channels)
-    size = _processor_input_size(folder) if kind == "dinov2" else (arch.image_size,) * 2
+    size = _processor_input_size(folder) if kind in DINOV2_VARIANTS else (arch.image_size,) * 2
     try:
         arch.check_input_size(size)
     except ConfigError as e:

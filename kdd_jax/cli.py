@@ -195,7 +195,7 @@ def _feature_net(args):
     if encoder is None and kind is not None:  # a transformers folder of a model no port covers
         raise ValueError(f"{Path(args.feature_net) / 'config.json'}: model_type {kind!r} is not a supported "
                          "feature network; supported transformers image encoders: clip, clip_vision_model, vit, "
-                         "deit, dinov2 (or give a kdd-jax classifier directory)")
+                         "deit, dinov2, dinov2_with_registers (or give a kdd-jax classifier directory)")
     if encoder:  # a transformers image encoder: one image embedding, no classes
         if args.prompts == "caption":  # refused before the (large) checkpoint is read
             raise ValueError(f"--prompts caption needs a classifier as --feature-net (it names the class of the "

@@ -22,7 +22,7 @@ from tests.conftest import assert_matches_torch  # noqa: E402
 
 # layer_norm_eps left out on purpose: the converter must fall back to transformers' default per model type
 BASE = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_channels=3, image_size=12, patch_size=4)
-EPS = {"vit": 1e-12, "deit": 1e-12, "dinov2": 1e-6}
+EPS = {"vit": 1e-12, "deit": 1e-12, "dinov2": 1e-6, "dinov2_with_registers": 1e-6}
 
 
 class TorchViT(nn.Module):
@@ -30,37 +30,42 @@ class TorchViT(nn.Module):
     encoder), with tokens, position embeddings, layer scales and LayerNorm affine drawn away from
     their 0/1 initialisation so the comparison sees them."""
 
-    def __init__(self, variant, c, inter, *, pooler=False, mask_token=False, eps=None):
+    def __init__(self, variant, c, inter, *, pooler=False, mask_token=False, eps=None, registers=0):
         super().__init__()
         self.model = TorchViTModel({**c, "intermediate_size": inter, "hidden_act": "gelu", "qkv_bias": True,
                                     "variant": variant, "layer_norm_eps": EPS[variant] if eps is None else eps,
-                                    "pooler": pooler, "mask_token": mask_token})
+                                    "pooler": pooler, "mask_token": mask_token, "num_register_tokens": registers})
         with torch.no_grad():
             for m in self.modules():
                 if isinstance(m, nn.LayerNorm):
                     m.weight.uniform_(0.5, 1.5)
                     m.bias.normal_(0, 0.1)
             for name, p in self.named_parameters():
-                if name.split(".")[-1] in ("cls_token", "distillation_token", "position_embeddings", "lambda1"):
+                if name.split(".")[-1] in ("cls_token", "distillation_token", "register_tokens", "position_embeddings",
+                                           "lambda1"):
                     p.copy_(torch.rand_like(p) + 0.5 if name.endswith("lambda1") else torch.randn_like(p))
 
     def forward(self, x):
         return self.model(x)[:, 0]
 
 
-def write_vit(path, variant="vit", seed=0, *, pooler=False, mask_token=False, classifier=False, preprocessor=None):
+def write_vit(path, variant="vit", seed=0, *, pooler=False, mask_token=False, classifier=False, preprocessor=None,
+              registers=0):
     """A transformers-style folder (`classifier`: a *ForImageClassification checkpoint, prefixed)."""
     from safetensors.torch import save_file
 
     torch.manual_seed(seed)
     inter = 24
-    model = TorchViT(variant, BASE, inter, pooler=pooler, mask_token=mask_token).eval()
+    model = TorchViT(variant, BASE, inter, pooler=pooler, mask_token=mask_token, registers=registers).eval()
     sd = {k.removeprefix("model."): v.contiguous() for k, v in model.state_dict().items()}
     if classifier:
         sd = {f"{variant}.{k}": v for k, v in sd.items()}
         sd.update({"classifier.weight": torch.randn(5, 16), "classifier.bias": torch.randn(5)})
     config = {**BASE, "model_type": variant, "hidden_act": "gelu", "hidden_dropout_prob": 0.0}
-    config.update({"mlp_ratio": inter / BASE["hidden_size"]} if variant == "dinov2" else {"intermediate_size": inter})
+    config.update({"mlp_ratio": inter / BASE["hidden_size"]} if variant.startswith("dinov2") else
+                  {"intermediate_size": inter})
+    if variant == "dinov2_with_registers":
+        config["num_register_tokens"] = registers
     path.mkdir(parents=True)
     save_file(sd, str(path / "model.safetensors"))
     (path / "config.json").write_text(json.dumps(config))
@@ -71,7 +76,8 @@ def write_vit(path, variant="vit", seed=0, *, pooler=False, mask_token=False, cl
 
 @pytest.mark.parametrize("variant, extras", [("vit", dict(pooler=True)), ("vit", dict(classifier=True)),
                                              ("deit", dict(classifier=True)), ("dinov2", dict(mask_token=True)),
-                                             ("dinov2", dict(classifier=True))])
+                                             ("dinov2", dict(classifier=True)),
+                                             ("dinov2_with_registers", dict(mask_token=True, registers=2))])
 def test_converted_vit_gives_transformers_embeddings(tmp_path, variant, extras):
     ref = write_vit(tmp_path / "m", variant, **extras)
     assert is_vit_folder(tmp_path / "m")
@@ -84,7 +90,7 @@ def test_converted_vit_gives_transformers_embeddings(tmp_path, variant, extras):
     assert (r.mean, r.resize) == (((0.5,) * 3, "linear") if variant == "vit" else ((0.485, 0.456, 0.406), "cubic"))
     assert r.model.embeddings.position_embeddings.value.shape[1] == 9 + (2 if variant == "deit" else 1)
     assert_matches_torch(r.model, ref, np.random.default_rng(0).normal(size=(3, 3, 12, 12)).astype(np.float32))
-    if variant == "dinov2":  # Dinov2Model interpolates its position embeddings to any input's patch grid
+    if variant.startswith("dinov2"):  # Dinov2Model interpolates its position embeddings to any input's patch grid
         assert_matches_torch(r.model, ref, np.random.default_rng(1).normal(size=(2, 3, 16, 8)).astype(np.float32))
         with pytest.raises(ValueError, match=r"at least one patch \(4x4\)"):
             r.model(np.zeros((1, 3, 12, 3), np.float32))

@@ -212,19 +212,21 @@ def test_cli_converts_and_audits_a_deit_student(tmp_path, capsys):
 DINO = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, image_size=20, patch_size=4)
 
 
-def write_dinov2(path, *, seed=0, classes=4, preprocessor=None, extra_config=None):
-    """A `Dinov2ForImageClassification` folder: a 5x5 grid of position embeddings (image_size 20,
-    patch 4), `mlp_ratio` 1.5, the head on [class token, mean patch token]."""
+def write_dinov2(path, *, seed=0, classes=4, preprocessor=None, extra_config=None, registers=None):
+    """A `Dinov2ForImageClassification` folder (`registers` N: `Dinov2WithRegistersForImageClassification`
+    with N register tokens): a 5x5 grid of position embeddings (image_size 20, patch 4), `mlp_ratio` 1.5,
+    the head on [class token, mean patch token]."""
     from safetensors.torch import save_file
 
+    variant = "dinov2" if registers is None else "dinov2_with_registers"
     arch = {**DINO, "intermediate_size": 24, "num_channels": 3, "hidden_act": "gelu", "layer_norm_eps": 1e-6,
-            "qkv_bias": True, "variant": "dinov2", "pooler": False, "mask_token": True, "num_classes": classes,
-            "head": "cls_mean"}
+            "qkv_bias": True, "variant": variant, "pooler": False, "mask_token": True, "num_classes": classes,
+            "head": "cls_mean", "num_register_tokens": registers or 0}
     model = randomize_(TorchViTClassifier(arch), seed)
     path.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
-    config = {**DINO, "mlp_ratio": 1.5, "model_type": "dinov2", "id2label": {str(i): f"c{i}" for i in range(classes)},
-              **(extra_config or {})}
+    config = {**DINO, "mlp_ratio": 1.5, "model_type": variant, "id2label": {str(i): f"c{i}" for i in range(classes)},
+              **({} if registers is None else {"num_register_tokens": registers}), **(extra_config or {})}
     (path / "config.json").write_text(json.dumps(config))
     if preprocessor is not None:
         (path / "preprocessor_config.json").write_text(json.dumps(preprocessor))
@@ -239,12 +241,14 @@ def test_bicubic_resize_is_pytorchs():
     from kdd_jax.models.vit import resize_position_grid
 
     rng = np.random.default_rng(0)
-    for g, out in [(37, (16, 16)), (5, (3, 3)), (3, (5, 7)), (4, (2, 9)), (2, (1, 1)), (5, (5, 5)), (37, (40, 13)),
-                   (1, (5, 1)), (16, (37, 37))]:
-        grid = rng.normal(size=(g, g, 6)).astype(np.float32)
-        want = F.interpolate(torch.from_numpy(grid).permute(2, 0, 1)[None], size=out, mode="bicubic",
-                             align_corners=False)[0].permute(1, 2, 0).numpy()
-        np.testing.assert_allclose(np.asarray(resize_position_grid(grid, out)), want, rtol=1e-5, atol=1e-5)
+    for antialias in (False, True):  # DINOv2; DINOv2 with registers
+        for g, out in [(37, (16, 16)), (5, (3, 3)), (3, (5, 7)), (4, (2, 9)), (2, (1, 1)), (5, (5, 5)), (37, (40, 13)),
+                       (1, (5, 1)), (16, (37, 37)), (4, (37, 3))]:
+            grid = rng.normal(size=(g, g, 6)).astype(np.float32)
+            want = F.interpolate(torch.from_numpy(grid).permute(2, 0, 1)[None], size=out, mode="bicubic",
+                                 align_corners=False, antialias=antialias)[0].permute(1, 2, 0).numpy()
+            got = np.asarray(resize_position_grid(grid, out, antialias=antialias))
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"{g} -> {out}, antialias {antialias}")
 
 
 @pytest.mark.parametrize("preprocessor, size", [
@@ -254,12 +258,15 @@ def test_bicubic_resize_is_pytorchs():
     ({"crop_size": 28}, (28, 28)),  # larger than image_size: interpolated up
     ({"crop_size": [14, 10]}, (14, 10)),  # not a multiple of the patch: the conv drops the remainder, as torch's
 ])
-def test_dinov2_classifier_runs_at_its_processors_crop_and_agrees_with_pytorch(tmp_path, preprocessor, size):
-    ref = write_dinov2(tmp_path / "s", preprocessor=preprocessor)
+@pytest.mark.parametrize("registers", [None, 3])
+def test_dinov2_classifier_runs_at_its_processors_crop_and_agrees_with_pytorch(tmp_path, preprocessor, size, registers):
+    ref = write_dinov2(tmp_path / "s", preprocessor=preprocessor, registers=registers)
     r = convert_student(tmp_path / "s")
     a, pre = r.config.arch, r.config.preprocessing
+    variant = "dinov2" if registers is None else "dinov2_with_registers"
     assert (r.config.family, a.variant, a.head, a.num_classes, a.image_size, a.intermediate_size) == (
-        "vit", "dinov2", "cls_mean", 4, 20, 24)
+        "vit", variant, "cls_mean", 4, 20, 24)
+    assert a.num_register_tokens == (registers or 0)
     assert pre.input_size == size and pre.mean == (0.485, 0.456, 0.406)
     assert_matches_torch(r.model, ref, np.random.default_rng(1).normal(size=(3, 3, *size)).astype(np.float32))
     v = verify_conversion(r)  # logits and input gradients at the config's input size, as kdd convert checks

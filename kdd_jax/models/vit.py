@@ -1,7 +1,8 @@
 """ViT image encoders in Hugging Face transformers' layout: `ViTModel` (DINO's published ViT-S/B
-checkpoints, `facebook/dino-vit*`), `DeiTModel` and `Dinov2Model` (DINOv2), as feature networks for
-diffusion students; and `ViTForImageClassification` / `DeiTForImageClassification(WithTeacher)` /
-`Dinov2ForImageClassification` as classifier students (family `vit`).
+checkpoints, `facebook/dino-vit*`), `DeiTModel`, `Dinov2Model` and `Dinov2WithRegistersModel`, as
+feature networks for diffusion students; and `ViTForImageClassification` /
+`DeiTForImageClassification(WithTeacher)` / `Dinov2(WithRegisters)ForImageClassification` as
+classifier students (family `vit`).
 
 The paper compared a diffusion student's images with each teacher's as sets of CLIP/DINO embeddings.
 A DINO image embedding is the class token of the last hidden state (after the final `layernorm`),
@@ -15,6 +16,8 @@ final `layernorm`. They differ in the layer:
           students were trained to match a teacher through it)
   dinov2  norm1 -> attention -> layer_scale1 -> + ; norm2 -> mlp.fc1 -> act -> mlp.fc2 ->
           layer_scale2 -> +                   (an unused `mask_token`)
+  dinov2_with_registers  the dinov2 layer; the embeddings insert `register_tokens` (no position
+          embeddings) after the class token, once the positions are added
 
 Module names mirror transformers' so state-dict keys map 1:1 (`converters/vit.py`). ViT and DeiT
 images must be the config's `image_size`, as for transformers' ViTModel by default. DINOv2 takes
@@ -22,11 +25,11 @@ any size of at least one patch: as transformers' Dinov2Model does, the patch pos
 (a square grid at `image_size`) are resized to the input's patch grid by PyTorch's bicubic
 interpolation (`F.interpolate(size=..., mode="bicubic", align_corners=False)` in float32, which is
 what current transformers releases call; earlier ones passed a scale factor offset by 0.1, which
-samples slightly different positions). That is how DINOv2's released classifiers run: their
-checkpoints hold a 518x518 grid, their processors crop 224x224. `kdd_jax.scores.images.vit_feature_net`
-still resizes images to `image_size`, where no interpolation happens. DINOv2's SwiGLU MLP (ViT-g,
-`use_swiglu_ffn`) is refused; DINOv2 with registers is another model type
-(`dinov2_with_registers`), not supported.
+samples slightly different positions). DINOv2 with registers resizes with PyTorch's antialiased
+bicubic instead (`antialias=True`, PIL's filter), as transformers' Dinov2WithRegistersEmbeddings
+does. That is how DINOv2's released classifiers run: their checkpoints hold a 518x518 grid, their
+processors crop 224x224. `kdd_jax.scores.images.vit_feature_net` still resizes images to
+`image_size`, where no interpolation happens. DINOv2's SwiGLU MLP (ViT-g, `use_swiglu_ffn`) is refused.
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ from kdd_jax.config import ConfigError
 from kdd_jax.models.layers import conv2d
 from kdd_jax.models.transformer import ACTIVATIONS, Parameter, TowerConfig, layer_norm, self_attention
 
-VARIANTS = ("vit", "deit", "dinov2")
+VARIANTS = ("vit", "deit", "dinov2", "dinov2_with_registers")
+DINOV2_VARIANTS = ("dinov2", "dinov2_with_registers")
 # transformers' ViTConfig / DeiTConfig (the same values) / Dinov2Config defaults for the fields
 # that shape the forward pass
 _DEFAULTS = {
@@ -56,6 +60,7 @@ _DEFAULTS = {
                    qkv_bias=True),
 }
 _DEFAULTS["deit"] = dict(_DEFAULTS["vit"])
+_DEFAULTS["dinov2_with_registers"] = dict(_DEFAULTS["dinov2"], patch_size=16, num_register_tokens=4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +73,7 @@ class ViTConfig(TowerConfig):
     qkv_bias: bool = True
     pooler: bool = False
     mask_token: bool = False
+    num_register_tokens: int = 0  # dinov2_with_registers: learned tokens after the class token, no position
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -76,20 +82,31 @@ class ViTConfig(TowerConfig):
         for f in ("qkv_bias", "pooler", "mask_token"):
             if not isinstance(getattr(self, f), bool):
                 raise ConfigError(f"{f} must be true or false, got {getattr(self, f)!r}")
-        if self.variant == "dinov2" and self.pooler:
+        if self.is_dinov2 and self.pooler:
             raise ConfigError("a Dinov2Model has no pooler")
+        r = self.num_register_tokens
+        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+            raise ConfigError(f"num_register_tokens must be an integer >= 0, got {r!r}")
+        if r and self.variant != "dinov2_with_registers":
+            raise ConfigError(f"num_register_tokens {r}: register tokens belong to variant 'dinov2_with_registers'")
+
+    @property
+    def is_dinov2(self) -> bool:
+        """DINOv2's layer (layer scales, mlp), any input size through interpolated position embeddings."""
+        return self.variant in DINOV2_VARIANTS
 
     @property
     def prefix_tokens(self) -> int:
-        """Tokens before the patches: the class token, and DeiT's distillation token."""
+        """Tokens with position embeddings before the patches: the class token, and DeiT's distillation
+        token (DINOv2's register tokens, inserted after the class token, have none)."""
         return 2 if self.variant == "deit" else 1
 
     @classmethod
     def from_transformers(cls, data, source: str = "config.json", *, pooler: bool = False,
                           mask_token: bool = False) -> "ViTConfig":
-        """From a transformers config.json with model_type `vit` (ViTConfig), `deit` (DeiTConfig) or
-        `dinov2` (Dinov2Config); omitted fields take transformers' defaults, as `from_pretrained` does. The
-        rest (dropout rates, initialisers, labels, versions) does not change the forward pass.
+        """From a transformers config.json with model_type `vit` (ViTConfig), `deit` (DeiTConfig),
+        `dinov2` (Dinov2Config) or `dinov2_with_registers` (Dinov2WithRegistersConfig); omitted fields
+        take transformers' defaults, as `from_pretrained` does. The rest (dropout rates, initialisers, labels, versions) does not change the forward pass.
         `pooler` / `mask_token`: whether the checkpoint holds those weights."""
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a JSON object")
@@ -107,7 +124,7 @@ class ViTConfig(TowerConfig):
         if pooler and pooled is not None and pooled != fields["hidden_size"]:
             raise ConfigError(f"{source}.pooler_output_size: only hidden_size ({fields['hidden_size']!r}) is "
                               f"supported for the pooler's weights, got {pooled!r}")
-        if variant == "dinov2":
+        if variant in DINOV2_VARIANTS:
             swiglu = data.get("use_swiglu_ffn", False)
             if not isinstance(swiglu, bool):
                 raise ConfigError(f"{source}.use_swiglu_ffn: expected true or false, got {swiglu!r}")
@@ -151,12 +168,47 @@ def bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
     return m
 
 
-def resize_position_grid(grid: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
-    """[g, g, D] position embeddings -> [h, w, D] by PyTorch's bicubic resize, computed in float32 with
+@functools.lru_cache(maxsize=64)
+def bicubic_aa_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """[n_out, n_in] float32 weights of PyTorch's antialiased 1-D bicubic resize (`F.interpolate(mode=
+    "bicubic", align_corners=False, antialias=True)` with a target size), PIL's resampling: the cubic
+    kernel with a = -0.5, stretched by the scale when shrinking so every input pixel under an output
+    pixel counts, taps outside the input dropped and the rest renormalised to sum to 1. Arithmetic in
+    float32 where PyTorch's kernel uses it for float32 tensors. Read-only (cached)."""
+    f32 = np.float32
+    a = f32(-0.5)
+
+    def kernel(x):
+        x = abs(x)
+        if x < 1:
+            return ((a + f32(2)) * x - (a + f32(3))) * x * x + f32(1)
+        if x < 2:
+            return ((a * x - f32(5) * a) * x + f32(8) * a) * x - f32(4) * a
+        return f32(0)
+
+    scale = f32(n_in) / f32(n_out)
+    support = f32(2 * scale) if scale >= 1 else f32(2)  # half the 4-tap window, stretched when shrinking
+    invscale = f32(1.0 / scale) if scale >= 1 else f32(1)
+    m = np.zeros((n_out, n_in), np.float32)
+    for i in range(n_out):
+        center = f32(scale * (i + 0.5))
+        lo = max(int(float(center - support) + 0.5), 0)  # int(): truncation toward zero, as a C cast
+        hi = min(int(float(center + support) + 0.5), n_in)
+        w = np.array([kernel(f32((j - center + f32(0.5)) * invscale)) for j in range(lo, hi)], np.float32)
+        total = w.sum(dtype=np.float32)
+        m[i, lo:hi] = w / total if total != 0 else w
+    m.setflags(write=False)
+    return m
+
+
+def resize_position_grid(grid: jax.Array, out_hw: tuple[int, int], *, antialias: bool = False) -> jax.Array:
+    """[g, g, D] position embeddings -> [h, w, D] by PyTorch's bicubic resize (`antialias`: its
+    antialiased form, `bicubic_aa_matrix`), computed in float32 with
     full-precision matmuls (a TPU's default bfloat16 passes, or a GPU's TF32, would round the embeddings)
     and returned in the grid's dtype, as transformers casts back to the parameter's."""
     g = grid.shape[0]
-    mh, mw = bicubic_matrix(g, out_hw[0]), bicubic_matrix(g, out_hw[1])
+    weights = bicubic_aa_matrix if antialias else bicubic_matrix
+    mh, mw = weights(g, out_hw[0]), weights(g, out_hw[1])
     out = jnp.einsum("hi,ijd,wj->hwd", mh, grid.astype(jnp.float32), mw, precision=jax.lax.Precision.HIGHEST)
     return out.astype(grid.dtype)
 
@@ -173,10 +225,14 @@ class Embeddings(nnx.Module):
         if cfg.variant == "deit":
             self.distillation_token = Parameter((1, 1, d), rngs)
         if cfg.mask_token:  # transformers: [1, 1, D] (ViT, DeiT) / [1, D] (DINOv2); used only for masked inputs
-            self.mask_token = Parameter((1, d) if cfg.variant == "dinov2" else (1, 1, d), rngs)
+            self.mask_token = Parameter((1, d) if cfg.is_dinov2 else (1, 1, d), rngs)
+        if cfg.num_register_tokens:
+            self.register_tokens = Parameter((1, cfg.num_register_tokens, d), rngs)
         self.patch_embeddings = PatchEmbeddings(cfg, rngs)
         self.position_embeddings = Parameter((1, cfg.num_patches + cfg.prefix_tokens, d), rngs)
         self.grid = cfg.image_size // cfg.patch_size  # the checkpoint's square patch grid
+        # transformers resizes DINOv2-with-registers' grid with antialiasing, plain DINOv2's without
+        self.antialias = cfg.variant == "dinov2_with_registers"
 
     def __call__(self, x):  # x [N, H, W, C] -> [N, prefix tokens + patches, D]
         p = self.patch_embeddings.projection(x)
@@ -186,10 +242,15 @@ class Embeddings(nnx.Module):
         pos = self.position_embeddings.value[...]
         if (gh, gw) != (self.grid, self.grid):  # DINOv2 only (ViTModel.last_hidden_state checks the size)
             k = len(prefix)
-            patches = resize_position_grid(pos[0, k:].reshape(self.grid, self.grid, d), (gh, gw))
+            patches = resize_position_grid(pos[0, k:].reshape(self.grid, self.grid, d), (gh, gw),
+                                           antialias=self.antialias)
             pos = jnp.concatenate([pos[:, :k], patches.reshape(1, gh * gw, d)], axis=1)
         prefix = [jnp.broadcast_to(t.value[...], (n, 1, d)) for t in prefix]
-        return jnp.concatenate([*prefix, tokens], axis=1) + pos
+        h = jnp.concatenate([*prefix, tokens], axis=1) + pos
+        if hasattr(self, "register_tokens"):  # after the class token, after the positions (they have none)
+            registers = jnp.broadcast_to(self.register_tokens.value[...], (n, *self.register_tokens.value.shape[1:]))
+            h = jnp.concatenate([h[:, :1], registers, h[:, 1:]], axis=1)
+        return h
 
 
 class SelfAttention(nnx.Module):
@@ -265,7 +326,7 @@ class Dinov2Layer(nnx.Module):
 
 class Encoder(nnx.Module):
     def __init__(self, cfg: ViTConfig, rngs: nnx.Rngs):
-        layer = Dinov2Layer if cfg.variant == "dinov2" else ViTLayer
+        layer = Dinov2Layer if cfg.is_dinov2 else ViTLayer
         self.layer = nnx.List([layer(cfg, rngs) for _ in range(cfg.num_hidden_layers)])
 
 
@@ -289,7 +350,7 @@ class ViTModel(nnx.Module):
         """transformers' `last_hidden_state` [N, T, D] (after the final layernorm), or only its first
         `tokens` rows: LayerNorm is per token, so those rows are exact and the rest is not computed."""
         cfg = self.config
-        if cfg.variant == "dinov2":
+        if cfg.is_dinov2:
             if min(x.shape[1:3]) < cfg.patch_size:
                 raise ValueError(f"images must be at least one patch ({cfg.patch_size}x{cfg.patch_size}), got "
                                  f"{x.shape[1:3]}")
@@ -315,7 +376,8 @@ HEADS = {
                 "(Dinov2ForImageClassification)",
 }
 # the head each variant's transformers classes carry
-_VARIANT_HEADS = {"vit": ("cls",), "deit": ("cls", "cls_distill"), "dinov2": ("cls_mean",)}
+_VARIANT_HEADS = {"vit": ("cls",), "deit": ("cls", "cls_distill"), "dinov2": ("cls_mean",),
+                  "dinov2_with_registers": ("cls_mean",)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -347,7 +409,7 @@ class ViTClassifierArch(ViTConfig):
     def check_input_size(self, input_size) -> None:
         """ConfigError unless the input is image_size square (DINOv2: at least one patch each way), called
         by `parse_config`, so the error names the config file, and by the model."""
-        if self.variant == "dinov2":
+        if self.is_dinov2:
             if min(input_size) < self.patch_size:
                 raise ConfigError(f"preprocessing.input_size {list(input_size)} must be at least one patch "
                                   f"({self.patch_size}) each way")
@@ -378,12 +440,13 @@ class ViTForImageClassification(nnx.Module):
         encoder = getattr(self, self.arch.variant)
         if self.arch.head == "cls":
             return self.classifier(encoder.last_hidden_state(x, tokens=1)[:, 0])
-        if self.arch.head == "cls_mean":
+        if self.arch.head == "cls_mean":  # the patch tokens follow the class token and any registers
             h = encoder.last_hidden_state(x)
-            return self.classifier(jnp.concatenate([h[:, 0], h[:, 1:].mean(axis=1)], axis=-1))
+            patches = h[:, 1 + self.arch.num_register_tokens:]
+            return self.classifier(jnp.concatenate([h[:, 0], patches.mean(axis=1)], axis=-1))
         h = encoder.last_hidden_state(x, tokens=2)
         return (self.cls_classifier(h[:, 0]) + self.distillation_classifier(h[:, 1])) / 2
 
 
-__all__ = ["HEADS", "VARIANTS", "ViTClassifierArch", "ViTConfig", "ViTForImageClassification", "ViTModel",
-           "abstract_vit", "bicubic_matrix", "resize_position_grid"]
+__all__ = ["DINOV2_VARIANTS", "HEADS", "VARIANTS", "ViTClassifierArch", "ViTConfig", "ViTForImageClassification", "ViTModel",
+           "abstract_vit", "bicubic_aa_matrix", "bicubic_matrix", "resize_position_grid"]
