@@ -95,7 +95,7 @@ def stale_reason(src: StudentSource, target: Path, *, config=None, allow_pickle:
     report_path = target / "conversion_report.json"
     try:
         report = json.loads(report_path.read_text())
-        converted = json.loads((target / "config.json").read_text())
+        converted = load_config(target / "config.json")  # parsed: fields added since then read as their defaults
     except (OSError, ValueError):
         return "is not a kdd convert output (no readable conversion_report.json and config.json)"
     if not isinstance(report, dict) or report.get("kind") != "kdd_jax.conversion_report":
@@ -108,7 +108,7 @@ def stale_reason(src: StudentSource, target: Path, *, config=None, allow_pickle:
         return "was not verified against PyTorch"
     tensors, _ = read_tensors(src, allow_pickle=allow_pickle)
     cfg, _, _ = _resolve_config(src, tensors, config)
-    if json.loads(json.dumps(cfg.to_dict())) != converted:  # as written: tuples become lists
+    if cfg != converted:
         return "was converted with another config"
     return None
 

@@ -468,8 +468,8 @@ class _ViTEmbeddings(nn.Module):
         dinov2 = variant in ("dinov2", "dinov2_with_registers")
         if a["mask_token"]:
             self.mask_token = nn.Parameter(torch.zeros(1, d) if dinov2 else torch.zeros(1, 1, d))
-        if a.get("num_register_tokens", 0):
-            self.register_tokens = nn.Parameter(torch.zeros(1, a["num_register_tokens"], d))
+        if variant == "dinov2_with_registers":  # transformers keeps the parameter even with no registers
+            self.register_tokens = nn.Parameter(torch.zeros(1, a.get("num_register_tokens", 0), d))
         self.patch_embeddings = nn.Module()
         self.patch_embeddings.projection = nn.Conv2d(a["num_channels"], d, p, stride=p)
         prefix = 2 if variant == "deit" else 1

@@ -142,7 +142,7 @@ def audit(students: list[tuple[str, object]], teachers: list, dc, out: str | Pat
     Generative students (diffusers folders) are audited when `dc` is a GenerativeDetectConfig, against
     generative teachers (CachedGenerativeTeacher), with `feature_net` / `captioner` as in
     `detect_generative` (a calibration must then be one made for generative students)."""
-    from kdd_jax.detect import detect, load_student_source, save_detection
+    from kdd_jax.detect import check_comparable_answers, detect, load_student_source, save_detection
     from kdd_jax.generative.detect import detect_generative, save_generative_detection
     from kdd_jax.generative.pipeline import load_diffusion
     from kdd_jax.generative.samplers import SamplingError
@@ -161,6 +161,8 @@ def audit(students: list[tuple[str, object]], teachers: list, dc, out: str | Pat
         _student_dir(out, n)
     teacher_names = [t.name for t in teachers]
     generative = _generative(dc)
+    if not generative:  # once for the run, before any student: every student would fail on it
+        check_comparable_answers(teachers, dc.score)
     if calibration is not None:  # before any work: a mismatch must not cost a synthesis or a query
         from kdd_jax.calibration import generative_settings
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -111,6 +112,21 @@ def _detect_errors() -> tuple:
 
     # SamplingError: a diffusion student whose sampling diverges, or a prompt it cannot take
     return (ConfigError, TeacherError, SynthesisError, SamplingError, QueryBudgetExceeded, ValueError, OSError)
+
+
+SEED_LIMIT = 2**32  # JAX's PRNG keys take 32 bits of a seed (kdd_jax.synthesis.probes)
+
+
+def _run_option_error(args) -> str | None:
+    """What is wrong with detect / calibrate / audit's numeric options, checked before any model, teacher or
+    cache is opened (the libraries check them too, but only once that work is done)."""
+    if args.probes is not None and args.probes < 1:
+        return f"--probes {args.probes}: the number of probes must be >= 1"
+    if args.budget is not None and args.budget < 0:
+        return f"--budget {args.budget}: the query budget must be >= 0"
+    if not 0 <= args.seed < SEED_LIMIT:
+        return f"--seed {args.seed}: seeds are 0 to 2**32 - 1"
+    return None
 
 
 def _detect_config(args):
@@ -295,6 +311,10 @@ def cmd_detect_generative(args) -> int:
 def cmd_detect(args) -> int:
     from kdd_jax.generative.pipeline import is_diffusion_folder
 
+    problem = _run_option_error(args)
+    if problem:
+        _eprint(f"kdd detect: {problem}")
+        return EXIT_ERROR
     if is_diffusion_folder(args.student):
         return cmd_detect_generative(args)
     return cmd_detect_classifier(args)
@@ -303,16 +323,17 @@ def cmd_detect(args) -> int:
 def cmd_detect_classifier(args) -> int:
     from kdd_jax.calibration import Calibration
     from kdd_jax.config import to_json_dict
-    from kdd_jax.detect import detect, load_any_student, save_detection
+    from kdd_jax.detect import check_comparable_answers, detect, load_any_student, save_detection
     from kdd_jax.synthesis import OPTIMISED_METHODS
 
     calibration = None
     try:
+        dc = _detect_config(args)  # settings first: a refused one costs no model or teacher load
         if args.calibration:
             calibration = Calibration.load(args.calibration)
         teachers = _open_teachers(args)
+        check_comparable_answers(teachers, dc.score)  # before the student is loaded or converted
         model, config = load_any_student(args.student)
-        dc = _detect_config(args)
         sc = dc.synthesis
         if not args.quiet:
             _eprint(f"student {args.student}: {config.family}, {len(teachers)} candidate teacher(s); "
@@ -336,15 +357,21 @@ def cmd_detect_classifier(args) -> int:
 
 def cmd_calibrate(args) -> int:
     from kdd_jax.calibration import Calibration, min_references, settings_of
-    from kdd_jax.detect import detect, find_students, load_student_source
+    from kdd_jax.detect import check_comparable_answers, detect, find_students, load_student_source
     from kdd_jax.io import atomic_write_json
 
     out = Path(args.out)
     partial = out.with_name(out.name + ".partial")
     # where the calibration goes is checked before any reference is scored: a bad --out must not cost the work
-    if out.is_dir() or not out.parent.is_dir():
-        _eprint(f"kdd calibrate: --out {out}: {'is a directory' if out.is_dir() else 'its folder does not exist'}; "
-                "give a file path (e.g. calibration.json) in an existing folder")
+    folder = out.parent
+    if out.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
+        why = ("is a directory" if out.is_dir() else "its folder does not exist" if not folder.is_dir()
+               else "its folder is not writable")
+        _eprint(f"kdd calibrate: --out {out}: {why}; give a file path (e.g. calibration.json) in a writable folder")
+        return EXIT_ERROR
+    problem = _run_option_error(args)
+    if problem:
+        _eprint(f"kdd calibrate: {problem}")
         return EXIT_ERROR
     try:
         refs = find_students(args.references)
@@ -357,10 +384,12 @@ def cmd_calibrate(args) -> int:
             args.generative = True
             gc, extra = _generative_setup(args)
             settings = generative_settings(gc, extra["feature_net"])
-        teachers = _open_teachers(args)
         if not generative:
             dc = _detect_config(args)
             settings = settings_of(dc)
+        teachers = _open_teachers(args)
+        if not generative:
+            check_comparable_answers(teachers, dc.score)  # once, before any reference is scored
         names = [t.name for t in teachers]
     except _detect_errors() as e:
         _eprint(f"kdd calibrate: {e}")
@@ -423,6 +452,10 @@ def cmd_audit(args) -> int:
 
     from kdd_jax.audit import AuditError, distributed_requested, stdout_to_stderr
 
+    problem = _run_option_error(args)
+    if problem:
+        _eprint(f"kdd audit: {problem}")
+        return EXIT_ERROR
     multi = distributed_requested(args.distributed) or bool(args.num_processes)
     with stdout_to_stderr() if multi else contextlib.nullcontext():
         try:
@@ -459,9 +492,9 @@ def _run_audit(args, multi: bool):
     if _all_diffusion(students):
         args.generative = True
         dc, extra = _generative_setup(args)
-    teachers = _open_teachers(args)
-    if not extra:
+    else:
         dc = _detect_config(args)
+    teachers = _open_teachers(args)
     log = None if args.quiet else (lambda m: _eprint(m if count == 1 else f"[process {index}/{count}] {m}"))
     if log:
         log(f"auditing {len(students)} student(s) against {len(teachers)} teacher(s) -> {args.out}")

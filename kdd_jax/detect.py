@@ -89,6 +89,8 @@ def answer_detail(teacher) -> str:
     if kind == "topk":
         k = getattr(teacher, "k", None)
         k = getattr(getattr(teacher, "teacher", None), "k", None) if k is None else k  # a CachedTeacher's teacher
+        if k is not None and k >= teacher.num_classes:  # every class's probability: a whole distribution
+            return "distribution"
         return f"top-k (k={k})" if k is not None else "top-k"
     return kind
 

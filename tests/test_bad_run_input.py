@@ -44,7 +44,7 @@ def test_a_response_cache_that_is_not_one_is_named(tmp_path):
     text = tmp_path / "a" / "responses.sqlite"
     text.parent.mkdir()
     text.write_text("not a database, but someone's notes " * 100)
-    with pytest.raises(ValueError, match=rf"response cache {text} cannot be opened .*--cache"):
+    with pytest.raises(ValueError, match=rf"response cache {text} is not an SQLite database .*--cache"):
         ResponseCache(text)
     assert text.read_text().startswith("not a database")  # nothing overwritten
     folder = tmp_path / "b" / "responses.sqlite"
@@ -81,6 +81,28 @@ def test_http_teacher_limits():
         TeacherEntry(**base, input_size=(100000, 8))
 
 
+def test_mixed_teacher_apis_are_refused_once_before_any_student(toy_zoo, tmp_path, capsys):
+    """An audit or calibration whose teachers answer with different detail fails as a whole, before any
+    student or reference (it used to fail each one and leave an audit folder that needed --resume)."""
+    f = tmp_path / "teachers.json"
+    f.write_text(json.dumps({"teachers": [{"name": "ta", "path": str(toy_zoo["root"] / "teacher-a"), "output": "labels"},
+                                          {"name": "tb", "path": str(toy_zoo["root"] / "teacher-b"), "output": "probs"}]}))
+    refs = [str(toy_zoo["root"] / "references" / r) for r in ("ref0", "ref1")]
+    common = ["--teachers", str(f), "--method", "noise", "--cache", str(tmp_path / "cache"), "-q"]
+    assert main(["audit", "--students", *refs, "--out", str(tmp_path / "audit"), *common]) == 1
+    assert "different detail (ta: labels, tb: distribution)" in capsys.readouterr().err
+    assert not (tmp_path / "audit" / "students").exists()
+    assert main(["calibrate", "--references", *refs, "--out", str(tmp_path / "cal.json"), *common]) == 1
+    assert "different detail (ta: labels, tb: distribution)" in capsys.readouterr().err
+    assert not (tmp_path / "cal.json.partial").exists()
+    # a top-k API giving every class is a whole distribution
+    t = flax_teacher("k10", toy_zoo["teacher-a"].model, toy_zoo["teacher-a"].config, output="topk",
+                     k=toy_zoo["teacher-a"].config.arch.num_classes)
+    from kdd_jax.detect import answer_detail
+
+    assert answer_detail(t) == "distribution"
+
+
 def test_negative_query_budget_is_refused(toy_zoo, tmp_path):
     t = flax_teacher("teacher-a", toy_zoo["teacher-a"].model, toy_zoo["teacher-a"].config)
     with pytest.raises(ValueError, match=r"teacher 'teacher-a': the query budget must be a whole number >= 0 "
@@ -99,12 +121,15 @@ def test_cli_option_values_are_checked_before_work(toy_zoo, tmp_path, capsys):
     teachers = _teachers_file(toy_zoo, tmp_path)
     base = ["detect", "--student", str(toy_zoo["root"] / "student"), "--teachers", str(teachers), "--method", "noise",
             "--cache", str(tmp_path / "cache"), "-q"]
-    assert main([*base, "--probes", "0"]) == 1  # was silently 100
-    assert "n_probes" in capsys.readouterr().err
-    assert main([*base, "--seed", str(2**63)]) == 1
-    assert "seed must be an integer in [0, 2**32)" in capsys.readouterr().err
-    assert main([*base, "--budget", "-5"]) == 1
-    assert "query budget must be a whole number >= 0" in capsys.readouterr().err
+    for flag, value, message in [("--probes", "0", "--probes 0: the number of probes must be >= 1"),  # was 100
+                                 ("--seed", str(2**63), f"--seed {2**63}: seeds are 0 to 2**32 - 1"),
+                                 ("--seed", "-1", "--seed -1: seeds are 0 to 2**32 - 1"),
+                                 ("--budget", "-5", "--budget -5: the query budget must be >= 0")]:
+        for command in (base, ["audit", "--students", str(toy_zoo["root"] / "student"), "--out", str(tmp_path / "a"),
+                               *base[3:]]):
+            assert main([*command, flag, value]) == 1
+            assert message in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "a").exists()  # refused before anything opened
     # calibrate: a bad --out is refused before any reference is scored
     refs = [str(toy_zoo["root"] / "references" / "ref0")]
     for out, why in [(tmp_path / "no" / "such" / "cal.json", "its folder does not exist"), (tmp_path, "is a directory")]:

@@ -61,6 +61,14 @@ def test_bulk_convert_rerun_skips_what_is_up_to_date(make_student, tmp_path, cap
     assert (out / "a" / "conversion_report.json").read_text() == before  # untouched
     summary = json.loads((out / "conversion_summary.json").read_text())
     assert [s["status"] for s in summary["students"]] == ["skipped", "ok"]
+    assert summary["students"][0]["family"] == "vgg" and summary["students"][0]["parameters"] > 0
+    # an output written before a config field existed (here: one left at its default) is still up to date
+    written = json.loads((out / "a" / "config.json").read_text())
+    assert written["arch"]["nested_blocks"] is False  # its default
+    del written["arch"]["nested_blocks"]
+    (out / "a" / "config.json").write_text(json.dumps(written))
+    code, res = rerun("--no-verify")
+    assert code == 0 and res["a"]["status"] == "skipped"
     # asking for verification now: the unverified outputs are not what this run would publish
     code, res = rerun("--verify")
     assert code == 1 and "was not verified against PyTorch" in res["a"]["error"]

@@ -251,9 +251,9 @@ def test_an_image_encoder_folder_as_feature_net_drives_the_set_scores(zoo, tmp_p
     assert main([*argv, "--lpips-heads", str(tmp_path / "heads.safetensors")]) == 1
     assert "no heads to weigh" in capsys.readouterr().err
     (tmp_path / "reg").mkdir()  # a transformers folder no port covers: named, not misread as a classifier
-    (tmp_path / "reg" / "config.json").write_text(json.dumps({"model_type": "dinov2_with_registers"}))
+    (tmp_path / "reg" / "config.json").write_text(json.dumps({"model_type": "swin"}))
     assert main([*argv[:-3], str(tmp_path / "reg"), "--json", "-q"]) == 1
-    assert "model_type 'dinov2_with_registers' is not a supported feature network" in capsys.readouterr().err
+    assert "model_type 'swin' is not a supported feature network" in capsys.readouterr().err
 
 
 def test_classifier_and_generative_calibrations_are_not_interchangeable(tmp_path):

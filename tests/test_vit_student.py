@@ -258,7 +258,7 @@ def test_bicubic_resize_is_pytorchs():
     ({"crop_size": 28}, (28, 28)),  # larger than image_size: interpolated up
     ({"crop_size": [14, 10]}, (14, 10)),  # not a multiple of the patch: the conv drops the remainder, as torch's
 ])
-@pytest.mark.parametrize("registers", [None, 3])
+@pytest.mark.parametrize("registers", [None, 3, 0])  # 0: transformers still saves an empty register_tokens
 def test_dinov2_classifier_runs_at_its_processors_crop_and_agrees_with_pytorch(tmp_path, preprocessor, size, registers):
     ref = write_dinov2(tmp_path / "s", preprocessor=preprocessor, registers=registers)
     r = convert_student(tmp_path / "s")

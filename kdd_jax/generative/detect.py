@@ -70,8 +70,8 @@ class GenerativeDetectConfig:
     def __post_init__(self):
         if self.probes not in PROBE_METHODS:
             raise ValueError(f"probes={self.probes!r}: expected one of {PROBE_METHODS}")
-        if self.n < 1 or self.seed < 0:
-            raise ValueError(f"n={self.n} must be >= 1 and seed={self.seed} >= 0")
+        if self.n < 1 or not 0 <= self.seed < 2**32:  # the classifier path's range (JAX keys), one --seed for both
+            raise ValueError(f"n={self.n} must be >= 1 and seed={self.seed} in [0, 2**32)")
         if self.score not in score_names():
             raise ValueError(f"score={self.score!r}: expected one of {score_names()}")
 

@@ -226,7 +226,7 @@ class Embeddings(nnx.Module):
             self.distillation_token = Parameter((1, 1, d), rngs)
         if cfg.mask_token:  # transformers: [1, 1, D] (ViT, DeiT) / [1, D] (DINOv2); used only for masked inputs
             self.mask_token = Parameter((1, d) if cfg.is_dinov2 else (1, 1, d), rngs)
-        if cfg.num_register_tokens:
+        if cfg.variant == "dinov2_with_registers":  # saved even when empty ([1, 0, D]), as transformers does
             self.register_tokens = Parameter((1, cfg.num_register_tokens, d), rngs)
         self.patch_embeddings = PatchEmbeddings(cfg, rngs)
         self.position_embeddings = Parameter((1, cfg.num_patches + cfg.prefix_tokens, d), rngs)

@@ -62,6 +62,7 @@ class SynthesisConfig:
             seed_ok = False
         if not seed_ok:  # JAX's PRNG keys take 32 bits of a seed: 2**32 would repeat seed 0's probes
             raise SynthesisError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
+        object.__setattr__(self, "seed", operator.index(self.seed))  # np.int64(7) and 7: one fingerprint
         if self.aug_noise is None:
             object.__setattr__(self, "aug_noise", method_default(self.method, "aug_noise"))
         if isinstance(self.aug_noise, bool) or not (isinstance(self.aug_noise, (int, float)) and 0.0 <= self.aug_noise < float("inf")):

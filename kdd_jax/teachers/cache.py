@@ -109,11 +109,18 @@ class ResponseCache:
         try:
             conn = self._conn()
             _retry_locked(lambda: conn.executescript(SCHEMA))
-        except sqlite3.DatabaseError as e:  # not a database, a directory, unreadable: nothing is overwritten
-            self._local.conn = None
-            what = "is a directory" if self.path.is_dir() else f"cannot be opened as the response cache ({e})"
-            raise ValueError(f"response cache {self.path} {what}; point --cache at another directory, or move "
-                             "this file away if it is not a kdd-jax cache") from None
+        except sqlite3.DatabaseError as e:  # nothing is overwritten; say what is wrong with the file
+            conn, self._local.conn = getattr(self._local, "conn", None), None
+            if conn is not None:
+                conn.close()
+            if self.path.is_dir():
+                raise ValueError(f"response cache {self.path} is a directory; point --cache at another "
+                                 "directory") from None
+            if "not a database" in str(e):
+                raise ValueError(f"response cache {self.path} is not an SQLite database ({e}); point --cache at "
+                                 "another directory, or move this file away if it is not a kdd-jax cache") from None
+            # locked past the wait, read-only, disk full, I/O error: a valid cache, named with the fault
+            raise ValueError(f"response cache {self.path}: {e}") from None
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)

@@ -84,6 +84,8 @@ class TeacherEntry:
                 raise ConfigError(f"kind 'http' with output 'images' needs {missing}")
             if min(*self.noise_shape, *self.image_shape, self.batch_size, self.concurrency) < 1:
                 raise ConfigError("noise_shape, image_shape, batch_size and concurrency must be >= 1")
+            check_input_shape(self.noise_shape[:2], self.noise_shape[2], "noise_shape")
+            check_input_shape(self.image_shape[:2], self.image_shape[2], "image_shape")
         elif self.kind == "http":
             missing = [f for f in ("url", "input_size", "channels", "num_classes") if getattr(self, f) in (None, "")]
             if missing:
