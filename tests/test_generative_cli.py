@@ -254,6 +254,29 @@ def test_an_image_encoder_folder_as_feature_net_drives_the_set_scores(zoo, tmp_p
     (tmp_path / "reg" / "config.json").write_text(json.dumps({"model_type": "swin"}))
     assert main([*argv[:-3], str(tmp_path / "reg"), "--json", "-q"]) == 1
     assert "model_type 'swin' is not a supported feature network" in capsys.readouterr().err
+    # --feature-size belongs to DINOv2 folders: refused for this one (and without --feature-net)
+    assert main([*argv, "--feature-size", "16"]) == 1
+    assert "--feature-size: only DINOv2 feature networks take another input size" in capsys.readouterr().err
+    assert main([*argv[:-4], "--feature-size", "16", "-q"]) == 1
+    assert "--feature-size needs --feature-net" in capsys.readouterr().err
+
+
+def test_a_dinov2_feature_net_at_another_size_is_another_network(zoo, tmp_path, capsys):
+    """--feature-size N: the DINOv2 folder embeds at N x N, recorded in the network's fingerprint, so a
+    detection at another size gives other scores and is told apart by calibrations."""
+    from tests.test_vit import write_vit
+
+    write_vit(tmp_path / "d2", "dinov2")
+    teachers = tmp_path / "teachers.json"
+    teachers.write_text(json.dumps({"teachers": [{"name": n, "path": str(zoo / n)} for n in ("a", "c")]}))
+    argv = ["detect", "--student", str(zoo / "student"), "--teachers", str(teachers), "--score", "linear_cka",
+            "--probes", "4", "--cache", str(tmp_path / "cache"), "--feature-net", str(tmp_path / "d2"), "--json", "-q"]
+    reports = []
+    for extra in ([], ["--feature-size", "20"]):
+        assert main([*argv, *extra]) == 0
+        reports.append(json.loads(capsys.readouterr().out))
+    assert reports[0]["feature_net_sha256"] != reports[1]["feature_net_sha256"]
+    assert reports[0]["verdict"]["scores"] != reports[1]["verdict"]["scores"]
 
 
 def test_classifier_and_generative_calibrations_are_not_interchangeable(tmp_path):

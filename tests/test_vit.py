@@ -99,6 +99,33 @@ def test_converted_vit_gives_transformers_embeddings(tmp_path, variant, extras):
             r.model(np.zeros((1, 16, 16, 3), np.float32))
 
 
+def test_dinov2_feature_net_can_embed_at_another_size(tmp_path):
+    """`size` (CLI --feature-size): a DINOv2 net embeds images resized to size x size through interpolated
+    position embeddings, as the reference does; another size is another fingerprint, the native one keeps
+    its fingerprint, and encoders that cannot interpolate refuse it."""
+    import jax
+
+    pre = {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "resample": 3}
+    ref = write_vit(tmp_path / "d2", "dinov2", preprocessor=pre)
+    r = convert_vit(tmp_path / "d2")
+    native = vit_feature_net(r.model, r.mean, r.std, resize=r.resize)
+    net = vit_feature_net(r.model, r.mean, r.std, resize=r.resize, size=20)
+    assert "size" not in json.loads(native.spec) and net.fingerprint != native.fingerprint
+    grey = np.random.default_rng(1).uniform(0, 1, (3, 28, 28, 1)).astype(np.float32)
+    x = jax.image.resize(np.repeat(grey, 3, -1), (3, 20, 20, 3), "cubic")
+    x = (np.asarray(x) - np.array(pre["image_mean"], np.float32)) / np.array(pre["image_std"], np.float32)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+    np.testing.assert_allclose(np.asarray(net.embedding(grey)), want, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(np.asarray(native.embedding(grey)), want, atol=1e-3)  # the size changed the embedding
+    with pytest.raises(ValueError, match="size must be an integer from the patch size 4 to 8192, got 2"):
+        vit_feature_net(r.model, r.mean, r.std, size=2)
+    write_vit(tmp_path / "dino", "vit")
+    v = convert_vit(tmp_path / "dino")
+    with pytest.raises(ValueError, match="only DINOv2 encoders interpolate their position embeddings"):
+        vit_feature_net(v.model, v.mean, v.std, size=20)
+
+
 def test_vit_feature_net_uses_the_folders_preprocessing(tmp_path):
     import jax
 

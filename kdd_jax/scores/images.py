@@ -291,13 +291,14 @@ def classifier_feature_net(model: nnx.Module, config, layers: Sequence[str] | No
 
 
 def _encoder_feature_net(model: nnx.Module, mean: Sequence[float], std: Sequence[float], resize: str, *,
-                         layer: str, channels: int, kind: str, name: str) -> FeatureNet:
+                         layer: str, channels: int, kind: str, name: str, size: int | None = None) -> FeatureNet:
     """A `FeatureNet` over an image encoder whose `__call__` maps normalised RGB images of
     `model.config.image_size` to one embedding [N, P]: a single layer [N, 1, 1, P], so `embedding` is
     that vector. Images [0, 1] of any size and 1 or 3 channels are resized with `resize` (a
     jax.image.resize method; antialiased when shrinking), repeated to RGB and normalised."""
     cfg = model.config
-    size = cfg.image_size
+    native = size is None
+    size = cfg.image_size if native else size
     mean_a, std_a = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
     graphdef, state = nnx.split(model)
 
@@ -314,6 +315,8 @@ def _encoder_feature_net(model: nnx.Module, mean: Sequence[float], std: Sequence
     spec = {kind: dataclasses.asdict(cfg), "mean": list(map(float, mean)), "std": list(map(float, std))}
     if (kind, resize) != ("clip_vision", "cubic"):  # CLIP's nets made before `resize` existed keep their fingerprint
         spec["resize"] = resize
+    if not native:  # another embedding than the native size's: another fingerprint (nets at image_size keep theirs)
+        spec["size"] = size
     spec = json.dumps(spec, sort_keys=True)
     return FeatureNet(name=name, apply=jax.jit(apply), params=state, layers=(layer,), channels=(channels,),
                       spec=spec, batch=64)
@@ -337,7 +340,7 @@ def clip_feature_net(model: nnx.Module, mean: Sequence[float], std: Sequence[flo
 
 
 def vit_feature_net(model: nnx.Module, mean: Sequence[float], std: Sequence[float], *,
-                    name: str | None = None, resize: str | None = None) -> FeatureNet:
+                    name: str | None = None, resize: str | None = None, size: int | None = None) -> FeatureNet:
     """A `FeatureNet` over a ViT / DINO / DINOv2 encoder (`kdd_jax.models.vit.ViTModel`, e.g. from
     `converters.vit.convert_vit`, whose result gives `mean`, `std`, `resize`): one layer
     "cls_token" [N, 1, 1, hidden_size], the class token of the last hidden state (DINO's image
@@ -347,11 +350,20 @@ def vit_feature_net(model: nnx.Module, mean: Sequence[float], std: Sequence[floa
     encoder can: `ViTModel` interpolates DINOv2's position embeddings for other sizes, as DINOv2
     classifier students use; this feature net keeps the native size its embeddings were measured at).
     `resize` None = the image processor's default filter: bilinear for ViT (DINO), bicubic for DINOv2
-    (`convert_vit` reads the folder's own)."""
+    (`convert_vit` reads the folder's own). `size` (DINOv2 only): embed at size x size instead, through
+    interpolated position embeddings, e.g. 224 (the released processors' crop; 257 tokens for ViT-S/14
+    against 1,370 at 518, about 5x cheaper). Images are resized to it whole, not cropped; the size is part
+    of the fingerprint."""
     cfg = model.config
     resize = resize or ("linear" if cfg.variant == "vit" else "cubic")
+    if size is not None:
+        if not cfg.is_dinov2:
+            raise ValueError(f"size {size}: only DINOv2 encoders interpolate their position embeddings; a "
+                             f"{cfg.variant} encoder embeds at its image_size {cfg.image_size}")
+        if isinstance(size, bool) or not isinstance(size, int) or not cfg.patch_size <= size <= 8192:
+            raise ValueError(f"size must be an integer from the patch size {cfg.patch_size} to 8192, got {size!r}")
     return _encoder_feature_net(model, mean, std, resize, kind="vit", channels=cfg.hidden_size, layer="cls_token",
-                                name=name or f"{cfg.variant}-p{cfg.patch_size}")
+                                name=name or f"{cfg.variant}-p{cfg.patch_size}", size=size)
 
 
 # ----------------------------------------------------------------------------------- LPIPS
