@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 from benchmarks.provenance import run_meta, write_results  # noqa: E402
 
 
-# name -> (kind, transformers config fields, MLP width, image side)
+# name -> (kind, transformers config fields, MLP width[, feature size: embed at that side, --feature-size])
 TOWERS = {
     "CLIP ViT-B/32": ("clip", dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_channels=3,
                                    image_size=224, patch_size=32, layer_norm_eps=1e-5), 3072),
@@ -42,6 +42,8 @@ TOWERS = {
                                   image_size=224, patch_size=16), 1536),
     "DINOv2 ViT-S/14": ("dinov2", dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, num_channels=3,
                                        image_size=518, patch_size=14), 1536),
+    "DINOv2 ViT-S/14 --feature-size 224": ("dinov2", dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
+                                                          num_channels=3, image_size=518, patch_size=14), 1536, 224),
 }
 QUICK = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_channels=3, image_size=12,
              patch_size=4, layer_norm_eps=1e-6)
@@ -73,14 +75,14 @@ def write_tower(folder: Path, kind: str, cfg: dict, inter: int):
     return ref
 
 
-def measure(name: str, kind: str, cfg: dict, inter: int, work: Path, n_images: int) -> dict:
+def measure(name: str, kind: str, cfg: dict, inter: int, work: Path, n_images: int, size: int | None = None) -> dict:
     import torch
 
     from converters.clip_vision import convert_clip_vision
     from converters.vit import convert_vit
     from kdd_jax.scores.images import clip_feature_net, vit_feature_net
 
-    folder = work / kind
+    folder = work / f"{kind}-{size}"
     ref = write_tower(folder, kind, cfg, inter)
     t = time.perf_counter()
     enc = (convert_clip_vision if kind == "clip" else convert_vit)(folder)
@@ -92,15 +94,17 @@ def measure(name: str, kind: str, cfg: dict, inter: int, work: Path, n_images: i
     with jax.default_matmul_precision("highest"):
         got = np.asarray(enc.model(x.transpose(0, 2, 3, 1)))
     build = clip_feature_net if kind == "clip" else vit_feature_net
-    net = build(enc.model, enc.mean, enc.std, resize=enc.resize)
+    net = build(enc.model, enc.mean, enc.std, resize=enc.resize, **({} if size is None else {"size": size}))
     images = np.random.default_rng(1).uniform(0, 1, (n_images, 28, 28, 1)).astype(np.float32)
     times = []
     for _ in range(2):
         t = time.perf_counter()
         net.embedding(images).block_until_ready()
         times.append(time.perf_counter() - t)
-    tokens = (side // cfg["patch_size"]) ** 2 + 1
-    return {"tower": name, "kind": kind, "parameters": enc.report["parameters"], "image_size": side, "tokens": tokens,
+    embed_side = side if size is None else size
+    tokens = (embed_side // cfg["patch_size"]) ** 2 + 1
+    return {"tower": name, "kind": kind, "parameters": enc.report["parameters"], "image_size": embed_side,
+            "checkpoint_image_size": side, "tokens": tokens,
             "convert_s": convert_s, "max_abs_diff": float(np.abs(got - want).max()),
             "max_abs_value": float(np.abs(want).max()), "images": n_images, "embed_cold_s": times[0],
             "embed_warm_s": times[1], "images_per_s_warm": n_images / times[1]}
@@ -135,10 +139,11 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, (kind, cfg, inter) in TOWERS.items():
+        for name, (kind, cfg, inter, *size) in TOWERS.items():
+            size = size[0] if size else None
             if args.quick:
-                cfg, inter = QUICK, 24
-            rows.append(measure(name, kind, cfg, inter, Path(tmp), args.images))
+                cfg, inter, size = QUICK, 24, (8 if size else None)
+            rows.append(measure(name, kind, cfg, inter, Path(tmp), args.images, size))
             print(json.dumps(rows[-1]), flush=True)
     meta = run_meta(__file__, argv, start)
     write_results(args.out, args.tag, {"meta": meta, "results": rows}, markdown(rows, meta))

@@ -669,7 +669,7 @@ def _add_detection_options(p) -> None:
                    "CLIP, ViT (DINO), DeiT or DINOv2 folder (image embeddings for the set scores)")
     g.add_argument("--feature-size", type=int, metavar="N", help="a DINOv2 --feature-net embeds images resized to NxN "
                    "(position embeddings interpolated) instead of its checkpoint's image_size, e.g. 224, the released "
-                   "processors' crop: ~5x cheaper than 518 for ViT-S/14; part of the network's fingerprint")
+                   "processors' crop: 8.5x faster than 518 for ViT-S/14 on CPU; part of the network's fingerprint")
     g.add_argument("--lpips-heads", metavar="FILE", help="learned LPIPS heads for --feature-net (.safetensors; LPIPS' "
                    "own key names accepted, e.g. its alex.pth converted: examples/feature_nets/README.md)")
     g.add_argument("--num-inference-steps", type=int, help="the student's sampling steps (default: its "

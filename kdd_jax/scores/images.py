@@ -352,7 +352,7 @@ def vit_feature_net(model: nnx.Module, mean: Sequence[float], std: Sequence[floa
     `resize` None = the image processor's default filter: bilinear for ViT (DINO), bicubic for DINOv2
     (`convert_vit` reads the folder's own). `size` (DINOv2 only): embed at size x size instead, through
     interpolated position embeddings, e.g. 224 (the released processors' crop; 257 tokens for ViT-S/14
-    against 1,370 at 518, about 5x cheaper). Images are resized to it whole, not cropped; the size is part
+    against 1,370 at 518: 8.5x faster on 2 CPU cores, benchmarks/results/encoder_cost.md). Images are resized to it whole, not cropped; the size is part
     of the fingerprint."""
     cfg = model.config
     resize = resize or ("linear" if cfg.variant == "vit" else "cubic")
