@@ -4,7 +4,6 @@ are recorded and skipped, never fatal to the batch."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -67,10 +66,9 @@ def _convert_one(src, target, config, verify, allow_pickle, overwrite) -> Outcom
     outcome = Outcome(name=src.name, source=str(src.weights), status="failed")
     try:
         if target.exists() and not overwrite:
-            why = stale_reason(src, target, config=config, allow_pickle=allow_pickle, verify=verify)
+            why, earlier = stale_reason(src, target, config=config, allow_pickle=allow_pickle, verify=verify)
             if why is None:  # a rerun of an interrupted or finished batch: nothing to redo
                 outcome.status, outcome.output = "skipped", str(target)
-                earlier = json.loads((target / "conversion_report.json").read_text())  # read by stale_reason
                 outcome.family, outcome.parameters = earlier.get("family"), earlier.get("parameters")
                 outcome.inferred = earlier.get("inferred") or []
                 verification = earlier.get("verification")

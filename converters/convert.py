@@ -86,31 +86,32 @@ def convert_student(
 
 
 def stale_reason(src: StudentSource, target: Path, *, config=None, allow_pickle: bool = False,
-                 verify: bool = False) -> str | None:
-    """None when `target` is what converting `src` now would publish: a `kdd convert` output of the same
-    weights (sha256), by the same key map, with the same config (resolved as conversion resolves it:
-    `config` override, the source's config.json, or inference) and, with `verify`, verified then too.
-    Otherwise why not, for the message that refuses to overwrite it. A source that cannot be read or
-    configured raises as its conversion would."""
+                 verify: bool = False) -> tuple[str | None, dict]:
+    """(None, its conversion report) when `target` is what converting `src` now would publish: a `kdd
+    convert` output of the same weights (sha256), by the same key map, with the same config (resolved as
+    conversion resolves it: `config` override, the source's config.json, or inference) and, with
+    `verify`, verified then too. Otherwise (why not, for the message that refuses to overwrite it; the
+    report or {}). A source that cannot be read or configured raises as its conversion would."""
     report_path = target / "conversion_report.json"
     try:
         report = json.loads(report_path.read_text())
         converted = load_config(target / "config.json")  # parsed: fields added since then read as their defaults
     except (OSError, ValueError):
-        return "is not a kdd convert output (no readable conversion_report.json and config.json)"
+        return "is not a kdd convert output (no readable conversion_report.json and config.json)", {}
     if not isinstance(report, dict) or report.get("kind") != "kdd_jax.conversion_report":
-        return f"is not a kdd convert output ({report_path} is not a conversion report)"
+        return f"is not a kdd convert output ({report_path} is not a conversion report)", {}
     if (report.get("source") or {}).get("sha256") != sha256_file(src.weights):
-        return f"was converted from other weights than {src.weights}"
+        return f"was converted from other weights than {src.weights}", report
     if report.get("keymap_version") != KEYMAP_VERSION:
-        return f"was converted by another key map (version {report.get('keymap_version')!r}, now {KEYMAP_VERSION})"
+        why = f"was converted by another key map (version {report.get('keymap_version')!r}, now {KEYMAP_VERSION})"
+        return why, report
     if verify and (report.get("verification") or {}).get("ok") is not True:
-        return "was not verified against PyTorch"
+        return "was not verified against PyTorch", report
     tensors, _ = read_tensors(src, allow_pickle=allow_pickle)
     cfg, _, _ = _resolve_config(src, tensors, config)
     if cfg != converted:
-        return "was converted with another config"
-    return None
+        return "was converted with another config", report
+    return None, report
 
 
 _HASHER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdd-sha256")

@@ -65,21 +65,28 @@ def read_folder(path, what: str, parse) -> tuple[Path, Path, dict, dict]:
     return folder, weights, data, tensors
 
 
+def processor_config(folder: Path, flags: tuple[str, ...]) -> tuple[Path, dict, dict[str, bool]]:
+    """(path, data, {flag: value}) of the folder's `preprocessor_config.json` ({} when absent); each of
+    `flags` (`do_*` switches, true unless set) must be a boolean, else a ConfigError naming the field."""
+    pre = folder / "preprocessor_config.json"
+    data = read_json_config(pre, "preprocessor config") if pre.is_file() else {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{pre}: expected a JSON object")
+    values = {}
+    for key in flags:
+        values[key] = data.get(key, True)
+        if not isinstance(values[key], bool):
+            raise ConfigError(f"{pre}.{key}: expected true or false, got {values[key]!r}")
+    return pre, data, values
+
+
 def preprocessing(folder: Path, mean: tuple, std: tuple, resample: int | None, channels: int = 3) -> dict:
     """The folder's `preprocessor_config.json` (the given defaults where absent): `mean`, `std`
     (mean 0 / std 1 when `do_normalize` is false; then `image_mean` / `image_std` are not read),
     `resize` (a jax.image.resize method from the PIL `resample` code; None, and `resample` not
     read, when `resample` is None: a model that never resizes), `value_range` (raw pixels 0-255
     times `rescale_factor` when `do_rescale`, as the processors do) and `source` (where they came from)."""
-    pre = folder / "preprocessor_config.json"
-    data = read_json_config(pre, "preprocessor config") if pre.is_file() else {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{pre}: expected a JSON object")
-    flags = {}
-    for key in ("do_normalize", "do_rescale"):
-        flags[key] = data.get(key, True)
-        if not isinstance(flags[key], bool):
-            raise ConfigError(f"{pre}.{key}: expected true or false, got {flags[key]!r}")
+    pre, data, flags = processor_config(folder, ("do_normalize", "do_rescale"))
     out = {"image_mean": (0.0,) * channels, "image_std": (1.0,) * channels}
     for key, default in (("image_mean", mean), ("image_std", std)) if flags["do_normalize"] else ():
         v = data.get(key, default)
@@ -155,5 +162,5 @@ def fill(abstract: nnx.Module, tensors: dict, weights: Path, folder: Path, famil
     return EncoderConversion(nnx.merge(graphdef, state), cfg, pre["mean"], pre["std"], pre["resize"], report)
 
 
-__all__ = ["RESAMPLE", "WEIGHTS_NAME", "EncoderConversion", "fill", "model_type", "preprocessing", "read_folder",
-           "weights_file"]
+__all__ = ["RESAMPLE", "WEIGHTS_NAME", "EncoderConversion", "fill", "model_type", "preprocessing", "processor_config",
+           "read_folder", "weights_file"]

@@ -34,8 +34,9 @@ import dataclasses
 from pathlib import Path
 
 from converters.keymap import ConversionError
-from converters.transformers_folder import WEIGHTS_NAME, EncoderConversion, fill, model_type, preprocessing, read_folder
-from kdd_jax.config import ConfigError, Preprocessing, StudentConfig, read_json_config
+from converters.transformers_folder import (WEIGHTS_NAME, EncoderConversion, fill, model_type, preprocessing,
+                                           processor_config, read_folder)
+from kdd_jax.config import ConfigError, Preprocessing, StudentConfig
 from kdd_jax.models.vit import DINOV2_VARIANTS, VARIANTS, ViTClassifierArch, ViTConfig, abstract_vit
 
 FAMILY = "transformers_vit"
@@ -91,15 +92,7 @@ def _processor_input_size(folder: Path) -> tuple[int, int]:
     `do_center_crop` false a fixed {height, width} resize. A resize by one edge (`size` as
     {shortest_edge} or one number, BitImageProcessor's default being shortest_edge 224) or no resize at
     all leaves each image its own size, which no probe set can match: refused, naming the field."""
-    pre = folder / "preprocessor_config.json"
-    data = read_json_config(pre, "preprocessor config") if pre.is_file() else {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{pre}: expected a JSON object")
-    flags = {}
-    for key in ("do_center_crop", "do_resize"):
-        flags[key] = data.get(key, True)
-        if not isinstance(flags[key], bool):
-            raise ConfigError(f"{pre}.{key}: expected true or false, got {flags[key]!r}")
+    pre, data, flags = processor_config(folder, ("do_center_crop", "do_resize"))
     if flags["do_center_crop"]:
         value = data.get("crop_size")
         if value is None:

@@ -114,9 +114,6 @@ def _detect_errors() -> tuple:
     return (ConfigError, TeacherError, SynthesisError, SamplingError, QueryBudgetExceeded, ValueError, OSError)
 
 
-SEED_LIMIT = 2**32  # JAX's PRNG keys take 32 bits of a seed (kdd_jax.synthesis.probes)
-
-
 def _run_option_error(args) -> str | None:
     """What is wrong with detect / calibrate / audit's numeric options, checked before any model, teacher or
     cache is opened (the libraries check them too, but only once that work is done)."""
@@ -124,6 +121,8 @@ def _run_option_error(args) -> str | None:
         return f"--probes {args.probes}: the number of probes must be >= 1"
     if args.budget is not None and args.budget < 0:
         return f"--budget {args.budget}: the query budget must be >= 0"
+    from kdd_jax.synthesis.probes import SEED_LIMIT
+
     if not 0 <= args.seed < SEED_LIMIT:
         return f"--seed {args.seed}: seeds are 0 to 2**32 - 1"
     return None

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kdd_jax.synthesis.probes import SEED_LIMIT
 from kdd_jax.teachers.base import TeacherError
 from kdd_jax.teachers.generative import GenerationRequest
 from kdd_jax.verdict import Verdict, decide, pointwise_score_fn, verdict_record
@@ -70,7 +71,7 @@ class GenerativeDetectConfig:
     def __post_init__(self):
         if self.probes not in PROBE_METHODS:
             raise ValueError(f"probes={self.probes!r}: expected one of {PROBE_METHODS}")
-        if self.n < 1 or not 0 <= self.seed < 2**32:  # the classifier path's range (JAX keys), one --seed for both
+        if self.n < 1 or not 0 <= self.seed < SEED_LIMIT:  # the classifier path's range, one --seed for both
             raise ValueError(f"n={self.n} must be >= 1 and seed={self.seed} in [0, 2**32)")
         if self.score not in score_names():
             raise ValueError(f"score={self.score!r}: expected one of {score_names()}")

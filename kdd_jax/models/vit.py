@@ -106,7 +106,8 @@ class ViTConfig(TowerConfig):
                           mask_token: bool = False) -> "ViTConfig":
         """From a transformers config.json with model_type `vit` (ViTConfig), `deit` (DeiTConfig),
         `dinov2` (Dinov2Config) or `dinov2_with_registers` (Dinov2WithRegistersConfig); omitted fields
-        take transformers' defaults, as `from_pretrained` does. The rest (dropout rates, initialisers, labels, versions) does not change the forward pass.
+        take transformers' defaults, as `from_pretrained` does. The rest (dropout rates, initialisers,
+        labels, versions) does not change the forward pass.
         `pooler` / `mask_token`: whether the checkpoint holds those weights."""
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a JSON object")
@@ -141,7 +142,16 @@ class ViTConfig(TowerConfig):
             raise ConfigError(f"{source}: {e}") from None
 
 
-_CUBIC_A = -0.75  # PyTorch's bicubic kernel (Keys' cubic convolution with a = -0.75)
+def _cubic(x, a):
+    """Keys' cubic convolution kernel at distance x (float32 arithmetic, as PyTorch's CPU kernels):
+    a = -0.75 in PyTorch's plain bicubic, -0.5 (PIL's) in its antialiased one."""
+    f32 = np.float32
+    x = abs(x)
+    if x < 1:
+        return ((a + f32(2)) * x - (a + f32(3))) * x * x + f32(1)
+    if x < 2:
+        return ((a * x - f32(5) * a) * x + f32(8) * a) * x - f32(4) * a
+    return f32(0)
 
 
 @functools.lru_cache(maxsize=64)
@@ -152,9 +162,7 @@ def bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
     axis it is that 2-D resize. Positions and weights are computed in float32, as PyTorch's kernel
     does for float32 tensors (float64 would sample up to ~1e-5 away from it). Read-only (cached)."""
     f32 = np.float32
-    a = f32(_CUBIC_A)
-    near = lambda x: ((a + f32(2)) * x - (a + f32(3))) * x * x + f32(1)  # noqa: E731  |x| <= 1
-    far = lambda x: ((a * x - f32(5) * a) * x + f32(8) * a) * x - f32(4) * a  # noqa: E731  1 < |x| < 2
+    a = f32(-0.75)
     scale = f32(n_in) / f32(n_out)
     m = np.zeros((n_out, n_in), np.float32)
     for i in range(n_out):
@@ -162,7 +170,7 @@ def bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
         f = int(np.floor(src))
         t = src - f32(f)
         u = f32(1) - t
-        for k, w in enumerate((far(t + f32(1)), near(t), near(u), far(u + f32(1)))):
+        for k, w in enumerate((_cubic(t + f32(1), a), _cubic(t, a), _cubic(u, a), _cubic(u + f32(1), a))):
             m[i, min(max(f - 1 + k, 0), n_in - 1)] += w
     m.setflags(write=False)
     return m
@@ -177,15 +185,6 @@ def bicubic_aa_matrix(n_in: int, n_out: int) -> np.ndarray:
     float32 where PyTorch's kernel uses it for float32 tensors. Read-only (cached)."""
     f32 = np.float32
     a = f32(-0.5)
-
-    def kernel(x):
-        x = abs(x)
-        if x < 1:
-            return ((a + f32(2)) * x - (a + f32(3))) * x * x + f32(1)
-        if x < 2:
-            return ((a * x - f32(5) * a) * x + f32(8) * a) * x - f32(4) * a
-        return f32(0)
-
     scale = f32(n_in) / f32(n_out)
     support = f32(2 * scale) if scale >= 1 else f32(2)  # half the 4-tap window, stretched when shrinking
     invscale = f32(1.0 / scale) if scale >= 1 else f32(1)
@@ -194,7 +193,7 @@ def bicubic_aa_matrix(n_in: int, n_out: int) -> np.ndarray:
         center = f32(scale * (i + 0.5))
         lo = max(int(float(center - support) + 0.5), 0)  # int(): truncation toward zero, as a C cast
         hi = min(int(float(center + support) + 0.5), n_in)
-        w = np.array([kernel(f32((j - center + f32(0.5)) * invscale)) for j in range(lo, hi)], np.float32)
+        w = np.array([_cubic(f32((j - center + f32(0.5)) * invscale), a) for j in range(lo, hi)], np.float32)
         total = w.sum(dtype=np.float32)
         m[i, lo:hi] = w / total if total != 0 else w
     m.setflags(write=False)
@@ -332,8 +331,8 @@ class Encoder(nnx.Module):
 
 class ViTModel(nnx.Module):
     """images [N, image_size, image_size, C] (DINOv2: [N, H, W, C], any size of at least one patch),
-    already normalised -> the class token of the last hidden state [N, hidden_size] (DINO's image embedding; transformers' `last_hidden_state[:, 0]`,
-    which for a Dinov2Model is also its `pooler_output`)."""
+    already normalised -> the class token of the last hidden state [N, hidden_size] (DINO's image
+    embedding; transformers' `last_hidden_state[:, 0]`, which for a Dinov2Model is also its `pooler_output`)."""
 
     def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
         self.config = cfg
@@ -372,8 +371,8 @@ HEADS = {
     "cls": "classifier on the class token (ViTForImageClassification, DeiTForImageClassification)",
     "cls_distill": "mean of cls_classifier on the class token and distillation_classifier on the distillation "
                    "token (DeiTForImageClassificationWithTeacher)",
-    "cls_mean": "classifier on the class token concatenated with the mean patch token "
-                "(Dinov2ForImageClassification)",
+    "cls_mean": "classifier on the class token concatenated with the mean patch token, registers excluded "
+                "(Dinov2ForImageClassification, Dinov2WithRegistersForImageClassification)",
 }
 # the head each variant's transformers classes carry
 _VARIANT_HEADS = {"vit": ("cls",), "deit": ("cls", "cls_distill"), "dinov2": ("cls_mean",),
@@ -383,8 +382,8 @@ _VARIANT_HEADS = {"vit": ("cls",), "deit": ("cls", "cls_distill"), "dinov2": ("c
 @dataclasses.dataclass(frozen=True)
 class ViTClassifierArch(ViTConfig):
     """A classifier student's `arch` (family `vit`): the encoder's fields plus its head. Variants
-    `vit` and `deit` run at `image_size`; `dinov2` at any input size (its position embeddings are
-    interpolated, as its released classifiers run at their processors' 224 crop)."""
+    `vit` and `deit` run at `image_size`; the DINOv2 variants at any input size (their position
+    embeddings are interpolated, as the released classifiers run at their processors' 224 crop)."""
 
     num_classes: int = 1000
     head: str | None = None  # None: the variant's usual head (cls; cls_mean for dinov2)
@@ -448,5 +447,5 @@ class ViTForImageClassification(nnx.Module):
         return (self.cls_classifier(h[:, 0]) + self.distillation_classifier(h[:, 1])) / 2
 
 
-__all__ = ["DINOV2_VARIANTS", "HEADS", "VARIANTS", "ViTClassifierArch", "ViTConfig", "ViTForImageClassification", "ViTModel",
-           "abstract_vit", "bicubic_aa_matrix", "bicubic_matrix", "resize_position_grid"]
+__all__ = ["DINOV2_VARIANTS", "HEADS", "VARIANTS", "ViTClassifierArch", "ViTConfig", "ViTForImageClassification",
+           "ViTModel", "abstract_vit", "bicubic_aa_matrix", "bicubic_matrix", "resize_position_grid"]

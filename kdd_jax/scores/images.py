@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kdd_jax.config import MAX_INPUT_SIDE
 from kdd_jax.models.batchnorm import forward_with_bn_outputs
 
 _LPIPS_EPS = 1e-10  # LPIPS' normalize_tensor eps
@@ -352,16 +353,17 @@ def vit_feature_net(model: nnx.Module, mean: Sequence[float], std: Sequence[floa
     `resize` None = the image processor's default filter: bilinear for ViT (DINO), bicubic for DINOv2
     (`convert_vit` reads the folder's own). `size` (DINOv2 only): embed at size x size instead, through
     interpolated position embeddings, e.g. 224 (the released processors' crop; 257 tokens for ViT-S/14
-    against 1,370 at 518: 8.5x faster on 2 CPU cores, benchmarks/results/encoder_cost.md). Images are resized to it whole, not cropped; the size is part
-    of the fingerprint."""
+    against 1,370 at 518: 8.5x faster on 2 CPU cores, benchmarks/results/encoder_cost.md). Images are
+    resized to it whole, not cropped; the size is part of the fingerprint."""
     cfg = model.config
     resize = resize or ("linear" if cfg.variant == "vit" else "cubic")
     if size is not None:
         if not cfg.is_dinov2:
             raise ValueError(f"size {size}: only DINOv2 encoders interpolate their position embeddings; a "
                              f"{cfg.variant} encoder embeds at its image_size {cfg.image_size}")
-        if isinstance(size, bool) or not isinstance(size, int) or not cfg.patch_size <= size <= 8192:
-            raise ValueError(f"size must be an integer from the patch size {cfg.patch_size} to 8192, got {size!r}")
+        if isinstance(size, bool) or not isinstance(size, int) or not cfg.patch_size <= size <= MAX_INPUT_SIDE:
+            raise ValueError(f"size must be an integer from the patch size {cfg.patch_size} to {MAX_INPUT_SIDE}, "
+                             f"got {size!r}")
     return _encoder_feature_net(model, mean, std, resize, kind="vit", channels=cfg.hidden_size, layer="cls_token",
                                 name=name or f"{cfg.variant}-p{cfg.patch_size}", size=size)
 

@@ -23,6 +23,9 @@ class SynthesisError(ValueError):
     """The student cannot be probed with the requested method; the message says why."""
 
 
+SEED_LIMIT = 2**32  # JAX's PRNG keys take 32 bits of a seed: 2**32 would repeat seed 0's probes
+
+
 @dataclasses.dataclass(frozen=True)
 class SynthesisConfig:
     method: Literal["pixel", "generator", "confidence", "noise", "real", "ood", "mia"] = "pixel"
@@ -57,10 +60,10 @@ class SynthesisConfig:
         if self.n_probes < 1 or self.steps < 0 or self.restarts < 1 or self.batch_size < 1 or self.pixel_scale < 1:
             raise SynthesisError("n_probes, restarts, batch_size and pixel_scale must be >= 1 and steps >= 0")
         try:
-            seed_ok = not isinstance(self.seed, bool) and 0 <= operator.index(self.seed) < 2**32
+            seed_ok = not isinstance(self.seed, bool) and 0 <= operator.index(self.seed) < SEED_LIMIT
         except TypeError:
             seed_ok = False
-        if not seed_ok:  # JAX's PRNG keys take 32 bits of a seed: 2**32 would repeat seed 0's probes
+        if not seed_ok:
             raise SynthesisError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
         object.__setattr__(self, "seed", operator.index(self.seed))  # np.int64(7) and 7: one fingerprint
         if self.aug_noise is None:
